@@ -1,0 +1,374 @@
+"""timm ResNets with X-volution swapped in: parity, swap arithmetic, reparam, configs, errors.
+
+Kept cheap for CPU: counts on the meta device, forwards at 32-64 px with batch 1-2.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import timm
+import torch
+from helpers import randomize_bn
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from timm.models.resnet import BasicBlock, Bottleneck
+from torch import nn
+
+import xvol  # noqa: F401  (registers xresnet* with timm)
+from xvol.models import (
+    SUPPORTED_ARCHS,
+    build_model,
+    count_ops,
+    count_params,
+    model_summary,
+    xconv_slots,
+)
+from xvol.models.resnet import XBasicBlock
+from xvol.ops import XConv2d, XConv2dDeploy
+from xvol.reparam import reparameterize_model
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+MODEL_OPTIONS = sorted(
+    p.stem for p in (CONFIG_DIR / "model").glob("*.yaml") if not p.stem.startswith("_")
+)
+XCONV = partial(XConv2d, shifts=(1,))
+T = TypeVar("T")
+
+
+def on_meta(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Build on the meta device: shapes and parameter counts without allocating weights."""
+    with torch.device("meta"):
+        return fn(*args, **kwargs)
+
+
+def compose_model(*overrides: str, num_classes: int = 10) -> DictConfig:
+    """The model group alone (the other groups belong to other issues) plus data.num_classes."""
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
+        return compose(overrides=[*overrides, f"+data.num_classes={num_classes}"])
+
+
+def slot_growth(conv: nn.Conv2d, n_taps: int) -> tuple[int, int]:
+    """Parameter change of one slot vs the baseline's conv2 + bn2 (design doc, "Costs").
+
+    Training: + W_A (n_taps * C_in * C_out / g) + the PSSA branch's BN (2 C_out); the conv
+    branch's BN (2 C_out) replaces bn2 (2 C_out). Deploy: + W_A + bias (C_out) - bn2 (2 C_out).
+    """
+    w_a = n_taps * conv.in_channels * conv.out_channels // conv.groups
+    return w_a + 2 * conv.out_channels, w_a - conv.out_channels
+
+
+# ---------------------------------------------------------------- baseline parity
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet34", "resnet50", "resnet101"])
+def test_baseline_matches_timm_params_and_keys(arch: str) -> None:
+    ours = on_meta(build_model, arch)
+    ref = on_meta(timm.create_model, arch, pretrained=False)
+    assert count_params(ours) == count_params(ref)
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    assert not any(isinstance(m, XConv2d) for m in ours.modules())
+    if arch == "resnet50":
+        assert count_params(ours) == 25_557_032
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_baseline_matches_timm_logits(arch: str) -> None:
+    torch.manual_seed(0)
+    ref = timm.create_model(arch, pretrained=False, num_classes=10).eval()
+    torch.manual_seed(0)
+    ours = build_model(arch, num_classes=10).eval()
+    # Same seed, same init: the very same weights, not just the same shapes.
+    for (k, a), b in zip(ours.state_dict().items(), ref.state_dict().values()):
+        assert torch.equal(a, b), k
+    randomize_bn(ref, torch.Generator().manual_seed(1))
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(ours(x), ref(x))
+
+
+# ---------------------------------------------------------------- swap
+
+
+@pytest.mark.parametrize(
+    ("arch", "stages", "shifts", "center", "n_slots"),
+    [
+        ("resnet18", [3], (1,), False, 2),
+        ("resnet34", [3], (1,), False, 6),
+        ("resnet50", [3], (1,), False, 6),
+        ("resnet101", [3], (1,), False, 23),
+        ("resnet18", [3, 4], (1, 2), True, 4),
+        ("resnet50", [1, 2], (1,), False, 7),
+    ],
+)
+def test_swap_arithmetic(
+    arch: str, stages: list[int], shifts: tuple[int, ...], center: bool, n_slots: int
+) -> None:
+    base = on_meta(build_model, arch)
+    xconv = partial(XConv2d, shifts=shifts, center=center)
+    model = on_meta(build_model, arch, xconv=xconv, stages=stages)
+    n_taps = 8 * len(shifts) + int(center)
+
+    convs = [block.conv2 for _, block in xconv_slots(base, stages)]
+    assert len(convs) == n_slots
+    growth = [slot_growth(c, n_taps) for c in convs]
+    assert count_params(model) - count_params(base) == sum(g[0] for g in growth)
+    deploy = reparameterize_model(model)
+    assert count_params(deploy) - count_params(base) == sum(g[1] for g in growth)
+    assert sum(isinstance(m, XConv2d) for m in model.modules()) == n_slots
+
+
+def test_swap_counts_match_paper_settings() -> None:
+    """The design doc's +8 C_in C_out per slot, spelled out for the two reference models."""
+    r18, x18 = on_meta(build_model, "resnet18"), on_meta(timm.create_model, "xresnet18")
+    r50, x50 = on_meta(build_model, "resnet50"), on_meta(timm.create_model, "xresnet50")
+    assert count_params(x18) - count_params(r18) == 2 * (8 * 256 * 256 + 2 * 256)
+    assert count_params(x50) - count_params(r50) == 6 * (8 * 256 * 256 + 2 * 256)
+
+
+def test_slot_geometry_and_untouched_stages() -> None:
+    model = on_meta(build_model, "resnet50", xconv=XCONV, stages=[3])
+    first = model.layer3[0]
+    assert isinstance(first.conv2, XConv2d) and isinstance(first.bn2, nn.Identity)
+    assert (first.conv2.in_channels, first.conv2.out_channels) == (256, 256)
+    assert first.conv2.stride == (2, 2) and first.conv2.padding == (1, 1)
+    assert all(isinstance(b.conv2, XConv2d) for b in model.layer3)
+    for layer in (model.layer1, model.layer2, model.layer4):
+        for b in layer:
+            assert type(b.conv2) is nn.Conv2d and isinstance(b.bn2, nn.BatchNorm2d)
+
+
+def test_zero_init_moves_into_the_slot() -> None:
+    x18 = build_model("resnet18", xconv=XCONV, stages=[3])
+    for block in x18.layer3:
+        assert isinstance(block, XBasicBlock) and isinstance(block, BasicBlock)
+        assert block.conv2.bn.weight.abs().sum() == 0
+        assert block.conv2.pssa_bn.weight.abs().sum() == 0
+    # timm's init_weights calls every block's zero_init_last(): it must reach the slot again.
+    with torch.no_grad():
+        for block in x18.layer3:
+            block.conv2.bn.weight.fill_(1.0)
+            block.conv2.pssa_bn.weight.fill_(1.0)
+    x18.init_weights(zero_init_last=True)
+    assert all(b.conv2.bn.weight.abs().sum() == 0 for b in x18.layer3)
+    assert all(b.conv2.pssa_bn.weight.abs().sum() == 0 for b in x18.layer3)
+    # The swapped block class survives a pickle round trip (torch.save of a whole model).
+    assert all(isinstance(b, XBasicBlock) for b in pickle.loads(pickle.dumps(x18)).layer3)
+    # Deploy slots have no BN: zero_init_last must then be a no-op, not a crash.
+    reparameterize_model(x18).init_weights(zero_init_last=True)
+
+    x50 = build_model("resnet50", xconv=XCONV, stages=[3])
+    for block in x50.layer3:
+        assert isinstance(block, Bottleneck) and block.bn3.weight.abs().sum() == 0
+        assert torch.all(block.conv2.bn.weight == 1) and torch.all(block.conv2.pssa_bn.weight == 1)
+
+    kept = build_model("resnet18", xconv=XCONV, stages=[3], zero_init_last=False)
+    assert all(torch.all(b.conv2.bn.weight == 1) for b in kept.layer3)
+
+
+def test_swap_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="xvol.models.resnet"):
+        on_meta(build_model, "resnet50", xconv=XCONV, stages=[3])
+    assert "swapped 6 conv2 slots" in caplog.text
+
+
+def test_compiles_without_graph_breaks() -> None:
+    model = build_model("resnet18", num_classes=10, xconv=XCONV, stages=[3]).eval()
+    x = torch.randn(1, 3, 32, 32)
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        assert torch.equal(compiled(x), model(x))
+
+
+# ---------------------------------------------------------------- re-parameterization
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_whole_model_reparameterization(arch: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(arch, num_classes=10, xconv=XCONV, stages=[3])
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    randomize_and_calibrate(model, [3], calibration=torch.randn(4, 3, 64, 64))
+    deploy = reparameterize_model(model)
+    with torch.no_grad():
+        ref, out = model(x), deploy(x)
+    assert (out - ref).abs().max() <= 1e-4 * max(1.0, ref.abs().max().item())
+    assert isinstance(model.layer3[0].conv2, XConv2d), "reparameterize_model left model intact"
+
+    slots = xconv_slots(deploy, [3])
+    assert len(slots) == (2 if arch == "resnet18" else 6)
+    for name, block in slots:
+        assert isinstance(block.conv2, XConv2dDeploy), name
+        assert not any(isinstance(m, nn.BatchNorm2d) for m in block.conv2.modules()), name
+        assert isinstance(block.bn2, nn.Identity), name
+
+    skeleton = reparameterize_model(build_model(arch, num_classes=10, xconv=XCONV, stages=[3]))
+    skeleton.load_state_dict(deploy.state_dict(), strict=True)
+    with torch.no_grad():
+        assert torch.equal(skeleton(x), out)
+
+
+def randomize_and_calibrate(model: nn.Module, stages: list[int], calibration: torch.Tensor) -> None:
+    """Random BN affine everywhere and random running stats in the X-volution slots (the BNs
+    reparameterization folds); every other BN then takes the statistics of the activations
+    this produces. Random stats everywhere would not do: with PSSA squaring activations, six
+    uncalibrated slots overflow float32 (inf - inf = nan logits), and zero-init gammas (bn3 of
+    Bottleneck) would hide the slots from the logits altogether.
+    """
+    randomize_bn(model, torch.Generator().manual_seed(1))
+    slot_bns = {
+        id(m)
+        for _, block in xconv_slots(model, stages)
+        for m in block.conv2.modules()
+        if isinstance(m, nn.BatchNorm2d)
+    }
+    model.train()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            if id(m) in slot_bns:
+                m.eval()
+            else:
+                m.reset_running_stats()
+                m.momentum = None  # cumulative average: one batch gives its exact statistics
+    with torch.no_grad():
+        model(calibration)
+    model.eval()
+
+
+# ---------------------------------------------------------------- configs
+
+
+@pytest.mark.parametrize("option", MODEL_OPTIONS)
+def test_config_option_instantiates_and_trains(option: str) -> None:
+    cfg = compose_model(f"+model={option}")
+    assert cfg.model._target_ == "xvol.models.build_model"
+    torch.manual_seed(0)
+    model = instantiate(cfg.model)
+    n_slots = sum(isinstance(m, XConv2d) for m in model.modules())
+    stage3_blocks = {"resnet18": 2, "resnet34": 6, "resnet50": 6, "resnet101": 23}
+    expected = stage3_blocks[cfg.model.arch] if option.startswith("x") else 0
+    assert n_slots == expected, option
+
+    logits = model(torch.randn(2, 3, 64, 64))
+    assert logits.shape == (2, 10)
+    logits.square().mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing
+    if n_slots:
+        # The residual branch is live at init: its zero-initialized gamma gets a gradient (the
+        # slot's PSSA BN in BasicBlock; bn3 in Bottleneck, which zeroes the slot's gradients).
+        block = model.layer3[0]
+        gamma = block.bn3.weight if isinstance(block, Bottleneck) else block.conv2.pssa_bn.weight
+        assert gamma.grad.abs().sum() > 0
+
+
+def test_config_overrides_reach_the_model() -> None:
+    cfg = compose_model(
+        "+model=xresnet18",
+        "model.stages=[3,4]",
+        "model.xconv.shifts=[1,2]",
+        "model.xconv.center=true",
+    )
+    model = on_meta(instantiate, cfg.model)
+    slots = [m for m in model.modules() if isinstance(m, XConv2d)]
+    assert len(slots) == 4
+    assert all(m.shifts == (1, 2) and m.center for m in slots)
+    assert all(isinstance(b.conv2, XConv2d) for b in [*model.layer3, *model.layer4])
+
+
+def test_config_typos_fail_with_hydra_messages() -> None:
+    with pytest.raises(ConfigCompositionException, match="Could not override 'model.stagez'"):
+        compose_model("+model=xresnet18", "model.stagez=[3]")
+    with pytest.raises(ConfigCompositionException, match="model.xconv.shift"):
+        compose_model("+model=xresnet18", "model.xconv.shift=[2]")
+    with pytest.raises(MissingConfigException, match="xresnet19") as err:
+        compose_model("+model=xresnet19")
+    assert "xresnet18" in str(err.value)  # Hydra lists the available options
+
+
+def test_train_config_composes_with_model_group() -> None:
+    """The root config once every group exists (other issues fill data/, optim/, ...)."""
+    try:
+        with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
+            cfg = compose(config_name="train", overrides=["model=xresnet50"])
+    except MissingConfigException as err:
+        if "model/" in str(err):
+            raise
+        pytest.skip(f"another config group is not written yet: {str(err).splitlines()[0]}")
+    assert cfg.model.arch == "resnet50" and list(cfg.model.stages) == [3]
+    assert isinstance(cfg.model.num_classes, int)
+
+
+# ---------------------------------------------------------------- errors and registry
+
+
+def test_bad_inputs_raise_clear_errors() -> None:
+    with pytest.raises(ValueError, match="supported") as err:
+        build_model("resnet42")
+    assert all(a in str(err.value) for a in SUPPORTED_ARCHS)
+    for bad in ([5], [0], [3, 5]):
+        with pytest.raises(ValueError, match="1..4"):
+            build_model("resnet18", xconv=XCONV, stages=bad)
+    for bad in (["3"], [True], "3", None):
+        with pytest.raises(TypeError, match="stages"):
+            build_model("resnet18", xconv=XCONV, stages=bad)
+    with pytest.raises(ValueError, match="stages is empty"):
+        build_model("resnet18", xconv=XCONV, stages=[])
+    with pytest.raises(ValueError, match="nothing to swap"):
+        on_meta(build_model, "resnet18", xconv=XCONV, stages=[3], layers=(2, 2, 0, 2))
+    with pytest.raises(TypeError, match="nn.Module"):
+        build_model("resnet18", xconv=lambda *a, **k: 0, stages=[3])
+    with pytest.raises(ValueError, match="no pretrained weights"):
+        timm.create_model("xresnet18", pretrained=True)
+
+
+def test_timm_registry() -> None:
+    assert set(timm.list_models("xresnet*")) >= {f"xresnet{d}" for d in (18, 34, 50, 101, 152)}
+    model = timm.create_model("xresnet18", num_classes=10)
+    assert sum(isinstance(m, XConv2d) for m in model.modules()) == 2
+    assert model.pretrained_cfg["architecture"] == "xresnet18"
+    assert not model.pretrained_cfg.get("hf_hub_id") and not model.pretrained_cfg.get("url")
+    with torch.no_grad():
+        assert model.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+    custom = on_meta(timm.create_model, "xresnet50", stages=[4], shifts=[1, 2])
+    slots = [m for m in custom.modules() if isinstance(m, XConv2d)]
+    assert len(slots) == 3 and all(m.shifts == (1, 2) for m in slots)
+
+
+# ---------------------------------------------------------------- summary
+
+
+def test_summary_counts_follow_the_swap() -> None:
+    size = 32
+    base = build_model("resnet18", num_classes=10)
+    model = build_model("resnet18", num_classes=10, xconv=XCONV, stages=[3])
+    s_base, s = model_summary(base, size), model_summary(model, size)
+    assert s_base["gmuls_train"] == 0
+    convs = [b.conv2 for _, b in xconv_slots(base, [3])]
+    # layer3 runs at 1/16 of the input: PSSA adds a 1x1 conv over 8 C_in products per pixel.
+    pixels = (size // 16) ** 2
+    extra_macs = sum(8 * c.in_channels * c.out_channels * pixels for c in convs)
+    extra_muls = sum(8 * c.in_channels * pixels for c in convs)
+    assert round((s["gmacs_train"] - s_base["gmacs_train"]) * 1e9) == extra_macs
+    assert round(s["gmuls_deploy"] * 1e9) == extra_muls
+    assert s["gmacs_deploy"] == s["gmacs_train"]
+    growth = [slot_growth(c, 8) for c in convs]
+    assert round((s["params_m_train"] - s_base["params_m_train"]) * 1e6) == sum(
+        g[0] for g in growth
+    )
+    assert round((s["params_m_deploy"] - s_base["params_m_train"]) * 1e6) == sum(
+        g[1] for g in growth
+    )
+    # Meta (shapes only, as scripts/model_summary.py uses) counts what CPU counts.
+    assert on_meta(count_ops, on_meta(timm.create_model, "xresnet18"), size) == count_ops(
+        timm.create_model("xresnet18"), size
+    )

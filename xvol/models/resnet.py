@@ -1,0 +1,169 @@
+"""timm ResNets with X-volution swapped into the 3x3 convolution of chosen stages.
+
+The backbones are timm's own ResNets, so a baseline here is bit-for-bit the model everyone
+compares against; X-volution only replaces ``conv2`` (the 3x3 conv of BasicBlock and Bottleneck)
+in the chosen stages, and the block's ``bn2`` becomes ``nn.Identity`` because each X-volution
+branch carries its own BN (docs: /work/shared/design/xvolution.md, "Where it goes in a ResNet").
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import timm
+from timm.models.resnet import BasicBlock, Bottleneck
+from torch import nn
+
+__all__ = [
+    "SUPPORTED_ARCHS",
+    "STAGE_NAMES",
+    "XBasicBlock",
+    "build_model",
+    "check_stages",
+    "xconv_slots",
+]
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_ARCHS: tuple[str, ...] = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+# Stage s (1-4) is timm's ResNet.layer{s}.
+STAGE_NAMES: dict[int, str] = {1: "layer1", 2: "layer2", 3: "layer3", 4: "layer4"}
+# pretrained_cfg keys that point at downloadable weights; a swapped model has no weights.
+_WEIGHT_SOURCES = ("url", "hf_hub_id", "hf_hub_filename", "file", "state_dict", "tag")
+
+
+class XBasicBlock(BasicBlock):
+    """timm BasicBlock whose ``conv2`` is an X-volution slot.
+
+    timm's BasicBlock.zero_init_last zeroes ``bn2``, which the swap removes; ResNet.init_weights
+    calls ``zero_init_last()`` on every block, so this override keeps that call meaningful by
+    zeroing the slot's BN gammas instead (the block still starts as identity). A class rather
+    than a patched instance attribute: it pickles, deep-copies and survives reparameterization
+    (a deploy slot has no ``zero_init_bn`` and is left alone).
+    """
+
+    def zero_init_last(self) -> None:
+        zero_init_bn = getattr(self.conv2, "zero_init_bn", None)
+        if zero_init_bn is not None:
+            zero_init_bn()
+
+
+def check_stages(stages: int | Iterable[int]) -> tuple[int, ...]:
+    """Sorted unique stage indices (1-4); a bare int means one stage (``model.stages=3``)."""
+    if isinstance(stages, bool) or isinstance(stages, str | bytes):
+        raise TypeError(f"stages must be ints in 1..4 (e.g. [3] or [3, 4]), got {stages!r}")
+    if isinstance(stages, int):
+        stages = (stages,)
+    try:
+        items = list(stages)
+    except TypeError:
+        raise TypeError(
+            f"stages must be ints in 1..4 (e.g. [3] or [3, 4]), got {stages!r}"
+        ) from None
+    not_int = [s for s in items if isinstance(s, bool) or not isinstance(s, int)]
+    if not_int:
+        raise TypeError(f"stages must be ints in 1..4, got {items} (not ints: {not_int})")
+    bad = [s for s in items if not 1 <= s <= 4]
+    if bad:
+        raise ValueError(
+            f"stages must be ints in 1..4 (timm's layer1..layer4), got {items} (bad: {bad})"
+        )
+    return tuple(sorted(set(items)))
+
+
+def xconv_slots(model: nn.Module, stages: Iterable[int]) -> list[tuple[str, nn.Module]]:
+    """(name, block) for every BasicBlock/Bottleneck of the given stages, in model order."""
+    slots = []
+    for stage in check_stages(stages):
+        layer = getattr(model, STAGE_NAMES[stage], None)
+        if layer is None:
+            continue
+        for name, block in layer.named_children():
+            if isinstance(block, BasicBlock | Bottleneck):
+                slots.append((f"{STAGE_NAMES[stage]}.{name}", block))
+    return slots
+
+
+def _swap_slot(block: nn.Module, xconv: Callable[..., nn.Module], zero_init_last: bool) -> None:
+    conv = block.conv2
+    slot = xconv(
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        groups=conv.groups,
+        bias=conv.bias is not None,
+    )
+    if not isinstance(slot, nn.Module):
+        raise TypeError(
+            f"xconv must build an nn.Module like xvol.ops.XConv2d, got {type(slot).__name__}"
+        )
+    slot = slot.to(device=conv.weight.device, dtype=conv.weight.dtype)
+    # The same init timm's ResNet.init_weights gave the conv it replaces.
+    for m in slot.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    block.conv2 = slot
+    block.bn2 = nn.Identity()
+    if type(block) is BasicBlock:
+        if zero_init_last and not callable(getattr(slot, "zero_init_bn", None)):
+            raise TypeError(
+                f"{type(slot).__name__} has no zero_init_bn(): BasicBlock zero-initializes the "
+                "bn2 the swap removes, so the slot must zero its own BN (or pass "
+                "zero_init_last=False)"
+            )
+        block.__class__ = XBasicBlock
+    # Bottleneck zero-inits bn3, which stays; BasicBlock's zero init moves into the slot.
+    if zero_init_last:
+        block.zero_init_last()
+
+
+def build_model(
+    arch: str,
+    num_classes: int = 1000,
+    xconv: Callable[..., nn.Module] | None = None,
+    stages: int | Iterable[int] = (3,),
+    **timm_kwargs: Any,
+) -> nn.Module:
+    """A timm ResNet, with ``conv2`` of every block in ``stages`` built by ``xconv``.
+
+    ``xconv`` takes nn.Conv2d's leading arguments (in, out, kernel, stride=, padding=,
+    dilation=, groups=, bias=), e.g. ``functools.partial(XConv2d, shifts=(1,))`` or a Hydra node
+    with ``_partial_: true``. With ``xconv=None`` the result is exactly
+    ``timm.create_model(arch, num_classes=num_classes, **timm_kwargs)`` and ``stages`` is unused.
+    """
+    if arch not in SUPPORTED_ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; supported: {', '.join(SUPPORTED_ARCHS)}")
+    stages = check_stages(stages)
+    if xconv is not None and not stages:
+        raise ValueError(
+            "xconv was given but stages is empty: nothing would be swapped; pick stages in 1..4 "
+            "(e.g. stages=[3]) or use the baseline (xconv=None)"
+        )
+    model = timm.create_model(arch, pretrained=False, num_classes=num_classes, **timm_kwargs)
+    if xconv is None:
+        return model
+
+    slots = xconv_slots(model, stages)
+    if not slots:
+        raise ValueError(f"{arch} has no residual blocks in stages {list(stages)}: nothing to swap")
+    zero_init_last = bool(timm_kwargs.get("zero_init_last", True))
+    for _, block in slots:
+        _swap_slot(block, xconv, zero_init_last)
+    # No weights exist for a swapped model: keep the data settings, drop the download sources.
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    for key in _WEIGHT_SOURCES:
+        cfg.pop(key, None)
+    model.pretrained_cfg = model.default_cfg = cfg
+    logger.info(
+        "%s: swapped %d conv2 slots for X-volution in stages %s (%s)",
+        arch,
+        len(slots),
+        list(stages),
+        type(block.conv2).__name__,
+    )
+    return model

@@ -1,0 +1,411 @@
+"""Data backends on generated JPEG trees: contract, backend agreement, exact resume, the demo
+cache, bad data, configs. DALI runs on the CPU here (device_id=None)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from torchvision.datasets import ImageFolder
+
+from xvol.data import (
+    DataBundle,
+    DataError,
+    EvalLoader,
+    TrainLoader,
+    dali,
+    demo,
+    imagenet,
+    synthetic,
+)
+from xvol.data.fake import color_for_id, decode_color_ids, write_image_tree
+from xvol.data.folder import IMAGENET_MEAN, IMAGENET_STD, epoch_order
+
+REPO = Path(__file__).resolve().parents[1]
+# class folders deliberately not in creation order: the index must follow sorted names
+COUNTS = {"train": {"n10": 7, "n02": 8, "n01": 8}, "val": {"n10": 5, "n02": 4, "n01": 4}}
+CPU_DALI = {"device": "cpu", "threads": 1}
+AUGMENT = {"auto_augment": "rand-m9-mstd0.5", "reprob": 0.5, "color_jitter": 0.4, "hflip": 0.5}
+
+
+@pytest.fixture(scope="module")
+def color_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("color")
+    write_image_tree(root, COUNTS, kind="color", size_range=(24, 60))
+    return root
+
+
+@pytest.fixture(scope="module")
+def texture_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("texture")
+    write_image_tree(root, COUNTS, kind="texture", size_range=(24, 60), seed=1)
+    return root
+
+
+def small_tree(root: Path) -> Path:
+    """2 classes x (4 train, 2 val): a fresh tree a bad-data test may damage."""
+    write_image_tree(
+        root, {"train": {"a": 4, "b": 4}, "val": {"a": 2, "b": 2}}, size_range=(20, 30)
+    )
+    return root
+
+
+def build(backend: str, root: Path, **overrides) -> DataBundle:
+    cfg = {
+        "rank": 0,
+        "world_size": 1,
+        "device": "cpu",
+        "seed": 0,
+        "root": str(root),
+        "num_classes": 3,
+        "img_size": 16,
+        "batch_size": 4,
+        "workers": 0,
+        "color_jitter": 0.0,
+        "validate": "full",
+        "dali": CPU_DALI,
+    }
+    cfg.update(overrides)
+    return {"torchvision": imagenet.build, "dali": dali.build}[backend](**cfg)
+
+
+def epoch_batches(loader: TrainLoader, epoch: int, start_step: int = 0) -> list:
+    loader.set_epoch(epoch, start_step)
+    return [(x.clone(), y.clone()) for x, y in loader]
+
+
+# --- contract and backend agreement ---------------------------------------------------------
+
+
+def test_class_mapping_is_imagefolder_and_bundle_is_complete(color_tree: Path) -> None:
+    bundle = build("torchvision", color_tree)
+    ref = ImageFolder(str(color_tree / "train"))
+    assert bundle.class_names == ref.classes == ["n01", "n02", "n10"]
+    assert bundle.train.loader.dataset.samples == ref.samples
+    assert (bundle.num_train, bundle.num_val, bundle.num_classes) == (23, 13, 3)
+    assert bundle.steps_per_epoch == len(bundle.train) == 23 // 4
+    assert isinstance(bundle.train, TrainLoader) and isinstance(bundle.val, EvalLoader)
+
+
+@pytest.mark.dali
+def test_torchvision_and_dali_read_same_samples_in_same_order(color_tree: Path) -> None:
+    pytest.importorskip("nvidia.dali")
+    tv, dl = build("torchvision", color_tree), build("dali", color_tree)
+    assert tv.class_names == dl.class_names
+    assert (tv.num_train, tv.num_val, tv.steps_per_epoch) == (
+        dl.num_train,
+        dl.num_val,
+        dl.steps_per_epoch,
+    )
+    for epoch in (0, 3):
+        ids_tv = [(decode_color_ids(x), y.tolist()) for x, y in epoch_batches(tv.train, epoch)]
+        ids_dl = [(decode_color_ids(x), y.tolist()) for x, y in epoch_batches(dl.train, epoch)]
+        assert ids_tv == ids_dl
+        assert [i for ids, _ in ids_tv for i in ids] == epoch_order(23, 1, 4, 0, epoch)[0].tolist()
+    eval_tv = [i for x, _ in tv.val for i in decode_color_ids(x)]
+    eval_dl = [i for x, _ in dl.val for i in decode_color_ids(x)]
+    assert eval_tv == eval_dl == list(range(23, 36))
+    # eval repeats exactly, also after an interrupted pass (DALI cannot reset mid-epoch)
+    next(iter(dl.val))
+    for _ in range(2):
+        assert [i for x, _ in dl.val for i in decode_color_ids(x)] == eval_dl
+
+
+@pytest.mark.parametrize("backend", ["torchvision", pytest.param("dali", marks=pytest.mark.dali)])
+def test_batches_have_contract_shape_dtype_and_normalization(
+    backend: str, color_tree: Path
+) -> None:
+    bundle = build(backend, color_tree, eval_batch_size=5)
+    x, y = next(iter(bundle.train))
+    assert x.shape == (4, 3, 16, 16) and x.dtype == torch.float32 and x.device.type == "cpu"
+    assert y.shape == (4,) and y.dtype == torch.int64 and 0 <= y.min() and y.max() < 3
+    images, labels = zip(*bundle.val)
+    assert [len(lab) for lab in labels] == [5, 5, 3]  # the tail batch is kept
+    val = torch.cat(images)
+    # flat colours: every pixel must equal ((colour / 255) - mean) / std (JPEG error ~1/255)
+    colours = torch.tensor([color_for_id(k) for k in range(23, 36)], dtype=torch.float32) / 255
+    mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+    expected = ((colours - mean) / std)[:, :, None, None].expand_as(val)
+    assert torch.allclose(val, expected, atol=0.05)
+
+
+@pytest.mark.dali
+def test_eval_images_agree_between_backends(texture_tree: Path) -> None:
+    """Same crop and normalization; only the resize/decoder arithmetic differs."""
+    pytest.importorskip("nvidia.dali")
+    tv = torch.cat([x for x, _ in build("torchvision", texture_tree).val])
+    dl = torch.cat([x for x, _ in build("dali", texture_tree).val])
+    assert tv.shape == dl.shape == (13, 3, 16, 16)
+    assert (tv - dl).abs().mean() < 0.15
+    assert torch.allclose(tv.mean(dim=(0, 2, 3)), dl.mean(dim=(0, 2, 3)), atol=0.05)
+
+
+# --- determinism and exact resume ---------------------------------------------------------
+
+
+def test_torchvision_resume_is_bitwise_and_worker_independent(texture_tree: Path) -> None:
+    """Full epoch in-process (workers=0) vs resumed at step 2 in a worker process."""
+    torch.manual_seed(123)
+    random.seed(123)
+    np.random.seed(123)
+    expected_rng = torch.rand(1).item(), random.random(), np.random.rand()
+    torch.manual_seed(123)
+    random.seed(123)
+    np.random.seed(123)
+    full = epoch_batches(build("torchvision", texture_tree, **AUGMENT).train, epoch=4)
+    assert (torch.rand(1).item(), random.random(), np.random.rand()) == expected_rng  # untouched
+    resumed_loader = build("torchvision", texture_tree, workers=1, **AUGMENT).train
+    resumed = epoch_batches(resumed_loader, epoch=4, start_step=2)
+    assert len(full) == 5 and len(resumed) == 3 and len(resumed_loader) == 5
+    for (xa, ya), (xb, yb) in zip(full[2:], resumed):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    other = epoch_batches(resumed_loader, epoch=5)
+    assert not torch.equal(other[0][0], full[0][0])
+
+
+@pytest.mark.dali
+def test_dali_resume_is_bitwise(texture_tree: Path) -> None:
+    pytest.importorskip("nvidia.dali")
+    loader = build("dali", texture_tree, **AUGMENT).train
+    full = epoch_batches(loader, epoch=2)
+    again = epoch_batches(loader, epoch=2)
+    resumed = epoch_batches(build("dali", texture_tree, **AUGMENT).train, epoch=2, start_step=3)
+    assert len(full) == 5 and len(resumed) == 2
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(full, again))
+    for (xa, ya), (xb, yb) in zip(full[3:], resumed):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_epoch_order_is_disjoint_equal_sized_and_seeded() -> None:
+    table = epoch_order(103, 4, 5, seed=3, epoch=1)
+    assert table.shape == (4, 25)  # 103 // (4 * 5) = 5 full batches per rank
+    assert len(set(table.flatten().tolist())) == 100
+    assert torch.equal(table, epoch_order(103, 4, 5, seed=3, epoch=1))
+    assert not torch.equal(table, epoch_order(103, 4, 5, seed=3, epoch=2))
+    with pytest.raises(DataError, match="fewer than world_size x batch_size"):
+        epoch_order(7, 2, 4, seed=0, epoch=0)
+
+
+# --- demo dataset ---------------------------------------------------------------------------
+
+
+def test_demo_materializes_offline_reuses_and_rebuilds(tmp_path: Path) -> None:
+    root = tmp_path / "xvol" / "demo"
+    start = time.perf_counter()
+    demo.materialize(root)
+    assert time.perf_counter() - start < 60
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["splits"] == {"train": 4000, "val": 1000} and manifest["num_files"] == 5000
+    assert (
+        sorted(os.listdir(root / "train")) == demo.CLASS_NAMES == sorted(os.listdir(root / "val"))
+    )
+    stamp = (root / "manifest.json").stat().st_mtime_ns
+    start = time.perf_counter()
+    demo.materialize(root)
+    assert time.perf_counter() - start < 10
+    assert (root / "manifest.json").stat().st_mtime_ns == stamp  # reused, not rewritten
+    assert not [p for p in root.parent.iterdir() if ".tmp-" in p.name or ".stale-" in p.name]
+    assert root.stat().st_mode & 0o777 == 0o755
+
+    victim = next((root / "val" / "3_three").iterdir())
+    victim.write_bytes(victim.read_bytes()[:100])  # truncated file: checksum mismatch
+    assert not demo.cache_ok(root, 32)
+    demo.materialize(root)
+    assert demo.cache_ok(root, 32) and victim.stat().st_size > 100
+    (root / "manifest.json").unlink()  # interrupted before the manifest: rebuilt
+    demo.materialize(root)
+    assert demo.cache_ok(root, 32)
+    next((root / "train" / "0_zero").iterdir()).unlink()  # a file lost: detected (same rebuild)
+    assert not demo.cache_ok(root, 32)
+
+
+# --- configs ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Stands in for paths.data_dir ($XVOL_DATA); shared so the demo set is written once."""
+    return tmp_path_factory.mktemp("xvol_data")
+
+
+def compose_data(tmp_path: Path, data_dir: Path, name: str, *overrides: str):
+    """Compose configs/data/<name>.yaml under a minimal primary config (paths.data_dir, seed)."""
+    (tmp_path / "main.yaml").write_text(
+        "defaults:\n  - data: demo\n  - _self_\n"
+        f"hydra:\n  searchpath:\n    - file://{REPO / 'configs'}\n"
+        f"paths:\n  data_dir: {data_dir}\nseed: 0\n"
+    )
+    with initialize_config_dir(str(tmp_path), version_base="1.3"):
+        return compose("main", overrides=[f"data={name}", *overrides])
+
+
+@pytest.mark.parametrize("name", ["imagenet", "imagenet_dali", "demo", "demo_dali", "synthetic"])
+def test_every_data_config_has_the_shared_keys(tmp_path: Path, data_dir: Path, name: str) -> None:
+    data = compose_data(tmp_path, data_dir, name).data
+    assert data.name == name and data._partial_ is True
+    for key in ("num_classes", "img_size", "batch_size", "workers"):
+        assert isinstance(data[key], int), key
+    if name.startswith("imagenet"):
+        assert data.num_classes == 1000 and data.root == f"{data_dir}/imagenet"
+    if name.startswith("demo"):
+        assert data.num_classes == 10 and data.root == f"{data_dir}/demo"
+
+
+@pytest.mark.parametrize(
+    "name,overrides",
+    [
+        ("demo", ["data.batch_size=50"]),
+        pytest.param("demo_dali", ["data.batch_size=50"], marks=pytest.mark.dali),
+        ("imagenet", ["data.batch_size=4", "data.num_classes=3", "data.img_size=16"]),
+    ],
+)
+def test_configs_instantiate_into_working_bundles(
+    tmp_path: Path, data_dir: Path, color_tree: Path, name: str, overrides: list[str]
+) -> None:
+    over = ["data.workers=0", *overrides]
+    if name == "imagenet":
+        over.append(f"data.root={color_tree}")
+    cfg = compose_data(tmp_path, data_dir, name, *over)
+    bundle = instantiate(cfg.data)(rank=0, world_size=1, device="cpu", seed=cfg.seed)
+    x, y = next(iter(bundle.train))
+    assert x.dtype == torch.float32 and y.dtype == torch.int64
+    if name == "imagenet":
+        assert x.shape == (4, 3, 16, 16) and bundle.class_names == ["n01", "n02", "n10"]
+    else:
+        assert (bundle.num_classes, bundle.num_train, bundle.num_val) == (10, 4000, 1000)
+        assert bundle.class_names == demo.CLASS_NAMES
+        assert bundle.steps_per_epoch == 80 and x.shape == (50, 3, 32, 32)
+        assert sum(len(lab) for _, lab in bundle.val) == 1000
+
+
+def test_synthetic_is_on_device_fixed_and_resumable() -> None:
+    kw = {"rank": 0, "world_size": 2, "device": "cpu", "seed": 1, "num_classes": 7}
+    a = synthetic.build(**kw, img_size=8, batch_size=3, length=4, val_length=2)
+    b = synthetic.build(**kw, img_size=8, batch_size=3, length=4, val_length=2)
+    x, y = next(iter(a.train))
+    assert x.shape == (3, 3, 8, 8) and y.dtype == torch.int64 and int(y.max()) < 7
+    assert torch.equal(x, next(iter(b.train))[0])
+    assert len(list(a.train)) == 4 and len(list(a.val)) == 2 and a.num_train == 4 * 3 * 2
+    a.train.set_epoch(1, start_step=3)
+    assert len(list(a.train)) == 1
+
+
+def test_dali_missing_says_how_to_install(
+    monkeypatch: pytest.MonkeyPatch, color_tree: Path
+) -> None:
+    monkeypatch.delitem(sys.modules, "xvol.data._dali_pipelines", raising=False)
+    monkeypatch.delattr("xvol.data._dali_pipelines", raising=False)
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)
+    with pytest.raises(ImportError, match=r"pip install nvidia-dali-cuda120"):
+        build("dali", color_tree)
+
+
+# --- bad data -------------------------------------------------------------------------------
+
+
+def truncate(path: Path) -> None:
+    """Keep the first half: the header parses, the end-of-image marker is gone."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("validate", ["full", "fast", "auto"])
+def test_truncated_jpeg_is_skipped_with_one_warning(
+    tmp_path: Path, validate: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = small_tree(tmp_path)
+    bad = root / "train" / "a" / "img_00001.JPEG"
+    truncate(bad)
+    with caplog.at_level(logging.WARNING, logger="xvol.data"):
+        bundle = build("torchvision", root, num_classes=2, validate=validate)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "skipping 1 bad file" in warnings[0].getMessage()
+    assert str(bad) in warnings[0].getMessage()
+    assert bundle.num_train == 7 and len(list(bundle.train)) == 1
+
+
+def test_truncated_jpeg_under_error_policy_stops_before_training(tmp_path: Path) -> None:
+    root = small_tree(tmp_path)
+    truncate(root / "val" / "b" / "img_00011.JPEG")
+    with pytest.raises(DataError, match=r"1 bad file.*img_00011\.JPEG"):
+        build("torchvision", root, num_classes=2, on_bad_image="error")
+
+
+def test_undetected_bad_file_is_substituted_at_runtime(tmp_path: Path) -> None:
+    """validate=off: the decode failure happens mid-epoch and must not stop it."""
+    root = small_tree(tmp_path)
+    for f in (root / "train" / "a").iterdir():
+        truncate(f)
+        break
+    bundle = build("torchvision", root, num_classes=2, validate="off", batch_size=2)
+    batches = epoch_batches(bundle.train, 0)
+    assert len(batches) == bundle.steps_per_epoch == 4
+    assert bundle.train.loader.dataset.substituted == 1
+
+
+@pytest.mark.dali
+def test_dali_epoch_runs_over_a_tree_with_a_bad_file(tmp_path: Path) -> None:
+    pytest.importorskip("nvidia.dali")
+    root = small_tree(tmp_path)
+    truncate(root / "train" / "b" / "img_00005.JPEG")
+    (root / "val" / "a" / "notes.txt").write_text("not an image")
+    bundle = build("dali", root, num_classes=2, batch_size=2)
+    assert bundle.num_train == 7 and len(epoch_batches(bundle.train, 0)) == 3
+    assert sum(len(y) for _, y in bundle.val) == 4
+
+
+@pytest.mark.parametrize(
+    "name,content", [("notes.txt", b"hello"), ("fake.JPEG", b"this is text, not a JPEG")]
+)
+def test_non_image_file_is_skipped_or_an_error(tmp_path: Path, name: str, content: bytes) -> None:
+    root = small_tree(tmp_path)
+    (root / "train" / "b" / name).write_bytes(content)
+    assert build("torchvision", root, num_classes=2).num_train == 8
+    with pytest.raises(DataError, match=name.replace(".", r"\.")):
+        build("torchvision", root, num_classes=2, on_bad_image="error")
+
+
+def test_empty_class_folder_is_an_error(tmp_path: Path) -> None:
+    root = small_tree(tmp_path)
+    (root / "train" / "c").mkdir()
+    (root / "val" / "c").mkdir()
+    with pytest.raises(DataError, match=f"empty class folder {root / 'train' / 'c'}"):
+        build("torchvision", root, num_classes=3)
+
+
+def test_class_with_only_bad_files_is_an_error(tmp_path: Path) -> None:
+    root = small_tree(tmp_path)
+    for f in (root / "val" / "b").iterdir():
+        truncate(f)
+    with pytest.raises(DataError, match=r"val/b.*no readable image"):
+        build("torchvision", root, num_classes=2)
+
+
+def test_missing_split_folder_is_an_error(tmp_path: Path) -> None:
+    root = small_tree(tmp_path)
+    (root / "val").rename(root / "validation")
+    with pytest.raises(DataError, match=f"missing split folder {root / 'val'}"):
+        build("torchvision", root, num_classes=2)
+
+
+def test_train_and_val_with_different_classes_is_an_error(tmp_path: Path) -> None:
+    root = small_tree(tmp_path)
+    (root / "val" / "b").rename(root / "val" / "z")
+    with pytest.raises(DataError, match=r"different class folders.*\['b'\].*\['z'\]"):
+        build("torchvision", root, num_classes=2)
+
+
+def test_num_classes_mismatch_names_both_numbers(tmp_path: Path) -> None:
+    root = small_tree(tmp_path)
+    with pytest.raises(DataError, match=r"num_classes=1000 but .* has 2 class folders"):
+        build("torchvision", root, num_classes=1000)

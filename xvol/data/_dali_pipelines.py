@@ -1,0 +1,171 @@
+"""DALI pipeline graphs (imports nvidia.dali at the top; only xvol.data.dali imports this module,
+after checking DALI is installed).
+
+They mirror timm's transforms: train = RandomResizedCrop (ROI decode) -> [RandAugment |
+colour jitter] -> flip + normalize to NCHW float -> random erasing with fill 0 (timm's
+re_mode='const'); eval = resize shorter side to floor(size / crop_pct) -> centre crop.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali import math as dmath
+from nvidia.dali.auto_aug import auto_augment as dali_auto_augment
+from nvidia.dali.auto_aug import rand_augment as dali_rand_augment
+from nvidia.dali.auto_aug import trivial_augment as dali_trivial_augment
+
+from xvol.data.folder import IMAGENET_MEAN, IMAGENET_STD
+
+READER = "Reader"
+_MEAN = [255 * m for m in IMAGENET_MEAN]
+_STD = [255 * s for s in IMAGENET_STD]
+INTERPOLATIONS = {
+    "bilinear": types.INTERP_LINEAR,
+    "bicubic": types.INTERP_CUBIC,
+    "nearest": types.INTERP_NN,
+    "lanczos": types.INTERP_LANCZOS3,
+}
+
+
+def _augment(images, policy: str, size: int):
+    """timm's auto_augment strings mapped to DALI's auto_aug (magnitude std is not supported)."""
+    if policy.startswith("rand"):
+        opts = dict(re.findall(r"-([a-z]+)([\d.]+)", policy))
+        return dali_rand_augment.rand_augment(
+            images, n=int(opts.get("n", 2)), m=int(float(opts.get("m", 9))), shape=(size, size)
+        )
+    if policy in ("original", "v0", "v0r", "originalr"):
+        return dali_auto_augment.auto_augment_image_net(images, shape=(size, size))
+    if policy.startswith("ta_wide") or policy.startswith("trivial"):
+        return dali_trivial_augment.trivial_augment_wide(images, shape=(size, size))
+    raise ValueError(
+        f"data.auto_augment={policy!r} has no DALI equivalent (rand-*, original, ta_wide)"
+    )
+
+
+@pipeline_def
+def train_pipeline(
+    files: list[str],
+    labels: list[int],
+    file_root: str,
+    shard_id: int,
+    num_shards: int,
+    decoder: str,
+    size: int,
+    interpolation: str,
+    scale: Sequence[float],
+    ratio: Sequence[float],
+    hflip: float,
+    color_jitter: float | None,
+    auto_augment: str | None,
+    reprob: float,
+):
+    jpegs, label = fn.readers.file(
+        files=files,
+        labels=labels,
+        file_root=file_root,
+        shard_id=shard_id,
+        num_shards=num_shards,
+        random_shuffle=False,  # the order comes from folder.epoch_order, as for torchvision
+        stick_to_shard=True,
+        name=READER,
+    )
+    images = fn.decoders.image_random_crop(
+        jpegs,
+        device=decoder,
+        output_type=types.RGB,
+        random_area=list(scale),
+        random_aspect_ratio=list(ratio),
+        num_attempts=10,
+    )
+    images = fn.resize(
+        images, resize_x=size, resize_y=size, interp_type=INTERPOLATIONS[interpolation]
+    )
+    if auto_augment:
+        images = _augment(images, auto_augment, size)
+    elif color_jitter:  # timm also drops colour jitter when an auto-augment policy is set
+        lo, hi = max(0.0, 1 - color_jitter), 1 + color_jitter
+        images = fn.color_twist(
+            images,
+            brightness=fn.random.uniform(range=[lo, hi]),
+            contrast=fn.random.uniform(range=[lo, hi]),
+            saturation=fn.random.uniform(range=[lo, hi]),
+        )
+    images = fn.crop_mirror_normalize(
+        images,
+        dtype=types.FLOAT,
+        output_layout="CHW",
+        mean=_MEAN,
+        std=_STD,
+        mirror=fn.random.coin_flip(probability=hflip) if hflip > 0 else 0,
+    )
+    if reprob > 0:
+        images = _random_erase(images, reprob)
+    return images, label
+
+
+def _random_erase(images, prob: float):
+    """One rectangle of 2%..1/3 of the area, log-uniform aspect 0.3..3.3, filled with 0 (the mean
+    after normalization), applied with probability ``prob``: timm's RandomErasing(mode='const')."""
+    area = fn.random.uniform(range=[0.02, 1 / 3])
+    aspect = dmath.exp(fn.random.uniform(range=[math.log(0.3), math.log(1 / 0.3)]))
+    apply = fn.cast(fn.random.coin_flip(probability=prob), dtype=types.FLOAT)
+    h = dmath.min(dmath.sqrt(area * aspect), 1.0)
+    w = dmath.min(dmath.sqrt(area / aspect), 1.0)
+    y = fn.random.uniform(range=[0.0, 1.0]) * (1.0 - h)
+    x = fn.random.uniform(range=[0.0, 1.0]) * (1.0 - w)
+    return fn.erase(
+        images,
+        anchor=fn.stack(y, x),
+        shape=fn.stack(h * apply, w * apply),
+        axis_names="HW",
+        normalized_anchor=True,
+        normalized_shape=True,
+        fill_value=0.0,
+    )
+
+
+@pipeline_def
+def eval_pipeline(
+    files: list[str],
+    labels: list[int],
+    file_root: str,
+    shard_id: int,
+    num_shards: int,
+    decoder: str,
+    size: int,
+    crop_pct: float,
+    interpolation: str,
+):
+    jpegs, label = fn.readers.file(
+        files=files,
+        labels=labels,
+        file_root=file_root,
+        shard_id=shard_id,
+        num_shards=num_shards,
+        random_shuffle=False,
+        stick_to_shard=True,
+        pad_last_batch=True,  # padded samples are trimmed by the iterator (LastBatchPolicy.PARTIAL)
+        name=READER,
+    )
+    images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB)
+    images = fn.resize(
+        images,
+        resize_shorter=math.floor(size / crop_pct),
+        interp_type=INTERPOLATIONS[interpolation],
+    )
+    images = fn.crop_mirror_normalize(
+        images,
+        dtype=types.FLOAT,
+        output_layout="CHW",
+        crop=(size, size),
+        crop_pos_x=0.5,
+        crop_pos_y=0.5,
+        mean=_MEAN,
+        std=_STD,
+    )
+    return images, label

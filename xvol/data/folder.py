@@ -1,0 +1,285 @@
+"""ImageNet-layout folders: scan, bad-file policy and sample order, shared by the torchvision and
+DALI backends so that both read the same samples, with the same labels, in the same order.
+
+Layout: ``<root>/<split>/<class>/<image>``; class index = position in the sorted folder names,
+exactly as torchvision's ``ImageFolder`` (its own ``find_classes`` / ``make_dataset`` do the walk).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torchvision.datasets.folder import (
+    IMG_EXTENSIONS,
+    find_classes,
+    has_file_allowed_extension,
+    make_dataset,
+)
+
+logger = logging.getLogger(__name__)
+
+IMAGENET_MEAN: tuple[float, float, float] = tuple(IMAGENET_DEFAULT_MEAN)  # type: ignore[assignment]
+IMAGENET_STD: tuple[float, float, float] = tuple(IMAGENET_DEFAULT_STD)  # type: ignore[assignment]
+
+BAD_IMAGE_POLICIES = ("skip", "error")
+VALIDATE_MODES = ("auto", "full", "fast", "off")
+# validate=auto decodes every file up to this many (the demo set, CI trees: seconds); beyond it
+# (ImageNet: 1.33M files, a full decode is ~an hour of CPU) it only parses headers and checks the
+# JPEG end marker, decoding just the files that lack it, which catches truncation at I/O cost.
+AUTO_FULL_LIMIT = 50_000
+_WARN_FIRST = 5
+
+
+class DataError(RuntimeError):
+    """A data problem found while building loaders, before any training step runs."""
+
+
+@dataclass
+class Split:
+    """One split of an ImageNet-layout tree after the scan and the bad-file policy."""
+
+    path: Path
+    classes: list[str]
+    samples: list[tuple[str, int]]
+
+
+def scan_split(path: Path) -> tuple[list[str], list[tuple[str, int]], list[tuple[str, str]]]:
+    """Classes, image files (path, label) and rejected non-image files (path, reason).
+
+    Structural problems (no split folder, no class folder, a class folder without any image
+    file) raise DataError naming the path: they would change the label space or the class count.
+    """
+    if not path.is_dir():
+        raise DataError(
+            f"missing split folder {path}: expected <root>/train/<class>/*.JPEG and "
+            "<root>/val/<class>/*.JPEG (ImageNet layout)"
+        )
+    try:
+        classes, class_to_idx = find_classes(str(path))
+    except FileNotFoundError as e:
+        raise DataError(f"no class folders in {path}: {e}") from e
+    rejected: list[tuple[str, str]] = []
+
+    def is_image(file: str) -> bool:
+        if has_file_allowed_extension(file, IMG_EXTENSIONS):
+            return True
+        if not os.path.basename(file).startswith("."):  # hidden files (.DS_Store) are not data
+            rejected.append((file, "not an image file extension"))
+        return False
+
+    samples = make_dataset(str(path), class_to_idx, is_valid_file=is_image, allow_empty=True)
+    _check_no_empty_class(path, classes, samples, "holds no image file")
+    return classes, samples, rejected
+
+
+def _check_no_empty_class(
+    path: Path, classes: list[str], samples: Sequence[tuple[str, int]], what: str
+) -> None:
+    counts = np.bincount([label for _, label in samples], minlength=len(classes))
+    empty = [classes[i] for i in np.flatnonzero(counts == 0)]
+    if empty:
+        raise DataError(
+            f"empty class folder {path / empty[0]}: {len(empty)} class folder(s) {what} "
+            f"({', '.join(empty[:_WARN_FIRST])}{', ...' if len(empty) > _WARN_FIRST else ''})"
+        )
+
+
+def check_image(path: str, full: bool) -> str | None:
+    """None if the file is a readable image, else the reason.
+
+    ``full`` decodes every pixel. Otherwise only the header is parsed and, for JPEGs, the file
+    must end with the end-of-image marker (truncated downloads lose it); files lacking it are
+    decoded to decide, so JPEGs with trailing bytes are not rejected by mistake.
+    """
+    try:
+        with Image.open(path) as im:
+            if full:
+                im.load()
+                return None
+            is_jpeg = im.format == "JPEG"
+        if is_jpeg and not _ends_with_jpeg_eoi(path):
+            with Image.open(path) as im:
+                im.load()
+    except Exception as e:  # any decoder failure is a bad file, whatever PIL raises
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def _ends_with_jpeg_eoi(path: str) -> bool:
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        f.seek(max(0, f.tell() - 1024))
+        return b"\xff\xd9" in f.read()
+
+
+def find_bad_images(paths: Sequence[str], mode: str, threads: int) -> list[tuple[str, str]]:
+    """(path, reason) of unreadable files, identical on every rank.
+
+    Under an initialized process group each rank checks 1/world of the files and the lists are
+    gathered over a gloo group (whatever the main backend), so the scan time shrinks with ranks.
+    """
+    if mode not in VALIDATE_MODES:
+        raise ValueError(f"data.validate must be one of {VALIDATE_MODES}, got {mode!r}")
+    if mode == "off" or not paths:
+        return []
+    full = mode == "full" or (mode == "auto" and len(paths) <= AUTO_FULL_LIMIT)
+    dist = torch.distributed
+    group = None
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        group = dist.new_group(backend="gloo")
+        mine = list(paths[dist.get_rank() :: dist.get_world_size()])
+    else:
+        mine = list(paths)
+    chunks = [mine[i : i + 256] for i in range(0, len(mine), 256)]
+
+    def check_chunk(chunk: list[str]) -> list[tuple[str, str]]:
+        reasons = ((p, check_image(p, full)) for p in chunk)
+        return [(p, r) for p, r in reasons if r is not None]
+
+    with ThreadPoolExecutor(max(1, threads)) as pool:  # PIL decodes with the GIL released
+        bad = [item for part in pool.map(check_chunk, chunks) for item in part]
+    if group is not None:
+        gathered: list[list[tuple[str, str]] | None] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(gathered, bad, group=group)
+        dist.destroy_process_group(group)
+        bad = [item for part in gathered for item in (part or [])]
+    return sorted(bad)
+
+
+def load_folder(
+    root: str | Path,
+    *,
+    num_classes: int,
+    on_bad_image: str,
+    validate: str,
+    threads: int,
+    rank: int,
+    splits: tuple[str, str] = ("train", "val"),
+) -> tuple[Split, Split]:
+    """Scan train and val, check them against each other and ``num_classes``, apply the policy.
+
+    Why an up-front scan rather than only try/except in the loader: DALI cannot skip a file it
+    fails to decode (the pipeline dies mid-epoch), and a sample dropped at runtime would leave
+    ranks with different batch counts. The torchvision loader still substitutes a deterministic
+    other sample if a file slips past a ``fast``/``off`` scan, so it never stops mid-epoch.
+    """
+    if on_bad_image not in BAD_IMAGE_POLICIES:
+        raise ValueError(
+            f"data.on_bad_image must be one of {BAD_IMAGE_POLICIES}, got {on_bad_image!r}"
+        )
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"data root {root} does not exist (set data.root or $XVOL_DATA)")
+    scanned = {s: scan_split(root / s) for s in splits}
+    (train_classes, _, _), (val_classes, _, _) = scanned[splits[0]], scanned[splits[1]]
+    if train_classes != val_classes:
+        only_train = sorted(set(train_classes) - set(val_classes))
+        only_val = sorted(set(val_classes) - set(train_classes))
+        raise DataError(
+            f"{root / splits[0]} and {root / splits[1]} have different class folders "
+            f"({len(train_classes)} vs {len(val_classes)}); only in {splits[0]}: "
+            f"{only_train[:_WARN_FIRST]}, only in {splits[1]}: {only_val[:_WARN_FIRST]}"
+        )
+    if len(train_classes) != num_classes:
+        raise DataError(
+            f"data.num_classes={num_classes} but {root / splits[0]} has {len(train_classes)} "
+            "class folders; set data.num_classes to match the data"
+        )
+    all_images = [p for s in splits for p, _ in scanned[s][1]]
+    rejected = [r for s in splits for r in scanned[s][2]]
+    bad = rejected + find_bad_images(all_images, validate, threads)
+    if bad:
+        listing = "; ".join(f"{p} ({why})" for p, why in bad[:_WARN_FIRST])
+        if on_bad_image == "error":
+            raise DataError(
+                f"{len(bad)} bad file(s) under {root} (data.on_bad_image=error): {listing}"
+            )
+        if rank == 0:
+            logger.warning(
+                "skipping %d bad file(s) under %s (data.on_bad_image=skip): %s%s",
+                len(bad),
+                root,
+                listing,
+                "; ..." if len(bad) > _WARN_FIRST else "",
+            )
+    skip = {p for p, _ in bad}
+    out = []
+    for s in splits:
+        classes, samples, _ = scanned[s]
+        kept = [(p, y) for p, y in samples if p not in skip]
+        _check_no_empty_class(root / s, classes, kept, "hold no readable image")
+        out.append(Split(root / s, classes, kept))
+    return out[0], out[1]
+
+
+def train_steps(num_samples: int, world_size: int, batch_size: int) -> int:
+    """Full batches per rank per epoch (the tail of each permutation is dropped)."""
+    steps = num_samples // (world_size * batch_size)
+    if steps == 0:
+        raise DataError(
+            f"{num_samples} training images are fewer than world_size x batch_size = "
+            f"{world_size} x {batch_size}: no full batch per rank"
+        )
+    return steps
+
+
+def epoch_order(
+    num_samples: int, world_size: int, batch_size: int, seed: int, epoch: int
+) -> torch.Tensor:
+    """Sample indices of epoch ``epoch`` as a (world_size, steps * batch_size) table, row = rank.
+
+    A permutation from a generator seeded with seed + epoch (as DistributedSampler), truncated to
+    whole batches on every rank and dealt out strided (rank r gets positions r, r + world, ...).
+    """
+    steps = train_steps(num_samples, world_size, batch_size)
+    g = torch.Generator()
+    g.manual_seed(seed + epoch)
+    perm = torch.randperm(num_samples, generator=g)[: steps * world_size * batch_size]
+    return perm.view(-1, world_size).t().contiguous()
+
+
+def eval_bounds(num_samples: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Contiguous val slice of a rank: DALI's own shard formula, so both backends agree."""
+    if num_samples < world_size:
+        raise DataError(f"{num_samples} val images cannot be split over {world_size} ranks")
+    return num_samples * rank // world_size, num_samples * (rank + 1) // world_size
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A well-mixed 64-bit seed for one sample of one epoch."""
+    words = np.random.SeedSequence([seed % 2**32, epoch, index]).generate_state(2)
+    return int(words[0]) << 32 | int(words[1])
+
+
+@contextlib.contextmanager
+def seeded_rngs(seed: int) -> Iterator[None]:
+    """Seed python, numpy and torch (CPU) RNGs for one sample.
+
+    timm transforms draw from all three (RandomResizedCrop: random; RandAugment: numpy; random
+    erasing: torch). In the main process (workers=0) the caller's streams are restored afterwards;
+    worker processes own theirs, so they skip the save/restore (~0.1 ms a sample).
+    """
+    restore = torch.utils.data.get_worker_info() is None
+    if restore:
+        states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.default_generator.manual_seed(seed)  # torch.manual_seed would also seed CUDA: slower
+    try:
+        yield
+    finally:
+        if restore:
+            random.setstate(states[0])
+            np.random.set_state(states[1])
+            torch.set_rng_state(states[2])

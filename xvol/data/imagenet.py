@@ -1,0 +1,273 @@
+"""torchvision backend: ImageFolder layout + timm transforms + a resumable sharded sampler.
+
+Determinism contract (base.TrainLoader): the sampler yields (epoch, index) keys, so worker
+processes (persistent or not) know the epoch without shared state, and the dataset seeds the
+python/numpy/torch RNGs from (seed, epoch, index) right before the timm transform of that sample.
+A batch therefore depends on neither the worker count nor what ran before it, which is what makes
+``set_epoch(e, start_step=k)`` reproduce batch k.. of an uninterrupted epoch bitwise.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image
+from timm.data import create_transform
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from xvol.data.base import DataBundle
+from xvol.data.folder import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    DataError,
+    epoch_order,
+    eval_bounds,
+    load_folder,
+    sample_seed,
+    seeded_rngs,
+    train_steps,
+)
+
+logger = logging.getLogger(__name__)
+
+_MAX_SUBSTITUTES = 16
+
+
+def pil_rgb(path: str) -> Image.Image:
+    """torchvision's pil_loader: decode fully now, so a bad file fails here and not later."""
+    with open(path, "rb") as f:
+        img = Image.open(f)
+        return img.convert("RGB")
+
+
+class FolderDataset(Dataset):
+    """(path, label) samples -> (tensor, label); keys are ``index`` or ``(epoch, index)``.
+
+    A file that fails to decode at runtime (it slipped past a fast/off scan) is replaced, under
+    on_bad_image=skip, by a deterministic other sample and counted, so an epoch never stops and
+    every rank keeps its batch count; under ``error`` it raises DataError naming the file.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[tuple[str, int]],
+        transform: Callable[[Image.Image], Tensor],
+        *,
+        seed: int = 0,
+        on_bad_image: str = "skip",
+    ) -> None:
+        self.samples = list(samples)
+        self.transform = transform
+        self.seed = seed
+        self.on_bad_image = on_bad_image
+        self.substituted = 0  # per process (each worker counts its own)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, int]:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        img, label = self._load(index)
+        with seeded_rngs(sample_seed(self.seed, epoch, index)):
+            return self.transform(img), label
+
+    def _load(self, index: int) -> tuple[Image.Image, int]:
+        for attempt in range(_MAX_SUBSTITUTES):
+            # attempt 0 is the sample itself; then a fixed pseudo-random walk over the dataset
+            j = index if attempt == 0 else (index * 2654435761 + attempt * 40503) % len(self)
+            path, label = self.samples[j]
+            try:
+                return pil_rgb(path), label
+            except Exception as e:  # whatever PIL raises for a broken file
+                if self.on_bad_image == "error":
+                    raise DataError(f"cannot decode {path} (data.on_bad_image=error): {e}") from e
+                self.substituted += 1
+                if self.substituted <= 3:
+                    logger.warning(
+                        "cannot decode %s (%s); substituting another sample (%d so far in "
+                        "this process; run with data.validate=full to drop such files up front)",
+                        path,
+                        e,
+                        self.substituted,
+                    )
+        raise DataError(f"{_MAX_SUBSTITUTES} consecutive undecodable files around {path}")
+
+
+class ShardSampler(Sampler):
+    """This rank's row of ``epoch_order`` from batch ``start_step`` on, as (epoch, index) keys."""
+
+    def __init__(
+        self, num_samples: int, rank: int, world_size: int, batch_size: int, seed: int
+    ) -> None:
+        self.num_samples, self.rank, self.world_size = num_samples, rank, world_size
+        self.batch_size, self.seed = batch_size, seed
+        self.steps = train_steps(num_samples, world_size, batch_size)
+        self.epoch, self.start_step = 0, 0
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        if not 0 <= start_step <= self.steps:
+            raise ValueError(f"start_step={start_step} outside [0, {self.steps}]")
+        self.epoch, self.start_step = epoch, start_step
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        order = epoch_order(
+            self.num_samples, self.world_size, self.batch_size, self.seed, self.epoch
+        )
+        mine = order[self.rank, self.start_step * self.batch_size :].tolist()
+        return iter([(self.epoch, i) for i in mine])
+
+    def __len__(self) -> int:
+        return (self.steps - self.start_step) * self.batch_size
+
+
+def _loader_kwargs(workers: int, device: torch.device) -> dict:
+    return {
+        "num_workers": workers,
+        "pin_memory": device.type == "cuda",
+        "persistent_workers": workers > 0,
+        # DataLoader draws a base seed per iter(); a private generator keeps that draw out of
+        # the training process's global torch RNG (our samples seed themselves anyway)
+        "generator": torch.Generator(),
+    }
+
+
+class TorchTrainLoader:
+    """TrainLoader over a DataLoader; ``len`` is the full epoch, iteration starts at start_step."""
+
+    def __init__(
+        self,
+        dataset: FolderDataset,
+        sampler: ShardSampler,
+        batch_size: int,
+        workers: int,
+        device: torch.device,
+    ) -> None:
+        self.sampler, self.device = sampler, device
+        self.loader = DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            drop_last=True,
+            **_loader_kwargs(workers, device),
+        )
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.sampler.set_epoch(epoch, start_step)
+
+    def __len__(self) -> int:
+        return self.sampler.steps
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        for images, labels in self.loader:
+            yield (
+                images.to(self.device, non_blocking=True),
+                labels.to(self.device, non_blocking=True),
+            )
+
+
+class TorchEvalLoader:
+    """EvalLoader over this rank's contiguous val slice: no padding, no dropped tail."""
+
+    def __init__(
+        self, dataset: FolderDataset, batch_size: int, workers: int, device: torch.device
+    ) -> None:
+        self.device = device
+        self.loader = DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=False,
+            drop_last=False,
+            **_loader_kwargs(workers, device),
+        )
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        for images, labels in self.loader:
+            yield (
+                images.to(self.device, non_blocking=True),
+                labels.to(self.device, non_blocking=True),
+            )
+
+
+def build(
+    *,
+    rank: int,
+    world_size: int,
+    device: torch.device | str,
+    seed: int,
+    root: str,
+    num_classes: int,
+    img_size: int,
+    batch_size: int,
+    workers: int = 4,
+    eval_img_size: int | None = None,
+    eval_batch_size: int | None = None,
+    crop_pct: float = 0.875,
+    interpolation: str = "bilinear",
+    scale: Sequence[float] = (0.08, 1.0),
+    ratio: Sequence[float] = (3 / 4, 4 / 3),
+    hflip: float = 0.5,
+    color_jitter: float | None = 0.4,
+    auto_augment: str | None = None,
+    reprob: float = 0.0,
+    remode: str = "const",
+    on_bad_image: str = "skip",
+    validate: str = "auto",
+    splits: Sequence[str] = ("train", "val"),
+    name: str = "imagenet",
+    dali: dict | None = None,
+) -> DataBundle:
+    """ImageFolder + timm transforms. ``name`` and ``dali`` are accepted (and unused) so that one
+    config serves both backends; every other key is used."""
+    del name, dali
+    device = torch.device(device)
+    train, val = load_folder(
+        Path(root),
+        num_classes=num_classes,
+        on_bad_image=on_bad_image,
+        validate=validate,
+        threads=max(4, 2 * workers),  # scan threads: mostly I/O wait
+        rank=rank,
+        splits=(splits[0], splits[1]),
+    )
+    train_tf = create_transform(
+        img_size,
+        is_training=True,
+        scale=tuple(scale),
+        ratio=tuple(ratio),
+        hflip=hflip,
+        color_jitter=color_jitter or None,
+        auto_augment=auto_augment,
+        interpolation=interpolation,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        re_prob=reprob,
+        re_mode=remode,
+    )
+    eval_tf = create_transform(
+        eval_img_size or img_size,
+        is_training=False,
+        crop_pct=crop_pct,
+        interpolation=interpolation,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+    )
+    sampler = ShardSampler(len(train.samples), rank, world_size, batch_size, seed)
+    train_ds = FolderDataset(train.samples, train_tf, seed=seed, on_bad_image=on_bad_image)
+    lo, hi = eval_bounds(len(val.samples), rank, world_size)
+    val_ds = FolderDataset(val.samples[lo:hi], eval_tf, seed=seed, on_bad_image=on_bad_image)
+    return DataBundle(
+        train=TorchTrainLoader(train_ds, sampler, batch_size, workers, device),
+        val=TorchEvalLoader(val_ds, eval_batch_size or batch_size, workers, device),
+        steps_per_epoch=sampler.steps,
+        num_classes=num_classes,
+        class_names=train.classes,
+        num_train=len(train.samples),
+        num_val=len(val.samples),
+    )

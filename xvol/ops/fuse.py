@@ -70,6 +70,11 @@ def interleave_groups(parts: list[Tensor], groups: int, dim: int = 1) -> Tensor:
     A grouped convolution reads contiguous channel chunks, so concatenating two grouped inputs
     (or kernels) must keep each group's channels together: [a_g0, b_g0, a_g1, b_g1, ...].
     """
+    if not parts:
+        raise ValueError("interleave_groups needs at least one tensor")
+    sizes = [p.shape[dim] for p in parts]
+    if groups < 1 or any(s % groups for s in sizes):
+        raise ValueError(f"groups={groups} must divide every size along dim {dim}, got {sizes}")
     chunks = [p.chunk(groups, dim=dim) for p in parts]
     return torch.cat([c[g] for g in range(groups) for c in chunks], dim=dim)
 

@@ -24,6 +24,18 @@ def run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S")
 
 
+def world_size() -> int:
+    """Ranks of the job being configured: torchrun's WORLD_SIZE, else Slurm's task count, else 1."""
+    return int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
+
+
+def linear_lr(base_lr: float, base_batch: int, batch_per_rank: int) -> float:
+    """The linear scaling rule (Goyal et al.): base_lr per base_batch images of global batch."""
+    return float(base_lr) * int(batch_per_rank) * world_size() / int(base_batch)
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("xvol_run_id"):
         OmegaConf.register_new_resolver("xvol_run_id", run_id, use_cache=True)
+    if not OmegaConf.has_resolver("xvol_linear_lr"):
+        OmegaConf.register_new_resolver("xvol_linear_lr", linear_lr)

@@ -1,0 +1,577 @@
+"""Post-training tools (tools/reparam.py, eval.py, leaderboard.py, export.py): fast unit tests.
+
+Checkpoints are built without training (random weights, random BN statistics; see
+tests/tools_helpers.py) on a tiny val folder of 3 classes x 4 noise images at 32 px.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from tools_helpers import ROOT, load_tool, make_checkpoint, make_val_folder, model_config
+
+import xvol.cli
+from xvol.data import DataError
+from xvol.engine.checkpoint import CheckpointError, load_state_dict_strict
+from xvol.models import build_model
+from xvol.ops import XConv2d
+from xvol.reparam import reparameterize_model
+from xvol.tools_common import (
+    RecordError,
+    ToolError,
+    load_model,
+    model_identity,
+    validate_record,
+)
+
+reparam_tool = load_tool("reparam")
+eval_tool = load_tool("eval")
+leaderboard_tool = load_tool("leaderboard")
+export_tool = load_tool("export")
+
+EVAL_FAST = {"device": "cpu", "workers": 0, "batch_size": 5, "bench_iters": 1, "bench_warmup": 0}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(single_thread: None) -> None:
+    """Tiny tensors on a shared CPU: one intra-op thread (tests/conftest.py)."""
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Val folder, an X-volution checkpoint with EMA, a baseline without, and a deploy dir."""
+    base = tmp_path_factory.mktemp("tiny")
+    torch.set_num_threads(1)
+    data = make_val_folder(base / "data")
+    xckpt = make_checkpoint(base / "xresnet18.pt", data_root=str(data))
+    bckpt = make_checkpoint(
+        base / "resnet18.pt", model_config(xvolution=False), ema=False, seed=5, data_root=str(data)
+    )
+    reparam_tool.reparam_checkpoint(xckpt, base / "deploy")
+    return {"base": base, "data": data, "xckpt": xckpt, "bckpt": bckpt, "deploy": base / "deploy"}
+
+
+def _files(path: Path) -> list[Path]:
+    return sorted(p for p in path.rglob("*") if p.is_file()) if path.exists() else []
+
+
+def _logits(model: torch.nn.Module, seed: int = 1) -> torch.Tensor:
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return model.eval()(x)
+
+
+# ----------------------------------------------------------------------------- common
+
+
+def test_model_identity_names_follow_the_timm_registry() -> None:
+    assert model_identity(model_config()) == {
+        "model": "xresnet18",
+        "arch": "resnet18",
+        "xvolution": True,
+    }
+    assert model_identity(model_config("resnet50", xvolution=False))["model"] == "resnet50"
+    variant = model_config()
+    variant["stages"] = [3, 4]
+    variant["xconv"]["shifts"] = [1, 2]
+    assert model_identity(variant)["model"] == "xresnet18-s34-L12"
+
+
+# ----------------------------------------------------------------------------- reparam
+
+
+def test_reparam_writes_a_verified_deploy_checkpoint(tiny: dict[str, Path]) -> None:
+    sidecar = json.loads((tiny["deploy"] / "deploy.json").read_text())
+    assert sidecar["kind"] == "xvol.deploy" and sidecar["weights"] == "ema"
+    assert sidecar["source"]["sha256"] == reparam_tool.sha256_file(tiny["xckpt"])
+    assert sidecar["verification"]["passed"] is True
+    assert sidecar["verification"]["random"]["agreement"] == 1.0
+    assert 0 < sidecar["verification"]["max_abs_diff"] <= 1e-3
+    assert sidecar["reparameterized_modules"] == 2  # xresnet18: 2 slots in stage 3
+    summary = sidecar["summary"]
+    assert summary["params_train"] > summary["params_deploy"] > 0  # BNs folded away
+    assert summary["gmacs_train"] > 0 and summary["gmacs_deploy"] > 0
+    assert {"xvol", "torch", "timm", "safetensors"} <= set(sidecar["versions"])
+
+    # The acceptance check: strict load into reparameterize_model(build_model(...)).
+    cfg = model_config()
+    skeleton = reparameterize_model(
+        build_model(
+            cfg["arch"],
+            num_classes=cfg["num_classes"],
+            xconv=lambda *a, **k: XConv2d(*a, shifts=(1,), **k),
+            stages=(3,),
+        )
+    )
+    load_state_dict_strict(skeleton, load_file(tiny["deploy"] / "deploy.safetensors"))
+    trained = load_model(tiny["xckpt"])  # EMA weights, training form
+    torch.testing.assert_close(_logits(skeleton), _logits(trained.model), atol=1e-4, rtol=1e-4)
+
+
+def test_reparam_no_ema_uses_the_raw_weights(tiny: dict[str, Path], tmp_path: Path) -> None:
+    record = reparam_tool.reparam_checkpoint(tiny["xckpt"], tmp_path / "d", ema=False)
+    assert record["weights"] == "model"
+    deploy = load_model(tmp_path / "d").model
+    raw = load_model(tiny["xckpt"], ema=False).model
+    ema = load_model(tiny["xckpt"], ema=True).model
+    torch.testing.assert_close(_logits(deploy), _logits(raw), atol=1e-4, rtol=1e-4)
+    assert (_logits(deploy) - _logits(ema)).abs().max() > 1e-2
+
+
+def test_reparam_with_ema_requested_but_absent_is_an_error(
+    tiny: dict[str, Path], tmp_path: Path
+) -> None:
+    with pytest.raises(CheckpointError, match="no EMA weights.*--no-ema"):
+        reparam_tool.reparam_checkpoint(tiny["bckpt"], tmp_path / "d", ema=True)
+    assert _files(tmp_path) == []
+
+
+def test_reparam_refuses_existing_outputs_unless_forced(
+    tiny: dict[str, Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "d"
+    reparam_tool.reparam_checkpoint(tiny["xckpt"], out)
+    before = (out / "deploy.json").read_text()
+    with pytest.raises(ToolError, match="already exists.*--force"):
+        reparam_tool.reparam_checkpoint(tiny["xckpt"], out, ema=False)
+    assert (out / "deploy.json").read_text() == before
+    reparam_tool.reparam_checkpoint(tiny["xckpt"], out, ema=False, force=True)
+    assert json.loads((out / "deploy.json").read_text())["weights"] == "model"
+    assert sorted(p.name for p in out.iterdir()) == ["deploy.json", "deploy.safetensors"]
+
+
+def test_reparam_refuses_to_write_when_verification_fails(
+    tiny: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A folding bug (here: a shifted bias in the deploy model) must stop the write."""
+
+    def broken(model: torch.nn.Module) -> torch.nn.Module:
+        deploy = reparameterize_model(model)
+        with torch.no_grad():
+            deploy.layer3[0].conv2.bias.add_(0.5)
+        return deploy
+
+    monkeypatch.setattr(reparam_tool, "reparameterize_model", broken)
+    with pytest.raises(ToolError, match="verification failed.*nothing written"):
+        reparam_tool.reparam_checkpoint(tiny["xckpt"], tmp_path / "d")
+    assert _files(tmp_path) == []
+
+
+def test_reparam_atol_is_a_hard_limit(tiny: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(ToolError, match="verification failed"):
+        reparam_tool.reparam_checkpoint(tiny["xckpt"], tmp_path / "d", atol=0.0)
+    assert _files(tmp_path) == []
+
+
+def test_reparam_verifies_on_real_images_with_data(tiny: dict[str, Path], tmp_path: Path) -> None:
+    record = reparam_tool.reparam_checkpoint(tiny["xckpt"], tmp_path / "d", data=tiny["data"])
+    data = record["verification"]["data"]
+    assert data["num_images"] == 12 and data["agreement"] == 1.0
+    assert data["max_abs_diff"] <= 1e-3
+
+
+def test_reparam_of_a_baseline_is_the_same_network(tiny: dict[str, Path], tmp_path: Path) -> None:
+    record = reparam_tool.reparam_checkpoint(tiny["bckpt"], tmp_path / "d")
+    assert record["reparameterized_modules"] == 0 and record["weights"] == "model"
+    assert record["verification"]["max_abs_diff"] == 0.0
+
+
+# ----------------------------------------------------------------------------- bad inputs
+
+
+def _bad_checkpoint(kind: str, tiny: dict[str, Path], tmp_path: Path) -> tuple[Path, str]:
+    """(path, message pattern) of an unusable checkpoint of the given kind."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    if kind == "not_a_checkpoint":
+        path = tmp_path / "notes.pt"
+        path.write_text("these are not the weights you are looking for\n")
+        return path, "cannot read checkpoint"
+    if kind == "truncated":
+        path = tmp_path / "truncated.pt"
+        data = tiny["xckpt"].read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+        return path, "truncated or corrupt"
+    if kind == "other_arch":
+        # resnet18 (baseline) weights in a checkpoint whose config says xresnet18
+        path = make_checkpoint(
+            tmp_path / "other.pt", model_config(), weights_cfg=model_config(xvolution=False)
+        )
+        return path, "missing keys.*layer3.0.conv2.conv.weight.*unexpected keys"
+    if kind == "other_num_classes":
+        path = make_checkpoint(
+            tmp_path / "other.pt", model_config(), weights_cfg=model_config(num_classes=5)
+        )
+        return path, "size mismatch for fc.weight"
+    if kind == "deploy_other_arch":
+        path = tmp_path / "deploy"
+        shutil.copytree(tiny["deploy"], path)
+        sidecar = json.loads((path / "deploy.json").read_text())
+        sidecar["model_config"]["arch"] = "resnet34"
+        (path / "deploy.json").write_text(json.dumps(sidecar))
+        return path, "deploy.safetensors: state_dict does not match.*missing keys"
+    if kind == "deploy_truncated":
+        path = tmp_path / "deploy"
+        shutil.copytree(tiny["deploy"], path)
+        weights = path / "deploy.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+        return path, "does not match its sidecar.*truncated or modified"
+    if kind == "deploy_without_sidecar":
+        path = tmp_path / "lonely.safetensors"
+        shutil.copy(tiny["deploy"] / "deploy.safetensors", path)
+        return path, "missing sidecar"
+    raise AssertionError(kind)
+
+
+BAD_TRAIN = ["not_a_checkpoint", "truncated", "other_arch", "other_num_classes"]
+BAD_DEPLOY = ["deploy_other_arch", "deploy_truncated", "deploy_without_sidecar"]
+
+
+@pytest.mark.parametrize("kind", BAD_TRAIN)
+def test_reparam_rejects_bad_checkpoints_and_writes_nothing(
+    kind: str, tiny: dict[str, Path], tmp_path: Path
+) -> None:
+    path, pattern = _bad_checkpoint(kind, tiny, tmp_path / "in")
+    out = tmp_path / "out"
+    with pytest.raises(CheckpointError, match=pattern) as err:
+        reparam_tool.reparam_checkpoint(path, out)
+    assert str(path) in str(err.value)  # the message names the file
+    assert _files(out) == []
+
+
+@pytest.mark.parametrize("kind", BAD_TRAIN + BAD_DEPLOY)
+def test_eval_rejects_bad_checkpoints_and_writes_nothing(
+    kind: str, tiny: dict[str, Path], tmp_path: Path
+) -> None:
+    path, pattern = _bad_checkpoint(kind, tiny, tmp_path / "in")
+    results, preds = tmp_path / "results", tmp_path / "preds.csv"
+    with pytest.raises(CheckpointError, match=pattern) as err:
+        eval_tool.evaluate_checkpoint(
+            path, data=tiny["data"], results_dir=results, predictions=preds, **EVAL_FAST
+        )
+    assert Path(str(path)).name in str(err.value)
+    assert _files(results) == [] and not preds.exists()
+
+
+def test_eval_missing_val_folder_is_an_error(tiny: dict[str, Path], tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    with pytest.raises(DataError, match="missing val folder"):
+        eval_tool.evaluate_checkpoint(
+            tiny["xckpt"], data=tmp_path / "nowhere", results_dir=results, **EVAL_FAST
+        )
+    assert _files(results) == []
+
+
+def test_eval_class_count_mismatch_is_an_error(tiny: dict[str, Path], tmp_path: Path) -> None:
+    data = make_val_folder(tmp_path / "two", num_classes=2, per_class=2)
+    results = tmp_path / "results"
+    with pytest.raises(ToolError, match="model predicts 3 classes but .* has 2 class folders"):
+        eval_tool.evaluate_checkpoint(tiny["xckpt"], data=data, results_dir=results, **EVAL_FAST)
+    assert _files(results) == []
+
+
+def test_reparam_data_class_count_mismatch_writes_nothing(
+    tiny: dict[str, Path], tmp_path: Path
+) -> None:
+    data = make_val_folder(tmp_path / "two", num_classes=2, per_class=2)
+    with pytest.raises(ToolError, match="class count mismatch"):
+        reparam_tool.reparam_checkpoint(tiny["xckpt"], tmp_path / "d", data=data)
+    assert not (tmp_path / "d").exists()
+
+
+# ----------------------------------------------------------------------------- eval
+
+
+def _pred_column(path: Path) -> list[tuple[str, str, str]]:
+    with open(path, newline="") as fh:
+        return [(r["file"], r["label"], r["pred"]) for r in csv.DictReader(fh)]
+
+
+def test_eval_training_and_deploy_checkpoints_agree_on_every_image(
+    tiny: dict[str, Path], tmp_path: Path
+) -> None:
+    results = tmp_path / "results"
+    train = eval_tool.evaluate_checkpoint(
+        tiny["xckpt"],
+        data=tiny["data"],
+        results_dir=results,
+        predictions=tmp_path / "train.csv",
+        **EVAL_FAST,
+    )
+    deploy = eval_tool.evaluate_checkpoint(
+        tiny["deploy"],
+        data=tiny["data"] / "val",  # the val folder itself works too
+        results_dir=results,
+        predictions=tmp_path / "deploy.csv",
+        **EVAL_FAST,
+    )
+    assert (train["deploy"], deploy["deploy"]) == (False, True)
+    assert train["weights"] == deploy["weights"] == "ema"
+    assert train["num_images"] == deploy["num_images"] == 12
+    assert train["top1"] == deploy["top1"] and train["top5"] == deploy["top5"]
+    assert train["predictions_sha256"] == deploy["predictions_sha256"]
+    rows = _pred_column(tmp_path / "train.csv")
+    assert rows == _pred_column(tmp_path / "deploy.csv") and len(rows) == 12
+    assert rows[0][0] == "class_0/img_000.JPEG"
+    assert len({pred for _, _, pred in rows}) > 1  # not a degenerate constant classifier
+    correct = sum(label == pred for _, label, pred in rows)
+    assert train["top1_correct"] == correct
+    assert deploy["checkpoint"]["source_sha256"] == train["checkpoint"]["sha256"]
+    assert train["data"]["fingerprint"] == deploy["data"]["fingerprint"]
+
+    files = sorted(p.name for p in results.iterdir())
+    sha_train, sha_deploy = train["checkpoint"]["sha256"], deploy["checkpoint"]["sha256"]
+    assert files == sorted(
+        [
+            f"xresnet18_train_ema_{sha_train[:12]}.json",
+            f"xresnet18_deploy_ema_{sha_deploy[:12]}.json",
+        ]
+    )
+    for name in files:
+        record = validate_record(json.loads((results / name).read_text()), name)
+        assert record["schema_version"] == 1 and record["throughput"]["img_s"] > 0
+        assert record["throughput"]["batch_size"] == 5 and record["eval"]["precision"] == "fp32"
+        assert record["params"] > 0 and record["gmacs"] > 0 and record["date"]
+        assert {"torch", "timm", "xvol"} <= set(record["versions"])
+
+
+def test_eval_refuses_to_overwrite_a_record(tiny: dict[str, Path], tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    first = eval_tool.evaluate_checkpoint(
+        tiny["bckpt"], data=tiny["data"], results_dir=results, **EVAL_FAST
+    )
+    with pytest.raises(ToolError, match="record already exists.*--force"):
+        eval_tool.evaluate_checkpoint(
+            tiny["bckpt"], data=tiny["data"], results_dir=results, **EVAL_FAST
+        )
+    again = eval_tool.evaluate_checkpoint(
+        tiny["bckpt"], data=tiny["data"], results_dir=results, force=True, **EVAL_FAST
+    )
+    assert again["top1"] == first["top1"] and len(list(results.iterdir())) == 1
+
+
+def test_eval_defaults_to_the_checkpoints_data_root(tiny: dict[str, Path]) -> None:
+    record = eval_tool.evaluate_checkpoint(tiny["xckpt"], results_dir=None, **EVAL_FAST)
+    assert record["data"]["val_dir"] == str((tiny["data"] / "val").resolve())
+    assert record["data"]["img_size"] == 32 and record["data"]["crop_pct"] == 1.0
+
+
+def test_eval_without_benchmark_records_no_throughput(tiny: dict[str, Path]) -> None:
+    fast = {**EVAL_FAST, "bench_iters": 0}
+    record = eval_tool.evaluate_checkpoint(tiny["xckpt"], results_dir=None, **fast)
+    assert record["throughput"]["img_s"] is None
+    validate_record(record, "in memory")
+
+
+@pytest.mark.dali
+def test_eval_with_the_dali_backend(tiny: dict[str, Path], tmp_path: Path) -> None:
+    pytest.importorskip("nvidia.dali")
+    dali = eval_tool.evaluate_checkpoint(
+        tiny["deploy"], data=tiny["data"], results_dir=None, backend="dali", **EVAL_FAST
+    )
+    torchvision = eval_tool.evaluate_checkpoint(
+        tiny["deploy"], data=tiny["data"], results_dir=None, **EVAL_FAST
+    )
+    assert dali["num_images"] == 12 and dali["data"]["backend"] == "dali"
+    assert dali["data"]["fingerprint"] == torchvision["data"]["fingerprint"]
+    validate_record(dali, "dali record")
+
+
+# ----------------------------------------------------------------------------- leaderboard
+
+
+@pytest.fixture(scope="module")
+def records(tiny: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """results/ with xresnet18 (training form, deploy) and its resnet18 baseline."""
+    results = tmp_path_factory.mktemp("results")
+    for ckpt in (tiny["xckpt"], tiny["deploy"], tiny["bckpt"]):
+        eval_tool.evaluate_checkpoint(ckpt, data=tiny["data"], results_dir=results, **EVAL_FAST)
+    return results
+
+
+def test_leaderboard_pairs_models_with_baselines_and_deploy_forms(
+    records: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "board"
+    result = leaderboard_tool.build_leaderboard(records, out)
+    assert result["records"] == 3
+    assert result["baseline_pairs"] == 2  # both xresnet18 forms against resnet18
+    assert result["deploy_pairs"] == 1
+    md = (out / "leaderboard.md").read_text()
+    assert md == result["markdown"]
+    main_rows = [line for line in md.splitlines() if line.startswith("| ") and ".json" in line]
+    assert len(main_rows) == 3
+    assert "| xresnet18 (train, ema) | resnet18 (train, model) |" in md
+    deploy_row = next(line for line in md.splitlines() if "| yes |" in line)
+    assert deploy_row.startswith("| xresnet18 | ema |")
+    with open(out / "leaderboard.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 3 and set(rows[0]) == set(leaderboard_tool.CSV_COLUMNS)
+    assert {r["form"] for r in rows} == {"train", "deploy"}
+    assert {r["model"] for r in rows} == {"xresnet18", "resnet18"}
+    page = (out / "leaderboard.html").read_text()
+    assert page.count("<table>") == 3 and 'src="leaderboard.png"' in page
+    assert (out / "leaderboard.md").read_text().count("](../") == 3  # links to the records
+    with Image.open(out / "leaderboard.png") as img:
+        img.verify()
+    with Image.open(out / "leaderboard.png") as img:
+        assert img.format == "PNG" and img.size == (1500, 460)
+
+
+def _copy_records(records: Path, tmp_path: Path) -> Path:
+    results = tmp_path / "results"
+    shutil.copytree(records, results)
+    return results
+
+
+@pytest.mark.parametrize(
+    ("damage", "pattern"),
+    [
+        (lambda r: "{not json", "not valid JSON"),
+        (lambda r: json.dumps({k: v for k, v in r.items() if k != "top1"}), "missing 'top1'"),
+        (lambda r: json.dumps({**r, "top1": "91.2"}), "'top1' is str"),
+        (lambda r: json.dumps({**r, "top1": 120.0}), r"outside \[0, 100\]"),
+        (lambda r: json.dumps({**r, "schema_version": 99}), "unsupported schema_version"),
+        (lambda r: json.dumps([r]), "not a JSON object"),
+    ],
+    ids=["json", "missing", "type", "range", "schema", "list"],
+)
+def test_leaderboard_rejects_malformed_records_naming_the_file(
+    records: Path, tmp_path: Path, damage, pattern: str
+) -> None:
+    results = _copy_records(records, tmp_path)
+    victim = sorted(results.glob("resnet18_*.json"))[0]
+    record = json.loads(victim.read_text())
+    bad = results / "zz_bad.json"
+    bad.write_text(damage(record))
+    with pytest.raises(RecordError, match=pattern) as err:
+        leaderboard_tool.build_leaderboard(results)
+    assert str(bad) in str(err.value)
+    assert not list(results.glob("leaderboard.*"))  # nothing written
+    # --skip-bad: warn and go on with the good ones
+    assert leaderboard_tool.build_leaderboard(results, skip_bad=True)["records"] == 3
+
+
+def test_leaderboard_rejects_duplicate_records(records: Path, tmp_path: Path) -> None:
+    results = _copy_records(records, tmp_path)
+    original = sorted(results.glob("resnet18_*.json"))[0]
+    copy = results / "copy_of_baseline.json"
+    shutil.copy(original, copy)
+    with pytest.raises(RecordError, match="duplicate record") as err:
+        leaderboard_tool.build_leaderboard(results)
+    assert str(copy) in str(err.value) and str(original) in str(err.value)
+
+
+def test_leaderboard_without_records_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ToolError, match="no eval records"):
+        leaderboard_tool.build_leaderboard(tmp_path)
+    with pytest.raises(ToolError, match="no results directory"):
+        leaderboard_tool.build_leaderboard(tmp_path / "missing")
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def test_export_onnx_matches_pytorch(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """TorchScript exporter here (fast); the dynamo default runs in test_tools_e2e.py."""
+    out = tmp_path / "model.onnx"
+    record = export_tool.export_onnx(tiny["deploy"], out, opset=17, exporter="torchscript")
+    assert out.is_file() and record["opset"] == 17 and record["parity"]["opset"] == 17
+    assert record["parity"]["max_abs_diff"] <= 1e-4 and record["parity"]["batch_sizes"] == [1, 2]
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+    got = torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
+    torch.testing.assert_close(got, _logits_of(tiny["deploy"], x), atol=1e-4, rtol=0)
+    assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]  # no temp files left
+
+
+def _logits_of(path: Path, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return load_model(path).model(x)
+
+
+def test_export_refuses_existing_file_and_old_opsets(tiny: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "model.onnx"
+    out.write_text("keep me")
+    with pytest.raises(ToolError, match="already exists"):
+        export_tool.export_onnx(tiny["deploy"], out, exporter="torchscript", opset=17)
+    assert out.read_text() == "keep me"
+    with pytest.raises(ToolError, match="opset 17 or newer"):
+        export_tool.export_onnx(tiny["deploy"], tmp_path / "a.onnx", opset=16)
+    with pytest.raises(ToolError, match="exporter torchscript for opset 17"):
+        export_tool.export_onnx(tiny["deploy"], tmp_path / "a.onnx", opset=17)
+    assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
+
+
+def test_export_refuses_on_parity_failure(
+    tiny: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def off_by_one(model, onnx_path, inputs):  # what a wrong graph would report
+        return {"opset": 17, "batch_sizes": [1], "max_abs_diff": 1.0, "max_abs_logit": 1.0}
+
+    monkeypatch.setattr(export_tool, "check_parity", off_by_one)
+    with pytest.raises(ToolError, match="differs from PyTorch.*nothing written"):
+        export_tool.export_onnx(
+            tiny["deploy"], tmp_path / "m.onnx", opset=17, exporter="torchscript"
+        )
+    assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+@pytest.mark.parametrize(
+    ("entry", "prog"),
+    [
+        (xvol.cli.reparam, "xvol-reparam"),
+        (xvol.cli.evaluate, "xvol-eval"),
+        (xvol.cli.leaderboard, "xvol-leaderboard"),
+        (xvol.cli.export, "xvol-export"),
+    ],
+)
+def test_console_entry_points_have_a_helpful_help(
+    entry, prog: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.setattr(sys, "argv", [prog, "--help"])
+    with pytest.raises(SystemExit) as exit_info:
+        entry()
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"usage: {prog}") and "examples:" in text and "--debug" in text
+
+
+def test_installed_console_script_runs() -> None:
+    script = Path(sys.executable).parent / "xvol-leaderboard"
+    if not script.exists():
+        pytest.skip(f"{script} not installed (pip install -e .)")
+    proc = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "usage: xvol-leaderboard" in proc.stdout
+
+
+def test_cli_errors_are_one_line_without_traceback(tiny: dict[str, Path], tmp_path: Path) -> None:
+    bad = tmp_path / "notes.pt"
+    bad.write_text("not a checkpoint")
+    cmd = [
+        sys.executable,
+        str(ROOT / "tools" / "reparam.py"),
+        str(bad),
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 1 and proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("xvol-reparam: error: ") and str(bad) in lines[-1]
+    assert "Traceback" not in proc.stderr and not (tmp_path / "o").exists()
+    debug = subprocess.run([*cmd, "--debug"], capture_output=True, text=True, timeout=120)
+    assert debug.returncode == 1 and "Traceback" in debug.stderr

@@ -1,0 +1,163 @@
+"""Helpers for tests/test_tools*.py: load the tools as modules, make checkpoints and val folders.
+
+Checkpoints are made without training: build the model from a stored-style config, give every BN
+random statistics (default BN init would make folding an identity and hide bugs), and save the
+dict in the training checkpoint format (xvol/engine/checkpoint.py) with ``save_checkpoint``.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import torch
+from helpers import randomize_bn
+from hydra.utils import instantiate
+from PIL import Image
+from torch import nn
+
+from xvol.engine.checkpoint import FORMAT_VERSION, save_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+TOOLS = ROOT / "tools"
+
+__all__ = [
+    "ROOT",
+    "load_tool",
+    "make_checkpoint",
+    "make_val_folder",
+    "model_config",
+]
+
+
+def load_tool(name: str) -> ModuleType:
+    """tools/<name>.py as a module (tools/ is a folder of scripts, not a package)."""
+    key = f"xvol_tool_{name}"
+    if key in sys.modules:
+        return sys.modules[key]
+    spec = importlib.util.spec_from_file_location(key, TOOLS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[key] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def model_config(arch: str = "resnet18", xvolution: bool = True, num_classes: int = 3) -> dict:
+    """What scripts/train.py stores as config["model"] (configs/model/xresnet18.yaml resolved)."""
+    cfg: dict[str, Any] = {
+        "_target_": "xvol.models.build_model",
+        "arch": arch,
+        "num_classes": num_classes,
+        "stages": [],
+        "xconv": None,
+        "drop_path_rate": 0.0,
+        "drop_rate": 0.0,
+        "zero_init_last": True,
+    }
+    if xvolution:
+        cfg["stages"] = [3]
+        cfg["xconv"] = {
+            "_target_": "xvol.ops.XConv2d",
+            "_partial_": True,
+            "shifts": [1],
+            "center": False,
+        }
+    return cfg
+
+
+def _random_model(cfg: dict, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    model = randomize_bn(instantiate(copy.deepcopy(cfg)), torch.Generator().manual_seed(seed))
+    # Random BN statistics give pooled features with a large common component (every image gets
+    # the same class) and logits ~200. Centre and scale the classifier on a random batch so that
+    # predictions depend on the image and logits are ~10, the scale of a trained classifier that
+    # absolute tolerances (1e-4 for ONNX) are meant for.
+    model.eval()
+    with torch.no_grad():
+        x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+        feats = model.forward_head(model.forward_features(x), pre_logits=True)
+        fc = model.get_classifier()
+        centred = feats - feats.mean(0)
+        fc.weight.mul_(5.0 / (centred @ fc.weight.t()).std().clamp_min(1e-6))
+        fc.bias.copy_(-fc.weight @ feats.mean(0))
+    return model
+
+
+def make_checkpoint(
+    path: Path,
+    cfg: dict | None = None,
+    *,
+    ema: bool = True,
+    seed: int = 0,
+    data_root: str | None = None,
+    img_size: int = 32,
+    weights_cfg: dict | None = None,
+) -> Path:
+    """A training-format checkpoint of ``cfg`` with random weights and BN statistics.
+
+    ``weights_cfg`` stores the weights of another model under ``cfg`` (a checkpoint whose
+    weights do not belong to its stated architecture).
+    """
+    cfg = cfg or model_config()
+    model = _random_model(weights_cfg or cfg, seed)
+    ema_model = _random_model(weights_cfg or cfg, seed + 1000) if ema else None
+    state = {
+        "format_version": FORMAT_VERSION,
+        "kind": "xvol.train",
+        "model": model.state_dict(),
+        "ema": ema_model.state_dict() if ema_model is not None else None,
+        "optimizer": {},
+        "scheduler": None,
+        "scaler": None,
+        "epoch": 1,
+        "step": 0,
+        "global_step": 10,
+        "epoch_state": {},
+        "world_size": 1,
+        "rng": [],
+        "bn_buffers": None,
+        "config": {
+            "model": cfg,
+            "data": {
+                "name": "tiny",
+                "root": data_root,
+                "num_classes": cfg["num_classes"],
+                "img_size": img_size,
+                "eval_img_size": None,
+                "crop_pct": 1.0,
+                "interpolation": "bilinear",
+            },
+        },
+        "metrics": {},
+        "best_metric": None,
+        "wandb_id": None,
+        "git": {"revision": None, "dirty": None},
+        "versions": {},
+        "time": 0.0,
+    }
+    return save_checkpoint(state, path)
+
+
+def make_val_folder(
+    root: Path, num_classes: int = 3, per_class: int = 4, size: int = 32, seed: int = 0
+) -> Path:
+    """``root/val/<class>/*.JPEG`` of random-noise images; returns ``root``."""
+    rng = np.random.default_rng(seed)
+    for c in range(num_classes):
+        folder = root / "val" / f"class_{c}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            # a random colour, gradient and noise level per image: varied enough that a random
+            # network does not give every image the same class
+            colour = rng.uniform(0, 255, 3)
+            ramp = np.linspace(-1, 1, size)[:, None, None] * rng.uniform(-120, 120, 3)
+            noise = rng.normal(0, rng.uniform(5, 80), (size, size, 3))
+            pixels = np.clip(colour + ramp + noise, 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / f"img_{i:03d}.JPEG", quality=95)
+    return root

@@ -1,0 +1,275 @@
+"""Re-parameterize a training checkpoint into its deploy form, verified before anything is written.
+
+Usage:
+    python tools/reparam.py outputs/demo/best.pt --out outputs/demo/deploy
+    xvol-reparam outputs/demo/best.pt --out outputs/demo/deploy --data ~/.cache/xvol/demo
+    xvol-reparam CKPT --out DIR --no-ema --atol 1e-4 --force
+
+Steps: rebuild the model from the config stored in CKPT, load the EMA weights (the default when
+the checkpoint has them; --no-ema for the raw weights) strictly, ``reparameterize_model()``, then
+run both forms in eval mode on a random batch (and, with --data, on real val images): the max
+|logit difference| must be <= --atol; top-1 agreement is reported. Only then are
+DIR/deploy.safetensors and its sidecar DIR/deploy.json written (temp file + os.replace each, the
+sidecar last); existing outputs are refused unless --force. Prints one JSON record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from xvol.engine.checkpoint import git_revision
+from xvol.models import model_summary
+from xvol.reparam import reparameterize_model
+from xvol.tools_common import (
+    DEPLOY_FORMAT_VERSION,
+    DEPLOY_KIND,
+    DEPLOY_SIDECAR,
+    DEPLOY_WEIGHTS,
+    ToolError,
+    atomic_path,
+    build_val_loader,
+    count_reparameterizable,
+    eval_settings,
+    load_train_checkpoint,
+    now_iso,
+    refuse_existing,
+    resolve_val_dir,
+    setup_tool_logging,
+    sha256_file,
+    tool_errors,
+    versions,
+    write_json_atomic,
+)
+
+log = logging.getLogger("xvol.tools.reparam")
+
+
+@torch.no_grad()
+def compare_forms(
+    train_model: nn.Module, deploy_model: nn.Module, batches: Iterable[torch.Tensor]
+) -> dict[str, Any]:
+    """Max |logit difference| and top-1 agreement of the two forms, both in eval mode."""
+    train_model.eval()
+    deploy_model.eval()
+    max_diff, max_logit, agree, count = 0.0, 0.0, 0, 0
+    for images in batches:
+        a, b = train_model(images).float(), deploy_model(images).float()
+        max_diff = max(max_diff, (a - b).abs().max().item())
+        max_logit = max(max_logit, a.abs().max().item())
+        agree += int((a.argmax(1) == b.argmax(1)).sum())
+        count += images.shape[0]
+    return {
+        "num_images": count,
+        "max_abs_diff": max_diff,
+        "max_abs_logit": max_logit,
+        "agreement": agree / max(count, 1),
+    }
+
+
+def _val_images(loader: Iterable, limit: int) -> Iterator[torch.Tensor]:
+    seen = 0
+    for images, _ in loader:
+        yield images[: limit - seen]
+        seen += images.shape[0]
+        if seen >= limit:
+            return
+
+
+def reparam_checkpoint(
+    checkpoint: str | Path,
+    out: str | Path,
+    *,
+    ema: bool | None = None,
+    data: str | Path | None = None,
+    force: bool = False,
+    atol: float = 1e-3,
+    verify_batch: int = 8,
+    verify_images: int = 256,
+    img_size: int | None = None,
+    workers: int = 0,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Deploy weights + sidecar for ``checkpoint`` in ``out``; returns the sidecar record.
+
+    Raises (and writes nothing) when the checkpoint is unusable, the outputs exist (without
+    ``force``), or the two forms differ by more than ``atol`` on any verification input.
+    """
+    out = Path(out)
+    weights_path, sidecar_path = out / DEPLOY_WEIGHTS, out / DEPLOY_SIDECAR
+    if out.exists() and not out.is_dir():
+        raise ToolError(f"--out {out} exists and is not a directory")
+    refuse_existing([weights_path, sidecar_path], force, "deploy checkpoint")
+
+    loaded = load_train_checkpoint(checkpoint, ema)
+    model = loaded.model.float().cpu().eval()
+    settings = eval_settings(loaded, img_size, None, None)
+    size = settings["img_size"]
+    n_swapped = count_reparameterizable(model)
+    if n_swapped == 0:
+        log.warning(
+            "%s: no re-parameterizable module (a baseline?): deploy = same network", loaded.path
+        )
+    deploy = reparameterize_model(model)
+    log.info("%s: %s weights, %d modules re-parameterized", loaded.path, loaded.weights, n_swapped)
+
+    gen = torch.Generator().manual_seed(seed)
+    random_batch = torch.randn(verify_batch, 3, size, size, generator=gen)
+    verification: dict[str, Any] = {
+        "atol": atol,
+        "random": compare_forms(model, deploy, [random_batch]),
+        "data": None,
+    }
+    if data is not None:
+        val_dir = resolve_val_dir(data)
+        val = build_val_loader(
+            val_dir,
+            num_classes=loaded.num_classes,
+            batch_size=min(64, verify_images),
+            workers=workers,
+            **settings,
+        )
+        verification["data"] = {
+            "val_dir": str(val_dir),
+            **compare_forms(model, deploy, _val_images(val.loader, verify_images)),
+        }
+    worst = max(
+        v["max_abs_diff"] for v in (verification["random"], verification["data"]) if v is not None
+    )
+    verification["max_abs_diff"] = worst
+    verification["passed"] = worst <= atol
+    if not verification["passed"]:
+        raise ToolError(
+            f"{loaded.path}: verification failed: the deploy form differs from the training form "
+            f"by {worst:.3g} > --atol {atol:g} (random: {verification['random']}, data: "
+            f"{verification['data']}); nothing written"
+        )
+
+    summary = model_summary(model, size)
+    sidecar: dict[str, Any] = {
+        "kind": DEPLOY_KIND,
+        "format_version": DEPLOY_FORMAT_VERSION,
+        **loaded.identity,
+        "model_config": loaded.model_config,
+        "weights": loaded.weights,
+        "weights_file": DEPLOY_WEIGHTS,
+        "weights_sha256": None,  # filled in once the file is written
+        "reparameterized_modules": n_swapped,
+        "source": {
+            "path": str(loaded.path),
+            "sha256": loaded.sha256,
+            **loaded.source,
+        },
+        "verification": verification,
+        "summary": {
+            "img_size": size,
+            "params_train": sum(p.numel() for p in model.parameters()),
+            "params_deploy": sum(p.numel() for p in deploy.parameters()),
+            **summary,
+        },
+        "data": {**loaded.data_config, **settings},
+        "versions": {**versions(), "safetensors": _safetensors_version()},
+        "git": git_revision(),
+        "date": now_iso(),
+    }
+    _write_deploy(deploy, sidecar, weights_path, sidecar_path)
+    return {**sidecar, "out": {"weights": str(weights_path), "sidecar": str(sidecar_path)}}
+
+
+def _safetensors_version() -> str:
+    import safetensors
+
+    return str(safetensors.__version__)
+
+
+def _write_deploy(
+    deploy: nn.Module, sidecar: dict[str, Any], weights_path: Path, sidecar_path: Path
+) -> None:
+    """Weights first, then the sidecar naming their sha256: a reader trusts a matching pair."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().cpu().contiguous() for k, v in deploy.state_dict().items()}
+    metadata = {
+        "format": "pt",
+        "kind": DEPLOY_KIND,
+        "model_config": json.dumps(sidecar["model_config"]),
+    }
+    with atomic_path(weights_path) as tmp:
+        save_file(state, str(tmp), metadata=metadata)
+        sidecar["weights_sha256"] = sha256_file(tmp)
+    write_json_atomic(sidecar_path, sidecar)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="xvol-reparam",
+        description=(
+            "Turn a training checkpoint into a verified deploy checkpoint (X-volution branches "
+            "and their BNs folded into one operator): DIR/deploy.safetensors + DIR/deploy.json."
+        ),
+        epilog=(
+            "examples:\n"
+            "  xvol-reparam outputs/demo/best.pt --out outputs/demo/deploy\n"
+            "  xvol-reparam outputs/demo/best.pt --out outputs/demo/deploy "
+            "--data ~/.cache/xvol/demo\n"
+            "  xvol-reparam run/last.pt --out run/deploy --no-ema --atol 1e-4 --force\n"
+            "Prints one JSON record (the sidecar); exit status 1 with a one-line error otherwise."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("checkpoint", help="training checkpoint (.pt) written by scripts/train.py")
+    parser.add_argument("--out", required=True, help="output directory for the deploy checkpoint")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "--ema",
+        dest="ema",
+        action="store_true",
+        default=None,
+        help="use the EMA weights (default when the checkpoint has them)",
+    )
+    group.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw weights")
+    parser.add_argument(
+        "--data", help="also verify on real val images: ROOT with val/, or the val folder itself"
+    )
+    parser.add_argument("--verify-images", type=int, default=256, help="val images for --data")
+    parser.add_argument("--verify-batch", type=int, default=8, help="random verification batch")
+    parser.add_argument(
+        "--img-size", type=int, help="verification size (default: the checkpoint's eval size)"
+    )
+    parser.add_argument(
+        "--atol", type=float, default=1e-3, help="max |logit difference| allowed (default 1e-3)"
+    )
+    parser.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_tool_logging()
+    with tool_errors("xvol-reparam", args.debug):
+        record = reparam_checkpoint(
+            args.checkpoint,
+            args.out,
+            ema=args.ema,
+            data=args.data,
+            force=args.force,
+            atol=args.atol,
+            verify_batch=args.verify_batch,
+            verify_images=args.verify_images,
+            img_size=args.img_size,
+        )
+    print(json.dumps(record, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from xvol.ops import fuse
+from xvol.ops import fuse, pssa_lean
 
 __all__ = ["XConv2d", "XConv2dDeploy", "pssa_offsets", "pssa_transform", "conv_out_size"]
 
@@ -186,6 +186,7 @@ class XConv2d(_XConvBase):
         center: bool = False,
         bn_eps: float = 1e-5,
         bn_momentum: float = 0.1,
+        impl: str = "auto",
     ) -> None:
         super().__init__(
             in_channels,
@@ -209,6 +210,8 @@ class XConv2d(_XConvBase):
             bias=bias,
         )
         self.bn = nn.BatchNorm2d(out_channels, eps=bn_eps, momentum=bn_momentum)
+        # PSSA path: "reference" (below, the ground truth), "lean"/"triton" (pssa_lean.py).
+        self.impl = pssa_lean.check_impl(impl)
         if self.taps:
             n_taps = len(self.taps)
             self.pssa = nn.Conv2d(in_channels * n_taps, out_channels, 1, groups=groups, bias=False)
@@ -227,7 +230,13 @@ class XConv2d(_XConvBase):
         self._check_input(x)
         y = self.bn(self.conv(x))
         if self.pssa is not None:
-            y = y + self.pssa_bn(self.pssa(self.transform(x)))
+            grad = pssa_lean.needs_grad(x, self.pssa.weight)
+            impl = pssa_lean.resolve_impl(self.impl, x, grad, pssa_lean.triton_supports(self, x))
+            if impl == "reference":
+                y = y + self.pssa_bn(self.pssa(self.transform(x)))
+            else:
+                geom = pssa_lean.geometry_of(self, x)
+                y = y + pssa_lean.pssa_bn_lean(x, self.pssa.weight, self.pssa_bn, geom, impl)
         return y
 
     @torch.no_grad()
@@ -287,6 +296,7 @@ class XConv2d(_XConvBase):
                 self.groups,
                 self.shifts,
                 self.center,
+                impl=self.impl,
             )
         conv = conv.to(device=w_c.device, dtype=w_c.dtype)
         if w_a is not None:
@@ -314,6 +324,7 @@ class XConv2dDeploy(_XConvBase):
         groups: int = 1,
         shifts: Sequence[int] = (1,),
         center: bool = False,
+        impl: str = "auto",
     ) -> None:
         super().__init__(
             in_channels,
@@ -336,13 +347,21 @@ class XConv2dDeploy(_XConvBase):
             torch.zeros(out_channels, in_channels // groups * len(self.taps), 1, 1)
         )
         self.bias = nn.Parameter(torch.zeros(out_channels))
+        self.impl = pssa_lean.check_impl(impl)
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
+        grad = pssa_lean.needs_grad(x, self.weight, self.pssa_weight, self.bias)
+        impl = pssa_lean.resolve_impl(self.impl, x, grad, pssa_lean.triton_supports(self, x))
+        if impl == "triton" and not grad:
+            return pssa_lean.deploy_triton(self, x)  # one fused kernel, inference only
         y = F.conv2d(
             x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups
         )
-        return y + F.conv2d(self.transform(x), self.pssa_weight, None, 1, 0, 1, self.groups)
+        if impl == "reference":
+            return y + F.conv2d(self.transform(x), self.pssa_weight, None, 1, 0, 1, self.groups)
+        geom = pssa_lean.geometry_of(self, x)
+        return y + pssa_lean.pssa_lean(x, self.pssa_weight, geom, impl)
 
     @torch.no_grad()
     def transformed_kernel(self) -> Tensor:

@@ -1,0 +1,525 @@
+"""Memory-lean PSSA: the products x * S_d(x) are never stored for backward.
+
+The reference training path (``XConv2d`` with ``impl="reference"``) materializes
+T = concat_d x * S_d(x), 8m times the size of x, and autograd keeps T (the 1x1 conv's input), the
+padded x (the products' inputs) and the PSSA output (BN_A's input) until backward. Here:
+
+* ``PSSALean`` computes ``PSSA(x) = Conv1x1(T; W_A)`` tap by tap (one product map alive at a time)
+  and saves only x and W_A; backward recomputes each product map from x.
+* ``PSSABatchNormLean`` fuses BN_A (training statistics, running-stat update exactly as
+  ``nn.BatchNorm2d``) on top and recomputes PSSA(x) in backward instead of saving it, so the whole
+  PSSA branch saves x (already saved by the conv branch, the same storage), W_A and two vectors of
+  C_out statistics.
+
+Gradient of one tap d (q = p * s + offset is the read position of output pixel p):
+    P_d(p) = x(q) * x(q + d)                       (zero where q or q + d is outside the image)
+    G_d    = W_d^T gy                               (grouped 1x1 transposed conv)
+    dx(q)     += G_d(p) * x(q + d)                  (centre factor)
+    dx(q + d) += G_d(p) * x(q)                      (shifted factor)
+    dW_d      += gy P_d^T                           (grouped 1x1 weight gradient)
+Both scatters go through the same zero-padded buffer as the forward reads; gradient landing in the
+padding is dropped (the padding is a constant). A centre tap d = (0, 0) gets both terms: 2 G x.
+
+``impl`` dispatch for ``XConv2d`` / ``XConv2dDeploy`` lives here too (``resolve_impl``) so that
+xconv.py stays the readable ground truth.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+__all__ = [
+    "IMPLS",
+    "PSSAGeometry",
+    "PSSALean",
+    "PSSABatchNormLean",
+    "pssa_lean",
+    "pssa_bn_lean",
+    "pssa_forward_taps",
+    "check_impl",
+    "deploy_triton",
+    "geometry_of",
+    "needs_grad",
+    "resolve_impl",
+    "saved_tensors_report",
+    "SavedTensorsReport",
+    "triton_supports",
+]
+
+logger = logging.getLogger(__name__)
+
+IMPLS: tuple[str, ...] = ("auto", "reference", "lean", "triton")
+
+
+@dataclass(frozen=True)
+class PSSAGeometry:
+    """Where PSSA reads x: output pixel p reads q = p * stride + offset and q + d for each tap d."""
+
+    taps: tuple[tuple[int, int], ...]
+    stride: int
+    offset: int
+    out_size: tuple[int, int]
+    groups: int
+
+    @property
+    def n_taps(self) -> int:
+        return len(self.taps)
+
+    def padding(self, h: int, w: int) -> tuple[int, int, int, int]:
+        """(left, right, top, bottom): one zero pad covering every read (as pssa_transform)."""
+        ho, wo = self.out_size
+        reach = max([max(abs(di), abs(dj)) for di, dj in self.taps], default=0)
+        top = left = max(0, reach - self.offset)
+        bottom = max(0, (ho - 1) * self.stride + self.offset + reach - (h - 1))
+        right = max(0, (wo - 1) * self.stride + self.offset + reach - (w - 1))
+        return left, right, top, bottom
+
+
+def _reader(xp: Tensor, geom: PSSAGeometry, left: int, top: int):
+    """Strided views of the padded map xp at the read positions shifted by (di, dj)."""
+    ho, wo = geom.out_size
+    s, off = geom.stride, geom.offset
+
+    def read(di: int, dj: int) -> Tensor:
+        r0, c0 = top + off + di, left + off + dj
+        return xp[:, :, r0 : r0 + (ho - 1) * s + 1 : s, c0 : c0 + (wo - 1) * s + 1 : s]
+
+    return read
+
+
+def _tap_weights(weight: Tensor, n_taps: int) -> Tensor:
+    """W_A (C_out x C_g*n x 1 x 1, channel-major) -> n x C_out x C_g x 1 x 1, one slice per tap."""
+    c_out, cn = weight.shape[:2]
+    return weight.reshape(c_out, cn // n_taps, n_taps, 1, 1).permute(2, 0, 1, 3, 4)
+
+
+def pssa_forward_taps(x: Tensor, weight: Tensor, geom: PSSAGeometry) -> Tensor:
+    """PSSA(x) accumulated tap by tap: one product map (the size of the output grid) at a time."""
+    if not geom.taps:
+        raise ValueError("PSSA needs at least one tap")
+    n, _, h, w = x.shape
+    left, right, top, bottom = geom.padding(h, w)
+    xp = F.pad(x, (left, right, top, bottom))
+    read = _reader(xp, geom, left, top)
+    centre = read(0, 0)
+    w_taps = _tap_weights(weight, geom.n_taps)
+    y = F.conv2d(centre * read(*geom.taps[0]), w_taps[0], groups=geom.groups)
+    for t in range(1, geom.n_taps):
+        y.add_(F.conv2d(centre * read(*geom.taps[t]), w_taps[t], groups=geom.groups))
+    return y
+
+
+def _pssa_backward(
+    x: Tensor,
+    weight: Tensor,
+    grad_y: Tensor,
+    geom: PSSAGeometry,
+    need_x: bool,
+    need_w: bool,
+) -> tuple[Tensor | None, Tensor | None]:
+    """(dx, dW_A) of PSSA at x for output gradient grad_y, recomputing each product map."""
+    n, c, h, w = x.shape
+    left, right, top, bottom = geom.padding(h, w)
+    xp = F.pad(x, (left, right, top, bottom))
+    read = _reader(xp, geom, left, top)
+    centre = read(0, 0)
+    w_taps = _tap_weights(weight, geom.n_taps)
+    grad_y = grad_y.contiguous(memory_format=_memory_format(x))
+    gxp = torch.zeros_like(xp) if need_x else None
+    read_grad = _reader(gxp, geom, left, top) if gxp is not None else None
+    grad_centre = torch.zeros_like(centre) if need_x else None
+    grad_w_taps = []
+    for t, (di, dj) in enumerate(geom.taps):
+        shifted = read(di, dj)
+        product = centre * shifted if need_w else centre  # input only matters for dW
+        g_in, g_w, _ = torch.ops.aten.convolution_backward(
+            grad_y,
+            product,
+            w_taps[t],
+            None,
+            [1, 1],
+            [0, 0],
+            [1, 1],
+            False,
+            [0, 0],
+            geom.groups,
+            [need_x, need_w, False],
+        )
+        if need_w:
+            grad_w_taps.append(g_w)
+        if need_x:
+            assert grad_centre is not None and read_grad is not None
+            grad_centre.addcmul_(g_in, shifted)
+            read_grad(di, dj).addcmul_(g_in, centre)
+    grad_x = None
+    if need_x:
+        assert gxp is not None and read_grad is not None and grad_centre is not None
+        read_grad(0, 0).add_(grad_centre)
+        grad_x = gxp[:, :, top : top + h, left : left + w]
+    grad_w = None
+    if need_w:
+        # n x C_out x C_g x 1 x 1 -> C_out x C_g*n x 1 x 1 (channel-major, as W_A).
+        stacked = torch.stack(grad_w_taps, dim=0)
+        grad_w = stacked.permute(1, 2, 0, 3, 4).reshape(weight.shape)
+    return grad_x, grad_w
+
+
+def _memory_format(x: Tensor) -> torch.memory_format:
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and x.shape[1] > 1:
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+class PSSALean(torch.autograd.Function):
+    """PSSA(x) = Conv1x1(T(x); W_A) saving only x and W_A; T is recomputed in backward."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, geom: PSSAGeometry) -> Tensor:  # type: ignore[override]
+        ctx.geom = geom
+        ctx.save_for_backward(x, weight)
+        return pssa_forward_taps(x, weight, geom)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y: Tensor):  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        gx, gw = _pssa_backward(
+            x, weight, grad_y, ctx.geom, ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        )
+        return gx, gw, None
+
+
+def _bn_call_args(
+    bn: nn.modules.batchnorm._BatchNorm,
+) -> tuple[Tensor | None, Tensor | None, bool, float]:
+    """(running_mean, running_var, use_batch_stats, momentum) exactly as _BatchNorm.forward.
+
+    Bumps ``num_batches_tracked`` like the module does, so the fused path is a drop-in.
+    """
+    momentum = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
+    track = not bn.training or bn.track_running_stats
+    running_mean = bn.running_mean if track else None
+    running_var = bn.running_var if track else None
+    return running_mean, running_var, use_batch_stats, momentum
+
+
+def _pssa_forward_dispatch(x: Tensor, weight: Tensor, geom: PSSAGeometry, backend: str) -> Tensor:
+    if backend == "triton":
+        from xvol.ops import triton_xconv
+
+        return triton_xconv.pssa_forward(x, weight, geom)
+    return pssa_forward_taps(x, weight, geom)
+
+
+def _pssa_backward_dispatch(
+    x: Tensor,
+    weight: Tensor,
+    grad_y: Tensor,
+    geom: PSSAGeometry,
+    need_x: bool,
+    need_w: bool,
+    backend: str,
+) -> tuple[Tensor | None, Tensor | None]:
+    if backend == "triton":
+        from xvol.ops import triton_xconv
+
+        return triton_xconv.pssa_backward(x, weight, grad_y, geom, need_x, need_w)
+    return _pssa_backward(x, weight, grad_y, geom, need_x, need_w)
+
+
+class PSSABatchNormLean(torch.autograd.Function):
+    """BN_A(PSSA(x)) saving x, W_A, gamma and the batch statistics; PSSA(x) is recomputed.
+
+    BN's backward needs its input; storing it would cost one output-sized map per slot, so the
+    PSSA output is recomputed from x in backward (one more PSSA forward, no extra storage).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        x: Tensor,
+        weight: Tensor,
+        gamma: Tensor | None,
+        beta: Tensor | None,
+        running_mean: Tensor | None,
+        running_var: Tensor | None,
+        use_batch_stats: bool,
+        momentum: float,
+        eps: float,
+        geom: PSSAGeometry,
+        backend: str,
+    ) -> Tensor:
+        y = _pssa_forward_dispatch(x, weight, geom, backend)
+        out, save_mean, save_invstd = torch.native_batch_norm(
+            y, gamma, beta, running_mean, running_var, use_batch_stats, momentum, eps
+        )
+        ctx.geom, ctx.backend, ctx.eps, ctx.use_batch_stats = geom, backend, eps, use_batch_stats
+        # Batch statistics drive backward in training; running stats only in eval, and they are
+        # saved only then (training forwards update them in place).
+        keep_running = not use_batch_stats
+        ctx.save_for_backward(
+            x,
+            weight,
+            gamma,
+            running_mean if keep_running else None,
+            running_var if keep_running else None,
+            save_mean,
+            save_invstd,
+        )
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        x, weight, gamma, running_mean, running_var, save_mean, save_invstd = ctx.saved_tensors
+        need_x, need_w, need_gamma, need_beta = ctx.needs_input_grad[:4]
+        y = _pssa_forward_dispatch(x, weight, ctx.geom, ctx.backend)
+        grad_y, grad_gamma, grad_beta = torch.ops.aten.native_batch_norm_backward(
+            grad_out.contiguous(memory_format=_memory_format(y)),
+            y,
+            gamma,
+            running_mean,
+            running_var,
+            save_mean,
+            save_invstd,
+            ctx.use_batch_stats,
+            ctx.eps,
+            [need_x or need_w, need_gamma and gamma is not None, need_beta and gamma is not None],
+        )
+        del y
+        gx, gw = None, None
+        if need_x or need_w:
+            gx, gw = _pssa_backward_dispatch(
+                x, weight, grad_y, ctx.geom, need_x, need_w, ctx.backend
+            )
+        return (
+            gx,
+            gw,
+            grad_gamma if need_gamma else None,
+            grad_beta if need_beta else None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def _autocast_inputs(x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Cast as autocast would for a conv; the casts stay outside the Function (autograd-tracked)."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        return x.to(dtype), weight.to(dtype)
+    if weight.dtype != x.dtype:
+        raise TypeError(f"PSSA input dtype {x.dtype} and weight dtype {weight.dtype} differ")
+    return x, weight
+
+
+def pssa_lean(x: Tensor, weight: Tensor, geom: PSSAGeometry, backend: str = "lean") -> Tensor:
+    """PSSA(x) with only x and W_A saved for backward (``backend``: "lean" or "triton")."""
+    x, weight = _autocast_inputs(x, weight)
+    if backend == "triton":
+        from xvol.ops import triton_xconv
+
+        with torch.autocast(x.device.type, enabled=False):
+            return triton_xconv.PSSATriton.apply(x, weight, geom)
+    with torch.autocast(x.device.type, enabled=False):
+        return PSSALean.apply(x, weight, geom)
+
+
+def pssa_bn_lean(
+    x: Tensor,
+    weight: Tensor,
+    bn: nn.Module,
+    geom: PSSAGeometry,
+    backend: str = "lean",
+) -> Tensor:
+    """BN_A(PSSA(x)) with nothing output-sized saved. Falls back to ``bn(pssa_lean(x))`` for BN
+    subclasses with their own forward (SyncBatchNorm must all-reduce its statistics)."""
+    if type(bn) is not nn.BatchNorm2d:
+        return bn(pssa_lean(x, weight, geom, backend))
+    x, weight = _autocast_inputs(x, weight)
+    with torch.no_grad():
+        running_mean, running_var, use_batch_stats, momentum = _bn_call_args(bn)
+    with torch.autocast(x.device.type, enabled=False):
+        return PSSABatchNormLean.apply(
+            x,
+            weight,
+            bn.weight,
+            bn.bias,
+            running_mean,
+            running_var,
+            use_batch_stats,
+            momentum,
+            bn.eps,
+            geom,
+            backend,
+        )
+
+
+def check_impl(impl: str) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    return impl
+
+
+def needs_grad(x: Tensor, *params: Tensor) -> bool:
+    """Whether autograd records this call (then nothing T-sized may be saved)."""
+    return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
+
+
+def triton_supports(module: nn.Module, x: Tensor) -> bool:
+    """Whether the Triton kernels cover this slot and input (groups=1, half/bf16/fp32)."""
+    return module.groups == 1 and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+
+
+def resolve_impl(impl: str, x: Tensor, grad: bool, supported_by_triton: bool) -> str:
+    """The concrete path for ``impl`` ("auto" | "reference" | "lean" | "triton") on input x.
+
+    auto: "lean" when autograd records the call (``grad``; the products are not kept for
+    backward); otherwise the fused Triton kernel on CUDA when Triton is importable, the slot is
+    supported and ``triton_xconv.self_test`` passed on that device, else the reference. An
+    explicit "triton" that cannot run here (no Triton, or a CPU tensor without
+    TRITON_INTERPRET=1) falls back to "lean" with a one-time warning; an unsupported slot raises.
+    """
+    check_impl(impl)
+    if impl == "auto":
+        if grad:
+            return "lean"
+        if x.is_cuda and supported_by_triton and _triton_runs_on(x):
+            from xvol.ops import triton_xconv
+
+            if triton_xconv.self_test(x.device):
+                return "triton"
+        return "reference"
+    if impl == "triton":
+        if not supported_by_triton:
+            from xvol.ops import triton_xconv
+
+            raise ValueError(triton_xconv.UNSUPPORTED_MESSAGE)
+        if not _triton_runs_on(x):
+            _warn_once(
+                "impl='triton' needs Triton and a CUDA tensor (or TRITON_INTERPRET=1 on CPU); "
+                "using the lean PyTorch path"
+            )
+            return "lean"
+    return impl
+
+
+def deploy_triton(module: nn.Module, x: Tensor) -> Tensor:
+    """XConv2dDeploy's forward as one Triton implicit GEMM (inference: no backward)."""
+    from xvol.ops import triton_xconv
+
+    weight, pssa_weight = module.weight, module.pssa_weight
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        x = x.to(dtype)
+    weight, pssa_weight = weight.to(x.dtype), pssa_weight.to(x.dtype)
+    geom = geometry_of(module, x)
+    return triton_xconv.xconv_deploy(
+        x,
+        weight,
+        pssa_weight,
+        module.bias,
+        geom.taps,
+        geom.stride,
+        module.padding[0],
+        module.dilation[0],
+        geom.offset,
+        geom.out_size,
+    )
+
+
+def _triton_runs_on(x: Tensor) -> bool:
+    from xvol.ops import triton_xconv
+
+    return triton_xconv.available(x)
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        logger.warning(message)
+
+
+def geometry_of(module: nn.Module, x: Tensor) -> PSSAGeometry:
+    """The PSSA geometry of an XConv2d / XConv2dDeploy slot for input x."""
+    return PSSAGeometry(
+        taps=tuple((int(di), int(dj)) for di, dj in module.taps),
+        stride=module.stride[0],
+        offset=module.pssa_offset,
+        out_size=module.out_size(*x.shape[-2:]),
+        groups=module.groups,
+    )
+
+
+@dataclass
+class SavedTensorsReport:
+    """What autograd keeps for backward, by unique storage (a view costs its whole storage).
+
+    activation_bytes: feature maps (>= 2-D tensors that are not parameters/buffers: what grows
+    with batch and resolution); per_channel_bytes: 1-D non-parameter tensors (BN batch
+    statistics); parameter_bytes: parameters and buffers (held by the model anyway).
+    """
+
+    activation_bytes: int = 0
+    per_channel_bytes: int = 0
+    parameter_bytes: int = 0
+    entries: list[tuple[str, tuple[int, ...], str, int]] = field(default_factory=list)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.activation_bytes + self.per_channel_bytes
+
+
+def saved_tensors_report(
+    fn: Callable[[], Tensor], owned: Iterable[Tensor] = ()
+) -> SavedTensorsReport:
+    """Run ``fn`` under ``saved_tensors_hooks`` and account every tensor saved for backward.
+
+    ``owned``: parameters and buffers (e.g. ``[*m.parameters(), *m.buffers()]``), counted apart.
+    """
+    owned_ptrs = {t.untyped_storage().data_ptr() for t in owned}
+    report = SavedTensorsReport()
+    seen: set[int] = set()
+
+    def pack(t: Tensor) -> Tensor:
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr in seen or storage.nbytes() == 0:
+            return t
+        seen.add(ptr)
+        nbytes = storage.nbytes()
+        if ptr in owned_ptrs:
+            kind = "parameter"
+            report.parameter_bytes += nbytes
+        elif t.dim() <= 1:
+            kind = "per_channel"
+            report.per_channel_bytes += nbytes
+        else:
+            kind = "activation"
+            report.activation_bytes += nbytes
+        report.entries.append((kind, tuple(t.shape), str(t.dtype), nbytes))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return report

@@ -487,3 +487,20 @@ def test_deploy_under_compile(deploy_case: tuple[nn.Module, torch.Tensor, torch.
     compiled = torch.compile(deploy)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x_other), deploy(x_other), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shifts", [(1.5,), (True,), (1, 0)])
+def test_non_integer_or_non_positive_shifts_are_refused(shifts: tuple) -> None:
+    with pytest.raises(ValueError, match="positive integer pixel distances"):
+        XConv2d(4, 4, 3, padding=1, shifts=shifts)
+
+
+def test_string_padding_matches_nn_conv2d() -> None:
+    same = XConv2d(4, 4, 5, padding="same", dilation=2)
+    assert same.padding == (4, 4)
+    assert XConv2d(4, 4, 3, padding="valid").padding == (0, 0)
+    x = torch.randn(1, 4, 9, 7)
+    reference = nn.Conv2d(4, 4, 5, padding="same", dilation=2)
+    assert same(x).shape == reference(x).shape == x.shape
+    with pytest.raises(ValueError, match="stride 1 only"):
+        XConv2d(4, 4, 3, stride=2, padding="same")

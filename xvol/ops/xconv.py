@@ -115,16 +115,29 @@ class _XConvBase(nn.Module):
                 f"groups={groups} must divide in_channels={in_channels} and "
                 f"out_channels={out_channels}"
             )
-        shifts = tuple(int(s) for s in shifts)
-        bad = [s for s in shifts if s <= 0]
+        shifts = tuple(shifts)
+        bad = [s for s in shifts if isinstance(s, bool) or int(s) != s or s <= 0]
         if bad:
-            raise ValueError(f"shifts must be positive pixel distances, got {shifts} (bad: {bad})")
+            raise ValueError(
+                f"shifts must be positive integer pixel distances, got {shifts} (bad: {bad})"
+            )
+        shifts = tuple(int(s) for s in shifts)
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size = (k, k)
         self.stride = (_single(stride, "stride"),) * 2
-        self.padding = (_single(padding, "padding"),) * 2
         self.dilation = (_single(dilation, "dilation"),) * 2
+        if isinstance(padding, str):  # nn.Conv2d's "valid" / "same" (odd kernels: symmetric)
+            if padding == "valid":
+                padding = 0
+            elif padding == "same" and self.stride[0] == 1:
+                padding = self.dilation[0] * (k - 1) // 2
+            else:
+                raise ValueError(
+                    f"padding={padding!r}: use an int, 'valid', or 'same' (stride 1 only, as in "
+                    f"nn.Conv2d); got stride {self.stride[0]}"
+                )
+        self.padding = (_single(padding, "padding"),) * 2
         self.groups = groups
         self.shifts = shifts
         self.center = bool(center)

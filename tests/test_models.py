@@ -372,3 +372,15 @@ def test_summary_counts_follow_the_swap() -> None:
     assert on_meta(count_ops, on_meta(timm.create_model, "xresnet18"), size) == count_ops(
         timm.create_model("xresnet18"), size
     )
+
+
+def test_timm_fx_feature_extraction_traces_xresnet() -> None:
+    """XConv2d is an FX leaf (timm's notrace registry), so timm's FX feature extractor works."""
+    from timm.models import create_feature_extractor
+
+    model = timm.create_model("xresnet18", num_classes=10).eval()
+    extractor = create_feature_extractor(model, return_nodes={"layer3": "stage3", "fc": "logits"})
+    x = torch.randn(1, 3, 64, 64)
+    out = extractor(x)
+    assert out["stage3"].shape == (1, 256, 4, 4)
+    torch.testing.assert_close(out["logits"], model(x))

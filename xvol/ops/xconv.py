@@ -25,6 +25,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from timm.layers import register_notrace_module
 from torch import Tensor, nn
 
 from xvol.ops import fuse, pssa_lean
@@ -178,6 +179,8 @@ class _XConvBase(nn.Module):
         )
 
 
+# Leaf modules for FX (timm's feature extraction): input checks and impl dispatch are Python.
+@register_notrace_module
 class XConv2d(_XConvBase):
     """Training form of X-volution: conv + BN and PSSA + BN, summed. Drop-in for nn.Conv2d.
 
@@ -319,6 +322,7 @@ class XConv2d(_XConvBase):
         return conv.eval()
 
 
+@register_notrace_module
 class XConv2dDeploy(_XConvBase):
     """Deploy form of X-volution: one operator, y = Conv_kxk(x; W) + Conv1x1(T; W_A) + b.
 

@@ -1,0 +1,55 @@
+"""Training engine: dist setup, train/eval loops, checkpoints, optimizer/schedule, metrics.
+
+Takes plain objects and never imports Hydra; scripts/train.py wires the config to it.
+"""
+
+from xvol.engine.checkpoint import (
+    FORMAT_VERSION,
+    CheckpointError,
+    CheckpointManager,
+    load_checkpoint,
+    load_state_dict_strict,
+    save_checkpoint,
+    strip_prefixes,
+)
+from xvol.engine.dist import DistEnv, cleanup_distributed, read_dist_env, setup_distributed
+from xvol.engine.log import get_logger, setup_logging
+from xvol.engine.loop import NonFiniteLossError, TrainOptions, TrainState, evaluate, train_one_epoch
+from xvol.engine.metrics import JsonlMetrics, MetricsLogger, WandbSink
+from xvol.engine.optim import build_optimizer, build_scheduler, updates_per_epoch
+from xvol.engine.signals import EXIT_NON_FINITE, EXIT_OK, EXIT_PREEMPTED, PreemptionGuard
+from xvol.engine.trainer import CheckpointOptions, Trainer, prepare_model
+
+__all__ = [
+    "EXIT_NON_FINITE",
+    "EXIT_OK",
+    "EXIT_PREEMPTED",
+    "FORMAT_VERSION",
+    "CheckpointError",
+    "CheckpointManager",
+    "CheckpointOptions",
+    "DistEnv",
+    "JsonlMetrics",
+    "MetricsLogger",
+    "NonFiniteLossError",
+    "PreemptionGuard",
+    "TrainOptions",
+    "TrainState",
+    "Trainer",
+    "WandbSink",
+    "build_optimizer",
+    "build_scheduler",
+    "cleanup_distributed",
+    "evaluate",
+    "get_logger",
+    "load_checkpoint",
+    "load_state_dict_strict",
+    "prepare_model",
+    "read_dist_env",
+    "save_checkpoint",
+    "setup_distributed",
+    "setup_logging",
+    "strip_prefixes",
+    "train_one_epoch",
+    "updates_per_epoch",
+]

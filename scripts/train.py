@@ -1,0 +1,179 @@
+"""Train a model: Hydra config -> plain objects -> xvol.engine.Trainer.
+
+Usage:
+    python scripts/train.py                                     # one process (CPU or one GPU)
+    python scripts/train.py model=xresnet18 data=demo data.img_size=32 trainer.epochs=2
+    torchrun --standalone --nproc_per_node=8 scripts/train.py experiment=NAME data.root=/imagenet
+    python scripts/train.py run_name=NAME                      # resume=auto continues NAME
+
+The run directory is ${paths.output_dir}/${run_name} (one for all ranks). Exit codes: 0 done,
+3 non-finite loss, 143 preempted after checkpointing (xvol/engine/signals.py), 1 other errors.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+import xvol  # noqa: F401  (registers the ${xvol_run_id:} resolver)
+from xvol import engine
+from xvol.engine.checkpoint import git_revision
+from xvol.engine.runtime import amp_dtype, configure_determinism, seed_everything
+
+
+def _auto(value: Any, default: bool) -> bool:
+    return default if value == "auto" else bool(value)
+
+
+def _write_snapshot(run_dir: Path, cfg: DictConfig) -> None:
+    """Rank 0's copy of what Hydra's .hydra/ would hold (only one rank may write it)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    overrides = list(HydraConfig.get().overrides.task)
+    (run_dir / "overrides.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(overrides)))
+
+
+def train(cfg: DictConfig, denv: engine.DistEnv, device: torch.device) -> int:
+    tcfg = cfg.trainer
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    log = engine.setup_logging(denv.rank, run_dir / cfg.logger.log_file)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    configure_determinism(tcfg.deterministic)
+    seed_everything(cfg.seed)  # same initial weights on every rank
+
+    data = instantiate(cfg.data)(
+        rank=denv.rank, world_size=denv.world_size, device=device, seed=cfg.seed
+    )
+    cuda = device.type == "cuda"
+    channels_last = _auto(tcfg.channels_last, cuda)
+    model = engine.prepare_model(
+        instantiate(cfg.model),
+        device,
+        sync_bn=_auto(tcfg.sync_bn, cuda and denv.distributed),
+        channels_last=channels_last,
+    )
+    optimizer = engine.build_optimizer(instantiate(cfg.optim), model)
+    n_updates = engine.updates_per_epoch(data.steps_per_epoch, tcfg.grad_accum)
+    scheduler = engine.build_scheduler(instantiate(cfg.sched), optimizer, n_updates)
+    dtype = amp_dtype(tcfg.amp, device)
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    mix = tcfg.mixup
+    mixup = None
+    if mix is not None and (mix.mixup_alpha > 0 or mix.cutmix_alpha > 0 or mix.cutmix_minmax):
+        mixup = instantiate(mix)
+        loss_fn: torch.nn.Module = SoftTargetCrossEntropy()
+    elif tcfg.label_smoothing > 0:
+        loss_fn = LabelSmoothingCrossEntropy(smoothing=tcfg.label_smoothing)
+    else:
+        loss_fn = torch.nn.CrossEntropyLoss()
+    seed_everything(cfg.seed + denv.rank)  # per-rank streams (Mixup, dropout); restored on resume
+
+    opts = engine.TrainOptions(
+        grad_accum=tcfg.grad_accum,
+        clip_grad=tcfg.clip_grad,
+        clip_mode=tcfg.clip_mode,
+        amp_dtype=dtype,
+        channels_last=channels_last,
+        log_interval=tcfg.log_interval,
+        max_skipped_steps=tcfg.max_skipped_steps,
+        progress_bar=tcfg.progress_bar,
+        debug_nan_at_step=tcfg.debug_nan_at_step,
+        debug_signal_at_step=tcfg.debug_signal_at_step,
+    )
+    trainer = engine.Trainer(
+        model=model,
+        optimizer=optimizer,
+        loss_fn=loss_fn.to(device),
+        data=data,
+        denv=denv,
+        device=device,
+        epochs=tcfg.epochs,
+        run_dir=run_dir,
+        opts=opts,
+        ckpt=engine.CheckpointOptions(**tcfg.checkpoint),
+        config=config,
+        scheduler=scheduler,
+        scaler=scaler,
+        ema_factory=instantiate(tcfg.ema) if tcfg.ema is not None else None,
+        mixup=mixup,
+        compile_model=tcfg.compile,
+        sync_bn=_auto(tcfg.sync_bn, cuda and denv.distributed),
+        dist_bn=tcfg.dist_bn,
+        guard=engine.PreemptionGuard(),  # SIGTERM/SIGUSR1, armed while Trainer.fit runs
+        git=git_revision() if denv.is_main else None,
+    )
+    trainer.resume(cfg.resume)
+
+    metrics = None
+    if denv.is_main:
+        _write_snapshot(run_dir, cfg)
+        wandb = None
+        if cfg.logger.wandb.enabled:
+            wcfg = {
+                k: v
+                for k, v in OmegaConf.to_container(cfg.logger.wandb, resolve=True).items()
+                if k != "enabled"
+            }
+            wandb = engine.WandbSink(
+                run_dir=run_dir, name=cfg.run_name, config=config, run_id=trainer.wandb_id, **wcfg
+            )
+        metrics = engine.MetricsLogger(
+            engine.JsonlMetrics(run_dir / cfg.logger.metrics_file), wandb
+        )
+    trainer.metrics = metrics
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info(
+        "run %s in %s: %d rank(s) on %s, %s params, %d train / %d val images, "
+        "%d batches x %d per rank per epoch, amp %s",
+        cfg.run_name,
+        run_dir,
+        denv.world_size,
+        device,
+        f"{n_params:,}",
+        data.num_train,
+        data.num_val,
+        data.steps_per_epoch,
+        cfg.data.batch_size,
+        dtype,
+    )
+    log.info("optimizer: %s", engine.optim.describe_param_groups(optimizer))
+    code = 1  # what wandb records if fit() raises
+    try:
+        code = trainer.fit()
+    finally:
+        if metrics is not None:
+            metrics.close(code)
+    engine.dist.barrier()  # ranks leave together: torchrun signals the rest when one exits
+    if code == engine.EXIT_OK and trainer.state.metrics:
+        m = trainer.state.metrics
+        log.info(
+            "final: val top-1 %.2f, top-5 %.2f%s; checkpoints in %s",
+            m["val_top1"],
+            m["val_top5"],
+            f", EMA top-1 {m['ema_top1']:.2f}" if "ema_top1" in m else "",
+            run_dir,
+        )
+    return code
+
+
+@hydra.main(config_path="../configs", config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    denv, device = engine.setup_distributed(cfg.trainer.device)
+    try:
+        code = train(cfg, denv, device)
+    finally:
+        engine.cleanup_distributed()
+    if code != engine.EXIT_OK:
+        sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,219 @@
+"""Checkpoint I/O: weights_only round trip, atomic writes, corrupt-file fallback, key checks."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from torch import nn
+
+from xvol.engine import checkpoint as ck
+from xvol.engine.checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    capture_rng_state,
+    load_checkpoint,
+    load_state_dict_strict,
+    restore_rng_state,
+    save_checkpoint,
+    strip_prefixes,
+)
+
+
+def _net() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(2))
+
+
+def _full_state(tag: float = 0.0) -> dict:
+    """A checkpoint with every kind of entry the trainer writes (after one real update)."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    opt = create_optimizer_v2(model, "sgd", lr=0.1, weight_decay=1e-4)
+    sched, _ = create_scheduler_v2(
+        opt, "cosine", num_epochs=2, warmup_epochs=1, step_on_epochs=False, updates_per_epoch=3
+    )
+    model(torch.randn(2, 3, 5, 5)).sum().backward()
+    opt.step()
+    sched.step_update(1)
+    scaler = torch.amp.GradScaler("cpu")
+    return {
+        "format_version": ck.FORMAT_VERSION,
+        "kind": ck.KIND,
+        "model": model.state_dict(),
+        "ema": None,
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "scaler": scaler.state_dict(),
+        "epoch": 1,
+        "step": 2,
+        "global_step": 5,
+        "epoch_state": {"loss_sum": 1.0, "loss_count": 2.0, "images": 8.0, "elapsed": 0.5},
+        "rng": [capture_rng_state()],
+        "bn_buffers": None,
+        "config": {"a": {"b": [1, 2.5, None, "x"]}},
+        "metrics": {"val_top1": tag},
+        "best_metric": tag,
+        "wandb_id": "abc123",
+        "git": ck.git_revision(),
+        "versions": ck.checkpoint_versions(),
+        "time": 1.0,
+    }
+
+
+def test_round_trip_with_weights_only(tmp_path: Path) -> None:
+    state = _full_state(3.0)
+    path = save_checkpoint(state, tmp_path / "last.pt")
+    loaded = torch.load(path, weights_only=True)  # raises on any non-allowlisted type
+    assert loaded["metrics"] == {"val_top1": 3.0}
+    assert loaded["config"] == {"a": {"b": [1, 2.5, None, "x"]}}
+    assert torch.equal(loaded["model"]["0.weight"], state["model"]["0.weight"])
+    assert loaded["optimizer"]["param_groups"][0]["nesterov"] is True
+    assert loaded["scheduler"]["t_initial"] == 6  # 2 epochs x 3 updates: stepped per update
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_rng_state_restores_every_generator() -> None:
+    state = capture_rng_state()
+    first = (torch.rand(3), np.random.rand(3), random.random())
+    restore_rng_state(state)
+    second = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(first[0], second[0])
+    assert np.array_equal(first[1], second[1])
+    assert first[2] == second[2]
+
+
+def test_failed_write_leaves_previous_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "last.pt"
+    save_checkpoint(_full_state(1.0), path)
+
+    def dying_save(obj: object, fh) -> None:
+        fh.write(b"PK\x03\x04 half a zip")
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(ck.torch, "save", dying_save)
+    with pytest.raises(OSError, match="simulated"):
+        save_checkpoint(_full_state(2.0), path)
+    monkeypatch.undo()
+    assert load_checkpoint(path)["metrics"]["val_top1"] == 1.0
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_write_killed_mid_way_leaves_previous_checkpoint(tmp_path: Path) -> None:
+    """A real SIGKILL while torch.save is half-way through the temp file."""
+    path = tmp_path / "last.pt"
+    save_checkpoint(_full_state(1.0), path)
+    ready = tmp_path / "ready"
+    code = textwrap.dedent(f"""
+        import time, torch
+        from xvol.engine import checkpoint as ck
+        real_save = torch.save
+        def slow_save(obj, fh):
+            fh.write(b"PK\\x03\\x04" + b"x" * 100000)
+            fh.flush()
+            open({str(ready)!r}, "w").close()
+            time.sleep(60)
+        ck.torch.save = slow_save
+        ck.save_checkpoint({{"model": {{}}, "metrics": {{"val_top1": 2.0}}}}, {str(path)!r})
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    deadline = time.time() + 60
+    while not ready.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert ready.exists(), "the writer never reached the middle of its write"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    leftovers = list(tmp_path.glob(".last.pt.tmp-*"))
+    assert leftovers, "the killed write should have left its temp file behind"
+    assert load_checkpoint(path)["metrics"]["val_top1"] == 1.0
+    CheckpointManager(tmp_path).remove_stale_temp_files()
+    assert not list(tmp_path.glob(".last.pt.tmp-*"))
+
+
+def test_truncated_checkpoint_names_file_and_falls_back(tmp_path: Path, caplog) -> None:
+    manager = CheckpointManager(tmp_path)
+    manager.save(_full_state(1.0))
+    manager.save(_full_state(2.0))  # last.pt = 2.0, prev.pt = 1.0
+    data = manager.last.read_bytes()
+    manager.last.unlink()  # a fresh inode: prev.pt may be a hard link to the old last.pt
+    manager.last.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=str(manager.last)):
+        load_checkpoint(manager.last)
+    with caplog.at_level(logging.ERROR, logger="xvol"):
+        state, used = manager.load_latest()
+    assert used == manager.prev
+    assert state["metrics"]["val_top1"] == 1.0
+    assert str(manager.last) in caplog.text
+
+
+def test_garbage_and_foreign_files_are_rejected(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(os.urandom(256))
+    with pytest.raises(CheckpointError, match="junk.pt"):
+        load_checkpoint(junk)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(1)}, foreign)
+    with pytest.raises(CheckpointError, match="not an xvol checkpoint"):
+        load_checkpoint(foreign)
+    with pytest.raises(CheckpointError, match="no such"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_strip_prefixes() -> None:
+    state = {"module._orig_mod.a.weight": 1, "_orig_mod.module.b": 2, "c.module.d": 3}
+    assert strip_prefixes(state) == {"a.weight": 1, "b": 2, "c.module.d": 3}
+
+
+def test_load_strips_wrappers() -> None:
+    src, dst = _net(), _net()
+    src(torch.randn(1, 3, 5, 5))
+    dst(torch.randn(1, 3, 5, 5))
+    wrapped = {f"module._orig_mod.{k}": v for k, v in src.state_dict().items()}
+    load_state_dict_strict(dst, wrapped, "x.pt")
+    assert torch.equal(dst[0].weight, src[0].weight)
+
+
+def test_strict_mismatch_names_keys_and_source() -> None:
+    model = _net()
+    model(torch.randn(1, 3, 5, 5))
+    state = dict(model.state_dict())
+    state.pop("1.running_var")
+    state["extra.weight"] = torch.zeros(1)
+    with pytest.raises(CheckpointError) as err:
+        load_state_dict_strict(model, state, "run/last.pt")
+    message = str(err.value)
+    assert "run/last.pt" in message and "1.running_var" in message and "extra.weight" in message
+    bad_shape = dict(model.state_dict())
+    bad_shape["0.weight"] = torch.zeros(1, 1, 1, 1)
+    with pytest.raises(CheckpointError, match="run/last.pt"):
+        load_state_dict_strict(model, bad_shape, "run/last.pt")
+
+
+def test_top_k_and_best(tmp_path: Path) -> None:
+    manager = CheckpointManager(tmp_path, keep_top_k=2, metric="val_top1", mode="max")
+    for epoch, top1 in enumerate([10.0, 30.0, 20.0, 5.0]):
+        state = _full_state(top1)
+        state["epoch"], state["global_step"] = epoch + 1, (epoch + 1) * 10
+        manager.save(state, epoch_end=True)
+    kept = sorted(p.name for p in tmp_path.glob("epoch_*.pt"))
+    assert kept == ["epoch_0001.pt", "epoch_0002.pt"]  # top-1 30 and 20
+    assert load_checkpoint(manager.best)["metrics"]["val_top1"] == 30.0
+    assert load_checkpoint(manager.last)["metrics"]["val_top1"] == 5.0
+    assert load_checkpoint(manager.prev)["metrics"]["val_top1"] == 20.0
+    assert [p.name for p in manager.candidates()] == [
+        "last.pt",
+        "prev.pt",
+        "epoch_0002.pt",
+        "epoch_0001.pt",
+    ]

@@ -1,0 +1,293 @@
+"""scripts/train.py end to end, as subprocesses: torchrun (2 CPU processes, gloo) on the demo set
+at 32 px, exact resume after SIGTERM under --max-restarts, kill -9 then resume, forced NaN, wandb
+offline files. Run A (2 epochs, uninterrupted) is the reference the others must match exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from xvol.engine import EXIT_NON_FINITE, load_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = str(ROOT / "scripts" / "train.py")
+STEPS_PER_EPOCH = 31  # demo: 4,000 train images / (2 ranks x 64)
+COMMON = [
+    "model=xresnet18",
+    "data=demo",
+    "data.img_size=32",
+    "data.workers=0",
+    "trainer.epochs=2",
+    "sched.warmup_epochs=0",
+    "trainer.deterministic=true",
+    "trainer.progress_bar=false",
+    "trainer.log_interval=5",
+]
+
+pytestmark = pytest.mark.slow
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+        WANDB_MODE="offline",
+        PYTHONUNBUFFERED="1",
+        WANDB_SILENT="true",
+    )
+    return env
+
+
+def _torchrun(*args: str, restarts: int = 0) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        f"--max-restarts={restarts}",
+        TRAIN,
+        *COMMON,
+        *args,
+    ]
+
+
+def _run(cmd: list[str], timeout: float = 420) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout
+    )
+    proc.output = proc.stdout + proc.stderr  # type: ignore[attr-defined]
+    return proc
+
+
+def _records(run_dir: Path, kind: str) -> list[dict]:
+    """Records of one kind; a line still being written (while we poll) is skipped."""
+    out = []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record["kind"] == kind:
+            out.append(record)
+    return out
+
+
+def _max_weight_diff(a: Path, b: Path, key: str = "model") -> float:
+    sa, sb = load_checkpoint(a)[key], load_checkpoint(b)[key]
+    assert sa.keys() == sb.keys()
+    return max((sa[k].double() - sb[k].double()).abs().max().item() for k in sa)
+
+
+def _assert_same_metrics(ref: Path, other: Path) -> None:
+    """Same train/epoch records (by global step) as the uninterrupted run: none missing or
+    repeated, and the same losses and accuracies."""
+    for kind in ("train", "epoch"):
+        a, b = _records(ref, kind), _records(other, kind)
+        steps_b = [r["global_step"] for r in b]
+        assert len(steps_b) == len(set(steps_b)), f"duplicated {kind} steps: {steps_b}"
+        assert [r["global_step"] for r in a] == steps_b
+        for ra, rb in zip(a, b):
+            for key in ("loss", "lr", "train_loss", "val_top1", "ema_top1"):
+                if key in ra:
+                    assert rb[key] == pytest.approx(ra[key], abs=1e-4), (key, ra, rb)
+
+
+@pytest.fixture(scope="module")
+def out_dir():
+    """Not tmp_path_factory: pytest prunes old basetemp dirs when other sessions start, which
+    would delete run dirs under a long test (several test sessions may share one machine)."""
+    path = Path(tempfile.mkdtemp(prefix="xvol-train-e2e-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def run_a(out_dir: Path) -> Path:
+    """The reference: 2 epochs, uninterrupted."""
+    proc = _run(_torchrun("run_name=A", f"paths.output_dir={out_dir}"))
+    assert proc.returncode == 0, proc.output[-4000:]
+    return out_dir / "A"
+
+
+def test_torchrun_two_epochs(run_a: Path, out_dir: Path) -> None:
+    assert sorted(p.name for p in out_dir.iterdir()) == ["A"]  # one run dir for both ranks
+    names = {p.name for p in run_a.iterdir()}
+    assert {
+        "last.pt",
+        "best.pt",
+        "epoch_0000.pt",
+        "epoch_0001.pt",
+        "metrics.jsonl",
+        "config.yaml",
+        "train.log",
+    } <= names
+    assert ".hydra" not in names and not any(n.endswith(".tmp") for n in names)
+    epochs = _records(run_a, "epoch")
+    assert [r["epoch"] for r in epochs] == [0, 1]
+    assert epochs[-1]["val_top1"] > 60.0, epochs  # chance is 10%
+    for key in ("train_loss", "val_top5", "ema_top1", "lr", "img_s", "epoch_time"):
+        assert key in epochs[-1]
+    train = _records(run_a, "train")
+    assert [r["global_step"] for r in train] == list(range(5, 2 * STEPS_PER_EPOCH + 1, 5))
+    ckpt = torch.load(run_a / "last.pt", weights_only=True)
+    assert (ckpt["epoch"], ckpt["step"], ckpt["global_step"]) == (2, 0, 2 * STEPS_PER_EPOCH)
+    assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
+    assert ckpt["config"]["model"]["arch"] == "resnet18" and ckpt["config"]["run_name"] == "A"
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
+    log = (run_a / "train.log").read_text()
+    assert "final: val top-1" in log and "[rank 1]" not in log  # rank 0 writes the log
+
+
+def test_sigterm_then_torchrun_restart_resumes_exactly(run_a: Path, out_dir: Path) -> None:
+    """Rank 0 gets SIGTERM after update 40 (epoch 1, batch 9): both ranks stop after that step,
+    checkpoint, exit 143; torchrun --max-restarts brings them back and resume=auto continues."""
+    proc = _run(
+        _torchrun(
+            "run_name=B",
+            f"paths.output_dir={out_dir}",
+            "logger=wandb",
+            "trainer.debug_signal_at_step=40",
+            restarts=1,
+        )
+    )
+    assert proc.returncode == 0, proc.output[-4000:]
+    assert "exitcode: 143" in proc.output or "exitcode  : 143" in proc.output, proc.output[-4000:]
+    assert re.search(r"resumed from \S*/B/last.pt: epoch 1, batch 9, update 40", proc.output)
+    run_b = out_dir / "B"
+    assert _max_weight_diff(run_a / "last.pt", run_b / "last.pt") <= 1e-6
+    assert _max_weight_diff(run_a / "last.pt", run_b / "last.pt", "ema") <= 1e-6
+    _assert_same_metrics(run_a, run_b)
+    # wandb offline: two runs (before and after the restart) with one id, holding the metrics
+    runs = sorted((run_b / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 2, runs
+    ids = {p.stem.removeprefix("run-") for p in runs}
+    assert len(ids) == 1 and load_checkpoint(run_b / "last.pt")["wandb_id"] in ids
+    history = [row for p in runs for row in _wandb_history(p)]
+    logged = sorted(int(r["_step"]) for r in history if "train/loss" in r)
+    assert logged == [r["global_step"] for r in _records(run_b, "train")]
+    top1 = [r["epoch/val_top1"] for r in history if "epoch/val_top1" in r]
+    assert top1 == pytest.approx([r["val_top1"] for r in _records(run_b, "epoch")])
+
+
+def test_kill9_then_resume(run_a: Path, out_dir: Path) -> None:
+    """SIGKILL to the whole launch (agent and workers) in epoch 1, then a plain relaunch."""
+    run_k = out_dir / "K"
+    cmd = _torchrun(
+        "run_name=K", f"paths.output_dir={out_dir}", "trainer.checkpoint.every_steps=10"
+    )
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 400
+        while time.time() < deadline and proc.poll() is None:
+            if (run_k / "metrics.jsonl").exists() and any(
+                r["global_step"] >= 45 for r in _records(run_k, "train")
+            ):
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "training ended before it could be killed"
+    finally:  # the workers run in their own sessions: kill the whole tree, workers first
+        for pid in [*_descendants(proc.pid), proc.pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait(timeout=60)
+    killed_at = load_checkpoint(run_k / "last.pt")["global_step"]
+    assert killed_at >= 40
+    again = _run(
+        _torchrun("run_name=K", f"paths.output_dir={out_dir}", "trainer.checkpoint.every_steps=10")
+    )
+    assert again.returncode == 0, again.output[-4000:]
+    resumed = [line for line in again.output.splitlines() if "resumed from" in line]
+    assert resumed and resumed[0].endswith(f"update {killed_at}"), (killed_at, resumed)
+    # saving every 10 updates does not change the trajectory: same weights as run A
+    assert _max_weight_diff(run_a / "last.pt", run_k / "last.pt") <= 1e-6
+    _assert_same_metrics(run_a, run_k)
+
+
+def test_non_finite_loss_stops_and_keeps_checkpoint(out_dir: Path) -> None:
+    cmd = [
+        sys.executable,
+        TRAIN,
+        *COMMON,
+        "run_name=N",
+        f"paths.output_dir={out_dir}",
+        "trainer.epochs=1",
+        "trainer.checkpoint.every_steps=5",
+        "trainer.debug_nan_at_step=8",
+    ]
+    proc = _run(cmd)
+    assert proc.returncode == EXIT_NON_FINITE, proc.output[-4000:]
+    assert "non-finite loss at epoch 0, batch 7, update 8" in proc.output
+    assert re.search(r"the last good checkpoint is \S*/N/last.pt", proc.output)
+    ckpt = load_checkpoint(out_dir / "N" / "last.pt")
+    assert ckpt["global_step"] == 5
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    assert max(r["global_step"] for r in _records(out_dir / "N", "train")) == 5
+
+
+def _descendants(pid: int) -> list[int]:
+    """Child processes of ``pid``, recursively, deepest first (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+
+    def walk(parent: int) -> list[int]:
+        return [p for child in children.get(parent, []) for p in (*walk(child), child)]
+
+    return walk(pid)
+
+
+def _wandb_history(path: Path) -> list[dict]:
+    """History rows of an offline .wandb file (LevelDB-style log of protobuf Records)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    pos, pending, rows, block = 7, b"", [], 32768
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # block tail too short for a header: padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+        if kind in (2, 3):  # first / middle fragment
+            pending = chunk if kind == 2 else pending + chunk
+            continue
+        record = pb.Record()
+        record.ParseFromString(pending + chunk if kind == 4 else chunk)
+        pending = b""
+        if record.WhichOneof("record_type") == "history":
+            rows.append(
+                {
+                    (i.key or "/".join(i.nested_key)): json.loads(i.value_json)
+                    for i in record.history.item
+                }
+            )
+    return rows

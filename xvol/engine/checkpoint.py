@@ -1,0 +1,404 @@
+"""Training checkpoints: one versioned dict of plain types, written atomically.
+
+Format (``format_version`` 1), loadable with ``torch.load(path, weights_only=True)``:
+
+====================  =====================================================================
+key                   value
+====================  =====================================================================
+format_version        int, 1; bumped when a key changes meaning
+kind                  "xvol.train"
+model                 state_dict of the unwrapped model (no ``module.``/``_orig_mod.``);
+                      BN running stats averaged over ranks when BN is not synchronized
+ema                   state_dict of the EMA model (timm ModelEmaV3 ``.module``) or None
+optimizer             optimizer.state_dict()
+scheduler             timm scheduler.state_dict() or None
+scaler                torch.amp.GradScaler.state_dict() (fp16) or None
+epoch                 int, the epoch training continues in (0-based)
+step                  int, the next batch of that epoch (data position for
+                      ``train.set_epoch(epoch, start_step=step)``); 0 after an epoch end
+global_step           int, optimizer updates done so far (what the scheduler and EMA count)
+epoch_state           dict of floats: loss_sum, loss_count, images, elapsed (s) of the
+                      unfinished epoch, so its summary is exact after a mid-epoch resume
+world_size            int, ranks that trained it
+rng                   list, one dict per rank: torch (ByteTensor), cuda ([ByteTensor] of the
+                      rank's current GPU, or []),
+                      numpy ({algorithm, keys int64 tensor, pos, has_gauss, cached_gaussian}),
+                      python ({version, state int64 tensor, gauss_next})
+bn_buffers            None, or (mid-epoch saves of multi-rank runs without SyncBatchNorm) a
+                      list, one dict per rank: {"model": {BN running_mean/var key: tensor},
+                      "ema": {...} or None}, each rank's own statistics for an exact resume
+config                the resolved run config as plain dicts/lists (OmegaConf.to_container);
+                      ``config["model"]`` rebuilds the network (hydra.utils.instantiate)
+class_names           list of str, the data set's class names (index = label)
+metrics               dict of floats from the last evaluation: val_top1, val_top5, val_loss,
+                      ema_top1, ema_top5, ema_loss (with EMA), train_loss, lr, img_s,
+                      epoch_time, eval_time (empty before the first evaluation)
+best_metric           float or None, the best value of the tracked metric so far
+wandb_id              str or None, the wandb run a resumed run continues
+git                   {"revision": str or None, "dirty": bool or None}
+versions              {"torch": str, "timm": str, "xvol": str}
+time                  float, UNIX time of writing (time.time())
+====================  =====================================================================
+
+Files in a run directory (``CheckpointManager``): ``last.pt`` (every save), ``prev.pt`` (the
+``last.pt`` before it), ``epoch_NNNN.pt`` (epoch ends, the top-k by the tracked metric are kept),
+``best.pt`` (the best epoch end), ``checkpoints.json`` (index of the epoch files). Files are
+hard links where the filesystem allows, so the extra names cost no space.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import subprocess
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from xvol.engine.log import get_logger
+
+__all__ = [
+    "FORMAT_VERSION",
+    "CheckpointError",
+    "CheckpointManager",
+    "capture_rng_state",
+    "restore_rng_state",
+    "git_revision",
+    "load_checkpoint",
+    "load_state_dict_strict",
+    "save_checkpoint",
+    "strip_prefixes",
+]
+
+FORMAT_VERSION = 1
+KIND = "xvol.train"
+_PREFIXES = ("module.", "_orig_mod.")
+
+log = get_logger(__name__)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the file."""
+
+
+# ----------------------------------------------------------------------------- state_dict keys
+
+
+def strip_prefixes(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """Drop the ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes, in any nesting."""
+    out = {}
+    for key, value in state_dict.items():
+        changed = True
+        while changed:
+            changed = False
+            for prefix in _PREFIXES:
+                if key.startswith(prefix):
+                    key, changed = key[len(prefix) :], True
+        out[key] = value
+    return out
+
+
+def load_state_dict_strict(
+    module: nn.Module, state_dict: Mapping[str, Any], source: str = "checkpoint"
+) -> None:
+    """Load after stripping wrapper prefixes; any missing or unexpected key is an error.
+
+    ``source`` (a file name) goes into the message, so a mismatch says where it came from.
+    """
+    state = strip_prefixes(state_dict)
+    expected = set(module.state_dict().keys())
+    missing = sorted(expected - state.keys())
+    unexpected = sorted(state.keys() - expected)
+    if missing or unexpected:
+
+        def show(keys: list[str]) -> str:
+            return ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
+
+        raise CheckpointError(
+            f"{source}: state_dict does not match {type(module).__name__}: "
+            f"missing keys [{show(missing)}]; unexpected keys [{show(unexpected)}]"
+        )
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as err:  # shape mismatches
+        raise CheckpointError(f"{source}: {err}") from err
+
+
+# ----------------------------------------------------------------------------- RNG states
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """This process's torch/CUDA/numpy/python RNG states as tensors and plain values."""
+    np_state = np.random.get_state()
+    py_version, py_state, py_gauss = random.getstate()
+    cuda: list[torch.Tensor] = []
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        # this rank's device only: get_rng_state_all() would open a context on every GPU
+        cuda = [torch.cuda.get_rng_state(torch.cuda.current_device())]
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": cuda,
+        "numpy": {
+            "algorithm": str(np_state[0]),
+            "keys": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "python": {
+            "version": int(py_version),
+            "state": torch.tensor(py_state, dtype=torch.int64),
+            "gauss_next": py_gauss,
+        },
+    }
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"][0].cpu(), torch.cuda.current_device())
+    npst = state["numpy"]
+    np.random.set_state(
+        (
+            npst["algorithm"],
+            npst["keys"].numpy().astype(np.uint32),
+            npst["pos"],
+            npst["has_gauss"],
+            npst["cached_gaussian"],
+        )
+    )
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss_next"]))
+
+
+# ----------------------------------------------------------------------------- provenance
+
+
+def git_revision(path: str | Path | None = None) -> dict[str, Any]:
+    """The checkout's commit and whether it had local edits (None outside a git checkout)."""
+    cwd = Path(path) if path is not None else Path(__file__).resolve().parent
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(
+                ["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10, check=True
+            )
+            return out.stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    rev = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if rev else None
+    return {"revision": rev, "dirty": bool(status) if status is not None else None}
+
+
+# ----------------------------------------------------------------------------- file I/O
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def save_checkpoint(state: Mapping[str, Any], path: str | Path) -> Path:
+    """Write ``state`` to a temp file in the same directory, fsync, then ``os.replace``.
+
+    A crash at any point leaves either the old file or the new one at ``path``, never a mix
+    (timm's CheckpointSaver does the same); a failed write removes its temp file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(path)
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(dict(state), fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """``torch.load(weights_only=True)``; a truncated, corrupt or foreign file: CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # zip/pickle errors differ by failure; all mean "unusable"
+        raise CheckpointError(
+            f"{path}: cannot read checkpoint (truncated or corrupt?): {type(err).__name__}: {err}"
+        ) from err
+    if not isinstance(state, dict) or "model" not in state:
+        raise CheckpointError(f"{path}: not an xvol checkpoint (no 'model' entry)")
+    version = state.get("format_version")
+    if version is not None and version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint format {version} is newer than this xvol ({FORMAT_VERSION})"
+        )
+    return state
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """Make ``dst`` name the same bytes as ``src`` atomically (hard link, else a copy)."""
+    tmp = _tmp_name(dst)
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+class CheckpointManager:
+    """The checkpoint files of one run directory: last/prev, top-k epoch files, best.
+
+    ``metric`` (a key of the checkpoint's ``metrics``) ranks epoch files; ``mode`` is max or min.
+    Only rank 0 creates one.
+    """
+
+    INDEX = "checkpoints.json"
+
+    def __init__(
+        self, run_dir: str | Path, keep_top_k: int = 3, metric: str = "val_top1", mode: str = "max"
+    ) -> None:
+        if mode not in ("max", "min"):
+            raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
+        self.run_dir = Path(run_dir)
+        self.keep_top_k = keep_top_k
+        self.metric = metric
+        self.mode = mode
+        self.last = self.run_dir / "last.pt"
+        self.prev = self.run_dir / "prev.pt"
+        self.best = self.run_dir / "best.pt"
+
+    # index of epoch files: [{"file", "epoch", "global_step", "metric"}], plus "best_metric"
+    def _read_index(self) -> dict[str, Any]:
+        try:
+            index = json.loads((self.run_dir / self.INDEX).read_text())
+        except (OSError, ValueError):
+            index = {}
+        entries = [e for e in index.get("epochs", []) if (self.run_dir / e["file"]).is_file()]
+        return {"epochs": entries, "best_metric": index.get("best_metric")}
+
+    def _write_index(self, index: dict[str, Any]) -> None:
+        path = self.run_dir / self.INDEX
+        tmp = _tmp_name(path)
+        tmp.write_text(json.dumps(index, indent=1))
+        os.replace(tmp, path)
+
+    def _better(self, a: float | None, b: float | None) -> bool:
+        """Is ``a`` better than ``b``? A missing or non-finite value is never better."""
+        if a is None or not math.isfinite(a):
+            return False
+        if b is None or not math.isfinite(b):
+            return True
+        return a > b if self.mode == "max" else a < b
+
+    def forget_index(self) -> None:
+        """Stop tracking earlier epoch files (a run starting over in its directory)."""
+        (self.run_dir / self.INDEX).unlink(missing_ok=True)
+
+    def remove_stale_temp_files(self) -> None:
+        """Temp files of writes that were killed (kill -9, node loss) are garbage."""
+        for tmp in self.run_dir.glob(".*.tmp-*"):
+            tmp.unlink(missing_ok=True)
+
+    def save(self, state: Mapping[str, Any], epoch_end: bool = False) -> Path:
+        """Write ``last.pt`` (keeping the one before as ``prev.pt``); at an epoch end also
+        ``epoch_NNNN.pt``, pruned to the top-k, and ``best.pt`` when it is the best so far."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.last.is_file():
+            _link_or_copy(self.last, self.prev)
+        save_checkpoint(state, self.last)
+        if not epoch_end:
+            return self.last
+        index = self._read_index()
+        value = state.get("metrics", {}).get(self.metric)
+        value = float(value) if value is not None else None
+        finished_epoch = int(state["epoch"]) - 1  # state points at the next epoch
+        name = f"epoch_{finished_epoch:04d}.pt"
+        _link_or_copy(self.last, self.run_dir / name)
+        entries = [e for e in index["epochs"] if e["file"] != name]
+        entries.append(
+            {
+                "file": name,
+                "epoch": finished_epoch,
+                "global_step": state["global_step"],
+                "metric": value,
+            }
+        )
+        no_metric_yet = index["best_metric"] is None and (value is None or not math.isfinite(value))
+        if self._better(value, index["best_metric"]) or no_metric_yet:
+            _link_or_copy(self.last, self.best)
+            if value is not None and math.isfinite(value):
+                index["best_metric"] = value
+        # keep the top-k by metric (ties and missing values: the newest first)
+        sign = -1.0 if self.mode == "max" else 1.0
+
+        def rank(e: dict[str, Any]) -> tuple[float, int]:
+            m = e["metric"]
+            m = sign * m if m is not None and math.isfinite(m) else math.inf
+            return (m, -e["global_step"])
+
+        entries.sort(key=rank)
+        keep, drop = entries[: max(self.keep_top_k, 0)], entries[max(self.keep_top_k, 0) :]
+        for e in drop:
+            (self.run_dir / e["file"]).unlink(missing_ok=True)
+        index["epochs"] = keep
+        self._write_index(index)
+        return self.last
+
+    def candidates(self) -> list[Path]:
+        """Files to resume from, newest first: last, prev, then the kept epoch files."""
+        files = [p for p in (self.last, self.prev) if p.is_file()]
+        epochs = sorted(self._read_index()["epochs"], key=lambda e: -e["global_step"])
+        files += [self.run_dir / e["file"] for e in epochs]
+        files += sorted(
+            (p for p in self.run_dir.glob("epoch_*.pt") if p not in files), reverse=True
+        )
+        return files
+
+    def load_latest(self, map_location: str | torch.device = "cpu") -> tuple[dict, Path] | None:
+        """The newest readable checkpoint; unreadable ones are logged by name and skipped."""
+        for path in self.candidates():
+            try:
+                return load_checkpoint(path, map_location), path
+            except CheckpointError as err:
+                log.error("%s; falling back to the previous kept checkpoint", err)
+        return None
+
+
+def checkpoint_versions() -> dict[str, str]:
+    import timm
+
+    import xvol
+
+    return {
+        "torch": str(torch.__version__),
+        "timm": str(timm.__version__),
+        "xvol": str(xvol.__version__),
+    }

@@ -132,6 +132,7 @@ def test_dist_env_parsing() -> None:
         "SLURM_NTASKS": "8",
         "SLURM_LOCALID": "1",
         "SLURM_NNODES": "2",
+        "SLURM_JOB_NUM_NODES": "2",
         "SLURM_JOB_NODELIST": "gpu[07-08]",
         "SLURM_JOB_ID": "42",
     }

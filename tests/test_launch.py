@@ -102,6 +102,7 @@ def test_every_experiment_composes_and_instantiates_its_model(name: str) -> None
 
 @pytest.mark.parametrize("name", PAPER)
 def test_paper_recipes(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RANK", "0")  # as torchrun sets them
     monkeypatch.setenv("WORLD_SIZE", "8")
     cfg = _compose([f"experiment={name}"])
     arch = name.split("_")[0]
@@ -117,6 +118,7 @@ def test_paper_recipes(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_lr_scales_linearly_with_global_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("WORLD_SIZE", "16")
     cfg = _compose(["experiment=xresnet50_imagenet", "data.batch_size=64"])
     assert cfg.optim.lr == pytest.approx(0.1 * 16 * 64 / 256)
@@ -135,3 +137,24 @@ def test_run_name_is_shared_by_torchrun_ranks(monkeypatch: pytest.MonkeyPatch) -
     cfg = _compose([], return_hydra_config=True)
     assert cfg.run_name == "job42"
     assert str(cfg.hydra.run.dir).endswith(os.path.join("", "job42"))
+
+
+def test_lr_scaling_counts_slurm_tasks_only_inside_submitit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A plain `python` in an sbatch script is one process, whatever SLURM_NTASKS says."""
+    for key in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    slurm = {
+        "SLURM_PROCID": "0",
+        "SLURM_NTASKS": "8",
+        "SLURM_LOCALID": "0",
+        "SLURM_JOB_ID": "7",
+        "SLURM_JOB_NUM_NODES": "1",
+        "SLURM_JOB_NODELIST": "gpu01",
+    }
+    for key, value in slurm.items():
+        monkeypatch.setenv(key, value)
+    assert _compose(["experiment=xresnet50_imagenet"]).optim.lr == pytest.approx(0.1 / 8)
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+    assert _compose(["experiment=xresnet50_imagenet"]).optim.lr == pytest.approx(0.1)

@@ -25,8 +25,11 @@ def run_id() -> str:
 
 
 def world_size() -> int:
-    """Ranks of the job being configured: torchrun's WORLD_SIZE, else Slurm's task count, else 1."""
-    return int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
+    """Ranks of the job being configured, by the engine's own rule (torchrun, then a submitit
+    Slurm task; a plain process inside an sbatch script stays one rank)."""
+    from xvol.engine.dist import read_dist_env  # lazy: configs resolve before any dist setup
+
+    return read_dist_env().world_size
 
 
 def linear_lr(base_lr: float, base_batch: int, batch_per_rank: int) -> float:

@@ -7,10 +7,9 @@ WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT in the environment) and Slurm tasks sta
 
 from __future__ import annotations
 
+import contextlib
 import os
-import random
-import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -50,14 +49,20 @@ class DistEnv:
         return self.rank == 0
 
 
-def _first_host(nodelist: str) -> str:
-    """First host of a Slurm hostlist ("gpu[03-05,09],cpu1" -> "gpu03") without scontrol."""
-    match = re.match(r"[^,\[]+(\[[^\]]*\])?", nodelist.strip())
-    head = match.group(0) if match else nodelist
-    if "[" not in head:
-        return head
-    prefix, ranges = head.rstrip("]").split("[", 1)
-    return prefix + ranges.split(",")[0].split("-")[0]
+@contextlib.contextmanager
+def _environ(env: Mapping[str, str]) -> Iterator[None]:
+    """Let a library that reads os.environ see ``env`` (a no-op when it is os.environ)."""
+    if env is os.environ:
+        yield
+        return
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def read_dist_env(environ: Mapping[str, str] | None = None) -> DistEnv:
@@ -83,19 +88,20 @@ def read_dist_env(environ: Mapping[str, str] | None = None) -> DistEnv:
             restart_count=int(env.get("TORCHELASTIC_RESTART_COUNT", 0)),
         )
     if env.get("SUBMITIT_EXECUTOR") == "slurm" and "SLURM_PROCID" in env:
-        world = int(env.get("SLURM_NTASKS", 1))
-        nodes = int(env.get("SLURM_JOB_NUM_NODES", env.get("SLURM_NNODES", 1)))
-        nodelist = env.get("SLURM_STEP_NODELIST", env.get("SLURM_JOB_NODELIST", "127.0.0.1"))
-        job_id = env.get("SLURM_JOB_ID", "0")
-        port = env.get("MASTER_PORT")
+        # submitit's own reading of the Slurm job: hostlist parsing, the first node as master,
+        # a port derived from the job id (the same for every task) unless MASTER_PORT is set.
+        from submitit.helpers import TorchDistributedEnvironment
+
+        with _environ(env):
+            slurm = TorchDistributedEnvironment()
         return DistEnv(
-            rank=int(env["SLURM_PROCID"]),
-            local_rank=int(env.get("SLURM_LOCALID", 0)),
-            world_size=world,
-            local_world_size=max(1, world // max(1, nodes)),
+            rank=slurm.rank,
+            local_rank=slurm.local_rank,
+            world_size=slurm.world_size,
+            local_world_size=slurm.local_world_size,
             launcher="slurm",
-            master_addr=env.get("MASTER_ADDR") or _first_host(nodelist),
-            master_port=int(port) if port else random.Random(job_id).randint(20000, 60000),
+            master_addr=env.get("MASTER_ADDR") or slurm.master_addr,
+            master_port=slurm.master_port,
         )
     return DistEnv()
 

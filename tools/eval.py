@@ -368,15 +368,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--data", help="ROOT with val/, or the val folder (default: the checkpoint's data root)"
     )
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument(
+    parser.add_argument(
         "--ema",
-        dest="ema",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         default=None,
-        help="training checkpoint: EMA weights (default when present)",
+        help="training checkpoint: EMA weights (default when present); --no-ema: raw weights",
     )
-    group.add_argument("--no-ema", dest="ema", action="store_false", help="raw weights")
     parser.add_argument("--backend", choices=("torchvision", "dali"), default="torchvision")
     parser.add_argument("--batch-size", type=int, default=64, help="eval batch size per rank")
     parser.add_argument("--workers", type=int, default=2, help="loader workers per rank")

@@ -247,15 +247,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("checkpoint", help="deploy dir/.safetensors/.json, or a training .pt")
     parser.add_argument("--out", required=True, help="the .onnx file to write")
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument(
+    parser.add_argument(
         "--ema",
-        dest="ema",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         default=None,
-        help="training checkpoint: EMA weights (default when present)",
+        help="training checkpoint: EMA weights (default when present); --no-ema: raw weights",
     )
-    group.add_argument("--no-ema", dest="ema", action="store_false", help="raw weights")
     parser.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 17; default 18)")
     parser.add_argument("--exporter", choices=EXPORTERS, default="dynamo")
     parser.add_argument("--img-size", type=int, help="default: the checkpoint's eval size")

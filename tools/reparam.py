@@ -227,15 +227,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("checkpoint", help="training checkpoint (.pt) written by scripts/train.py")
     parser.add_argument("--out", required=True, help="output directory for the deploy checkpoint")
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument(
+    parser.add_argument(
         "--ema",
-        dest="ema",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         default=None,
-        help="use the EMA weights (default when the checkpoint has them)",
+        help="EMA weights (default when the checkpoint has them); --no-ema: the raw weights",
     )
-    group.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw weights")
     parser.add_argument(
         "--data", help="also verify on real val images: ROOT with val/, or the val folder itself"
     )

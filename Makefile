@@ -1,6 +1,7 @@
 # xvol: two commands on a fresh machine.
 #   make demo   set up .venv, install, train -> reparam -> eval -> leaderboard on the bundled demo set
 #   make test   set up .venv, install, run the whole test suite (what CI runs)
+#   make test-fast / make bench / make lint / make clean
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -42,9 +43,10 @@ lint: venv
 demo: venv
 	bash scripts/demo.sh
 
+# Benchmarks print a table and write bench_results/*.json; CUDA when present, else the CPU mode.
 bench: venv
 	$(PY) scripts/bench_op.py
-	$(PY) scripts/bench.py --device cpu
+	$(PY) scripts/bench.py --device $$($(PY) -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
 
 clean:
 	rm -rf outputs multirun results bench_results .pytest_cache .ruff_cache

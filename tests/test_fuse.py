@@ -16,7 +16,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 DTYPE = torch.float64  # the identities are exact; float64 leaves no room for tolerance games
 
 
-def _close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-10) -> None:
+def _assert_close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-10) -> None:
     assert a.shape == b.shape, (a.shape, b.shape)
     diff = (a - b).abs().max().item()
     assert diff <= tol * max(1.0, b.abs().max().item()), f"max|diff| = {diff:.3e}"
@@ -41,7 +41,7 @@ def test_fuse_bn_matches_conv_then_eval_bn(
         conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps
     )
     x = torch.randn(2, 4, 5, 7, generator=generator, dtype=DTYPE)
-    _close(F.conv2d(x, w, b, padding=1, groups=groups), reference(x))
+    _assert_close(F.conv2d(x, w, b, padding=1, groups=groups), reference(x))
     assert w.shape == conv.weight.shape and b.shape == (6,)
 
 
@@ -51,8 +51,8 @@ def test_fuse_bn_uses_eps(generator: torch.Generator) -> None:
     mean, var = torch.zeros(3, dtype=DTYPE), torch.full((3,), 1e-4, dtype=DTYPE)
     w_small, _ = fuse.fuse_bn(w, None, mean, var, None, None, 1e-5)
     w_big, _ = fuse.fuse_bn(w, None, mean, var, None, None, 1e-1)
-    _close(w_small, w / (1e-4 + 1e-5) ** 0.5)
-    _close(w_big, w / (1e-4 + 1e-1) ** 0.5)
+    _assert_close(w_small, w / (1e-4 + 1e-5) ** 0.5)
+    _assert_close(w_big, w / (1e-4 + 1e-1) ** 0.5)
 
 
 # ----------------------------------------------------------------------------------- embed_center
@@ -70,7 +70,7 @@ def test_embed_center_equals_1x1_conv(
     assert wk.shape == (5, 3, kernel_size, kernel_size)
     assert wk.abs().sum() == w1.abs().sum()  # nothing but the centre tap is non-zero
     padding = dilation * (kernel_size - 1) // 2
-    _close(
+    _assert_close(
         F.conv2d(x, wk, None, stride, padding, dilation),
         F.conv2d(x, w1, None, stride, 0, 1),
     )
@@ -99,7 +99,7 @@ def test_add_branches_equals_sum_of_convs(generator: torch.Generator) -> None:
     ]
     w, b = fuse.add_branches(*branches)
     expected = sum(F.conv2d(x, wi, bi, padding=1, groups=2) for wi, bi in branches)
-    _close(F.conv2d(x, w, b, padding=1, groups=2), expected)
+    _assert_close(F.conv2d(x, w, b, padding=1, groups=2), expected)
 
 
 def test_add_branches_single_branch_is_identity(generator: torch.Generator) -> None:
@@ -141,7 +141,7 @@ def test_interleave_groups_feeds_grouped_conv(groups: int, generator: torch.Gene
     x = fuse.interleave_groups([x1, x2], groups)
     w = torch.cat([w1, w2], dim=1)
     expected = F.conv2d(x1, w1, groups=groups) + F.conv2d(x2, w2, groups=groups)
-    _close(F.conv2d(x, w, groups=groups), expected)
+    _assert_close(F.conv2d(x, w, groups=groups), expected)
 
 
 def test_interleave_groups_errors() -> None:
@@ -194,8 +194,8 @@ def test_transformed_kernel_single_conv_equals_deploy(
     assert k.shape == (8, (4 // groups) * (1 + len(xconv.taps)), kernel_size, kernel_size)
     assert torch.equal(k, deploy.transformed_kernel())
     y = F.conv2d(x_tilde, k, deploy.bias, stride, padding, dilation, groups)
-    _close(y, deploy(x))
-    _close(y, xconv(x))
+    _assert_close(y, deploy(x))
+    _assert_close(y, xconv(x))
 
 
 def test_transformed_kernel_errors() -> None:

@@ -1,4 +1,6 @@
-"""Shipping: the Dockerfile lints clean, launcher and experiment configs compose and render.
+"""Shipping: the Dockerfile lints clean, the Slurm launcher renders, the paper recipes hold.
+
+(That every experiment composes and builds is tests/test_train_config.py's job.)
 
 No cluster or Docker engine is reachable here, so the Slurm job is checked as Hydra renders it
 (`--cfg hydra`), and the Dockerfile by hadolint.
@@ -21,7 +23,6 @@ import xvol  # noqa: F401  (resolvers)
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
-EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
 PAPER = ["resnet34_imagenet", "xresnet34_imagenet", "resnet50_imagenet", "xresnet50_imagenet"]
 
 
@@ -88,16 +89,6 @@ def test_slurm_job_renders_through_the_train_script(tmp_path: Path) -> None:
     assert (rendered.nodes, rendered.gpus_per_node, rendered.tasks_per_node) == (2, 4, 4)
     assert rendered.timeout_min == 60
     assert rendered._target_.endswith("SlurmLauncher")
-
-
-@pytest.mark.parametrize("name", EXPERIMENTS)
-def test_every_experiment_composes_and_instantiates_its_model(name: str) -> None:
-    from hydra.utils import instantiate
-
-    cfg = _compose([f"experiment={name}", "data.num_classes=10"])
-    assert cfg.trainer.epochs > 0 and cfg.optim.lr > 0
-    model = instantiate(cfg.model)
-    assert sum(p.numel() for p in model.parameters()) > 0
 
 
 @pytest.mark.parametrize("name", PAPER)

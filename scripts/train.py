@@ -27,6 +27,7 @@ import xvol  # noqa: F401  (registers the ${xvol_run_id:} resolver)
 from xvol import engine
 from xvol.engine.checkpoint import git_revision
 from xvol.engine.runtime import amp_dtype, configure_determinism, seed_everything
+from xvol.models import count_params
 
 
 def _auto(value: Any, default: bool) -> bool:
@@ -54,11 +55,9 @@ def train(cfg: DictConfig, denv: engine.DistEnv, device: torch.device) -> int:
     )
     cuda = device.type == "cuda"
     channels_last = _auto(tcfg.channels_last, cuda)
+    sync_bn = _auto(tcfg.sync_bn, cuda and denv.distributed)
     model = engine.prepare_model(
-        instantiate(cfg.model),
-        device,
-        sync_bn=_auto(tcfg.sync_bn, cuda and denv.distributed),
-        channels_last=channels_last,
+        instantiate(cfg.model), device, sync_bn=sync_bn, channels_last=channels_last
     )
     optimizer = engine.build_optimizer(instantiate(cfg.optim), model)
     n_updates = engine.updates_per_epoch(data.steps_per_epoch, tcfg.grad_accum)
@@ -105,7 +104,7 @@ def train(cfg: DictConfig, denv: engine.DistEnv, device: torch.device) -> int:
         ema_factory=instantiate(tcfg.ema) if tcfg.ema is not None else None,
         mixup=mixup,
         compile_model=tcfg.compile,
-        sync_bn=_auto(tcfg.sync_bn, cuda and denv.distributed),
+        sync_bn=sync_bn,
         dist_bn=tcfg.dist_bn,
         guard=engine.PreemptionGuard(),  # SIGTERM/SIGUSR1, armed while Trainer.fit runs
         git=git_revision() if denv.is_main else None,
@@ -129,7 +128,7 @@ def train(cfg: DictConfig, denv: engine.DistEnv, device: torch.device) -> int:
             engine.JsonlMetrics(run_dir / cfg.logger.metrics_file), wandb
         )
     trainer.metrics = metrics
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = count_params(model)
     log.info(
         "run %s in %s: %d rank(s) on %s, %s params, %d train / %d val images, "
         "%d batches x %d per rank per epoch, amp %s",

@@ -76,38 +76,32 @@ def _export(
     exporter: str,
     dynamic_batch: bool,
 ) -> None:
-    names = {"input_names": ["images"], "output_names": ["logits"]}
     # The exporters report progress with print(); keep stdout for the one JSON record.
     with torch.no_grad(), contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
         if exporter == "dynamo":
             dynamic = {"x": {0: torch.export.Dim("batch", min=1)}} if dynamic_batch else None
-            torch.onnx.export(
-                model,
-                (example,),
-                str(path),
-                dynamo=True,
-                opset_version=opset,
-                dynamic_shapes=dynamic,
-                external_data=False,  # one self-contained file (deploy ResNets are < 2 GB)
-                verbose=False,
-                **names,
-            )
+            options: dict[str, Any] = {
+                "dynamic_shapes": dynamic,
+                "external_data": False,  # one self-contained file (deploy ResNets are < 2 GB)
+                "verbose": False,
+            }
         else:
             axes = {"images": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
+            options = {"dynamic_axes": axes, "do_constant_folding": True}
             # The tracer warns about Python ints taken from shapes (fixed per image size, and the
             # parity check below runs a second batch size) and about its own deprecation.
             warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
             warnings.filterwarnings("ignore", category=DeprecationWarning)
-            torch.onnx.export(
-                model,
-                (example,),
-                str(path),
-                dynamo=False,
-                opset_version=opset,
-                dynamic_axes=axes,
-                do_constant_folding=True,
-                **names,
-            )
+        torch.onnx.export(
+            model,
+            (example,),
+            str(path),
+            dynamo=exporter == "dynamo",
+            opset_version=opset,
+            input_names=["images"],
+            output_names=["logits"],
+            **options,
+        )
 
 
 def check_parity(model: nn.Module, onnx_path: Path, inputs: list[torch.Tensor]) -> dict[str, Any]:

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from xvol.engine.checkpoint import git_revision
-from xvol.models import model_summary
+from xvol.models import count_params, model_summary
 from xvol.reparam import reparameterize_model
 from xvol.tools_common import (
     DEPLOY_FORMAT_VERSION,
@@ -171,8 +171,8 @@ def reparam_checkpoint(
         "verification": verification,
         "summary": {
             "img_size": size,
-            "params_train": sum(p.numel() for p in model.parameters()),
-            "params_deploy": sum(p.numel() for p in deploy.parameters()),
+            "params_train": count_params(model),
+            "params_deploy": count_params(deploy),
             **summary,
         },
         "data": {**loaded.data_config, **settings},

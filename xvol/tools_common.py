@@ -42,6 +42,7 @@ from torch import nn
 
 from xvol.engine.checkpoint import (
     CheckpointError,
+    checkpoint_versions,
     load_checkpoint,
     load_state_dict_strict,
 )
@@ -175,16 +176,8 @@ def now_iso() -> str:
 
 
 def versions() -> dict[str, str]:
-    import timm
-
-    import xvol
-
-    return {
-        "xvol": str(xvol.__version__),
-        "torch": str(torch.__version__),
-        "timm": str(timm.__version__),
-        "python": platform.python_version(),
-    }
+    """The training checkpoint's ``versions`` (xvol, torch, timm) plus the Python version."""
+    return {**checkpoint_versions(), "python": platform.python_version()}
 
 
 # ----------------------------------------------------------------------------- models

@@ -69,6 +69,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointManager",
     "capture_rng_state",
+    "checkpoint_versions",
     "restore_rng_state",
     "git_revision",
     "load_checkpoint",

@@ -38,7 +38,7 @@ import statistics
 import sys
 import time
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -46,6 +46,7 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from xvol.ops import pssa_lean
 from xvol.ops.xconv import XConv2d
 
 SLOTS = {"stage3": (256, 14), "stage2": (128, 28)}  # name -> (channels, spatial size)
@@ -92,24 +93,6 @@ class LiveBytes(TorchDispatchMode):
                     self.current += nbytes
                     self.peak = max(self.peak, self.current)
         return out
-
-
-def saved_bytes(fn: Callable[[], Tensor], exclude: Iterable[Tensor] = ()) -> int:
-    """Bytes of the distinct storages autograd saves for backward during ``fn()``, leaving out
-    those of ``exclude`` (the parameters: resident anyway, not activation memory)."""
-    skip = {t.untyped_storage().data_ptr() for t in exclude}
-    storages: dict[int, int] = {}
-
-    def pack(t: Tensor) -> Tensor:
-        st = t.untyped_storage()
-        if st.data_ptr() not in skip:
-            storages[st.data_ptr()] = st.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    del out
-    return sum(storages.values())
 
 
 def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
@@ -218,7 +201,8 @@ def bench_slot(
         row["fwd_bwd_mem_bytes"] = row["saved_bytes"] = None
         if name in forward_backwards:
             row["fwd_bwd_mem_bytes"] = peak_bytes(forward_backwards[name], device)
-            row["saved_bytes"] = saved_bytes(saved_fns[name], exclude=module.parameters())
+            report = pssa_lean.saved_tensors_report(saved_fns[name], owned=module.parameters())
+            row["saved_bytes"] = report.total_bytes
         rows.append(row)
     base = rows[0]
     for row in rows:

@@ -94,6 +94,12 @@ def _reader(xp: Tensor, geom: PSSAGeometry, left: int, top: int):
     return read
 
 
+def _pad(x: Tensor, geom: PSSAGeometry) -> tuple[Tensor, int, int]:
+    """(xp, left, top): x zero-padded once for every read of ``geom``, for ``_reader``."""
+    left, right, top, bottom = geom.padding(*x.shape[-2:])
+    return F.pad(x, (left, right, top, bottom)), left, top
+
+
 def _tap_weights(weight: Tensor, n_taps: int) -> Tensor:
     """W_A (C_out x C_g*n x 1 x 1, channel-major) -> n x C_out x C_g x 1 x 1, one slice per tap."""
     c_out, cn = weight.shape[:2]
@@ -104,9 +110,7 @@ def pssa_forward_taps(x: Tensor, weight: Tensor, geom: PSSAGeometry) -> Tensor:
     """PSSA(x) accumulated tap by tap: one product map (the size of the output grid) at a time."""
     if not geom.taps:
         raise ValueError("PSSA needs at least one tap")
-    n, _, h, w = x.shape
-    left, right, top, bottom = geom.padding(h, w)
-    xp = F.pad(x, (left, right, top, bottom))
+    xp, left, top = _pad(x, geom)
     read = _reader(xp, geom, left, top)
     centre = read(0, 0)
     w_taps = _tap_weights(weight, geom.n_taps)
@@ -125,9 +129,8 @@ def _pssa_backward(
     need_w: bool,
 ) -> tuple[Tensor | None, Tensor | None]:
     """(dx, dW_A) of PSSA at x for output gradient grad_y, recomputing each product map."""
-    n, c, h, w = x.shape
-    left, right, top, bottom = geom.padding(h, w)
-    xp = F.pad(x, (left, right, top, bottom))
+    h, w = x.shape[-2:]
+    xp, left, top = _pad(x, geom)
     read = _reader(xp, geom, left, top)
     centre = read(0, 0)
     w_taps = _tap_weights(weight, geom.n_taps)
@@ -177,25 +180,6 @@ def _memory_format(x: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-class PSSALean(torch.autograd.Function):
-    """PSSA(x) = Conv1x1(T(x); W_A) saving only x and W_A; T is recomputed in backward."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, geom: PSSAGeometry) -> Tensor:  # type: ignore[override]
-        ctx.geom = geom
-        ctx.save_for_backward(x, weight)
-        return pssa_forward_taps(x, weight, geom)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_y: Tensor):  # type: ignore[override]
-        x, weight = ctx.saved_tensors
-        gx, gw = _pssa_backward(
-            x, weight, grad_y, ctx.geom, ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        )
-        return gx, gw, None
-
-
 def _bn_call_args(
     bn: nn.modules.batchnorm._BatchNorm,
 ) -> tuple[Tensor | None, Tensor | None, bool, float]:
@@ -236,6 +220,29 @@ def _pssa_backward_dispatch(
 
         return triton_xconv.pssa_backward(x, weight, grad_y, geom, need_x, need_w)
     return _pssa_backward(x, weight, grad_y, geom, need_x, need_w)
+
+
+class PSSALean(torch.autograd.Function):
+    """PSSA(x) = Conv1x1(T(x); W_A) saving only x and W_A; T is recomputed in backward.
+
+    ``backend``: "lean" (PyTorch, tap by tap) or "triton" (the fused kernels).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx, x: Tensor, weight: Tensor, geom: PSSAGeometry, backend: str = "lean"
+    ) -> Tensor:
+        ctx.geom, ctx.backend = geom, backend
+        ctx.save_for_backward(x, weight)
+        return _pssa_forward_dispatch(x, weight, geom, backend)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y: Tensor):  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        need_x, need_w = ctx.needs_input_grad[:2]
+        gx, gw = _pssa_backward_dispatch(x, weight, grad_y, ctx.geom, need_x, need_w, ctx.backend)
+        return gx, gw, None, None
 
 
 class PSSABatchNormLean(torch.autograd.Function):
@@ -332,13 +339,8 @@ def _autocast_inputs(x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
 def pssa_lean(x: Tensor, weight: Tensor, geom: PSSAGeometry, backend: str = "lean") -> Tensor:
     """PSSA(x) with only x and W_A saved for backward (``backend``: "lean" or "triton")."""
     x, weight = _autocast_inputs(x, weight)
-    if backend == "triton":
-        from xvol.ops import triton_xconv
-
-        with torch.autocast(x.device.type, enabled=False):
-            return triton_xconv.PSSATriton.apply(x, weight, geom)
     with torch.autocast(x.device.type, enabled=False):
-        return PSSALean.apply(x, weight, geom)
+        return PSSALean.apply(x, weight, geom, backend)
 
 
 def pssa_bn_lean(
@@ -463,7 +465,7 @@ def _warn_once(message: str) -> None:
 def geometry_of(module: nn.Module, x: Tensor) -> PSSAGeometry:
     """The PSSA geometry of an XConv2d / XConv2dDeploy slot for input x."""
     return PSSAGeometry(
-        taps=tuple((int(di), int(dj)) for di, dj in module.taps),
+        taps=module.taps,  # a tuple of int pairs, built once at construction
         stride=module.stride[0],
         offset=module.pssa_offset,
         out_size=module.out_size(*x.shape[-2:]),

@@ -31,12 +31,12 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 if TYPE_CHECKING:
     from xvol.ops.pssa_lean import PSSAGeometry
@@ -45,7 +45,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "UNSUPPORTED_MESSAGE",
-    "PSSATriton",
     "available",
     "self_test",
     "interpreting",
@@ -474,6 +473,22 @@ def _is_channels_last(x: Tensor) -> bool:
     return x.shape[1] > 1 and x.is_contiguous(memory_format=torch.channels_last)
 
 
+def _launch(
+    kernel,
+    grid: Callable[[dict], tuple[int, ...]],
+    args: tuple,
+    meta: dict,
+    interp_blocks: dict[str, int],
+    interpret: bool,
+) -> None:
+    """Launch ``kernel``: with the fixed interpreter blocks, or with the autotuner's blocks
+    (``grid`` maps a block config to the launch grid either way)."""
+    if interpret:
+        kernel[grid(interp_blocks)](*args, **meta, **interp_blocks)
+    else:
+        kernel[grid](*args, **meta)
+
+
 # --------------------------------------------------------------------------------------------
 # Launchers
 
@@ -525,15 +540,11 @@ def xconv_fwd(
         STRIDE=stride, PAD=padding, DIL=dilation, OFF=pssa_offset, KS=ks, NT=nt,
         HAS_BIAS=bias is not None, HAS_INIT=init is not None, DOT_F32=_dot_f32(dtype),
     )  # fmt: skip
-    if k.interpret:
-        grid = (_cdiv(m, _INTERP_FWD["BLOCK_M"]), _cdiv(cout, _INTERP_FWD["BLOCK_N"]))
-        k.xconv_fwd[grid](*args, **meta, **_INTERP_FWD)
-    else:
-
-        def grid(meta_: dict) -> tuple[int, int]:
-            return _cdiv(m, meta_["BLOCK_M"]), _cdiv(cout, meta_["BLOCK_N"])
-
-        k.xconv_fwd[grid](*args, **meta)
+    _launch(
+        k.xconv_fwd,
+        lambda b: (_cdiv(m, b["BLOCK_M"]), _cdiv(cout, b["BLOCK_N"])),
+        args, meta, _INTERP_FWD, k.interpret,
+    )  # fmt: skip
     return out
 
 
@@ -588,21 +599,13 @@ def pssa_backward_weight(
         *x.stride(), *grad_y.stride(),
     )  # fmt: skip
     meta = dict(STRIDE=geom.stride, OFF=geom.offset, NT=nt, DOT_F32=_dot_f32(x.dtype))
-    if k.interpret:
-        if m_per_split % _INTERP_BWD_W["BLOCK_M"]:
-            raise ValueError(f"m_per_split must be a multiple of {_INTERP_BWD_W['BLOCK_M']}")
-        grid = (
-            _cdiv(c, _INTERP_BWD_W["BLOCK_C"]),
-            _cdiv(cout, _INTERP_BWD_W["BLOCK_O"]),
-            nt * split,
-        )
-        k.pssa_bwd_w[grid](*args, **meta, **_INTERP_BWD_W)
-    else:
-
-        def grid(meta_: dict) -> tuple[int, int, int]:
-            return _cdiv(c, meta_["BLOCK_C"]), _cdiv(cout, meta_["BLOCK_O"]), nt * split
-
-        k.pssa_bwd_w[grid](*args, **meta)
+    if k.interpret and m_per_split % _INTERP_BWD_W["BLOCK_M"]:
+        raise ValueError(f"m_per_split must be a multiple of {_INTERP_BWD_W['BLOCK_M']}")
+    _launch(
+        k.pssa_bwd_w,
+        lambda b: (_cdiv(c, b["BLOCK_C"]), _cdiv(cout, b["BLOCK_O"]), nt * split),
+        args, meta, _INTERP_BWD_W, k.interpret,
+    )  # fmt: skip
     # [t, c, o] -> W_A[o, c * nt + t]
     return part.sum(0).permute(2, 1, 0).reshape(cout, c * nt, 1, 1)
 
@@ -628,15 +631,11 @@ def pssa_backward_input(x: Tensor, weight: Tensor, grad_y: Tensor, geom: PSSAGeo
         mx, c, h, w, ho, wo, *x.stride(), *dx.stride(),
     )  # fmt: skip
     meta = dict(STRIDE=geom.stride, OFF=geom.offset, NT=nt)
-    if k.interpret:
-        grid = (_cdiv(mx, _INTERP_BWD_X["BLOCK_Q"]), _cdiv(c, _INTERP_BWD_X["BLOCK_C"]))
-        k.pssa_bwd_x[grid](*args, **meta, **_INTERP_BWD_X)
-    else:
-
-        def grid(meta_: dict) -> tuple[int, int]:
-            return _cdiv(mx, meta_["BLOCK_Q"]), _cdiv(c, meta_["BLOCK_C"])
-
-        k.pssa_bwd_x[grid](*args, **meta)
+    _launch(
+        k.pssa_bwd_x,
+        lambda b: (_cdiv(mx, b["BLOCK_Q"]), _cdiv(c, b["BLOCK_C"])),
+        args, meta, _INTERP_BWD_X, k.interpret,
+    )  # fmt: skip
     return dx
 
 
@@ -652,22 +651,3 @@ def pssa_backward(
     gx = pssa_backward_input(x, weight, grad_y, geom) if need_x else None
     gw = pssa_backward_weight(x, grad_y, geom).to(weight.dtype) if need_w else None
     return gx, gw
-
-
-class PSSATriton(torch.autograd.Function):
-    """PSSA(x) through the Triton kernels, saving only x and W_A (as ``pssa_lean.PSSALean``)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, geom: PSSAGeometry) -> Tensor:  # type: ignore[override]
-        ctx.geom = geom
-        ctx.save_for_backward(x, weight)
-        return pssa_forward(x, weight, geom)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_y: Tensor):  # type: ignore[override]
-        x, weight = ctx.saved_tensors
-        gx, gw = pssa_backward(
-            x, weight, grad_y, ctx.geom, ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        )
-        return gx, gw, None

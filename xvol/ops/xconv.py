@@ -142,7 +142,7 @@ class _XConvBase(nn.Module):
         self.groups = groups
         self.shifts = shifts
         self.center = bool(center)
-        self.taps = pssa_offsets(shifts, center)
+        self.taps: tuple[tuple[int, int], ...] = tuple(pssa_offsets(shifts, center))
 
     @property
     def pssa_offset(self) -> int:

@@ -153,7 +153,7 @@ def reparam_checkpoint(
             f"{verification['data']}); nothing written"
         )
 
-    summary = model_summary(model, size)
+    summary = model_summary(model, size, deploy=deploy)
     sidecar: dict[str, Any] = {
         "kind": DEPLOY_KIND,
         "format_version": DEPLOY_FORMAT_VERSION,

@@ -53,9 +53,15 @@ def count_ops(model: nn.Module, img_size: int = 224, in_chans: int = 3) -> dict[
     return {"macs": flops // 2, "muls": muls}
 
 
-def model_summary(model: nn.Module, img_size: int = 224) -> dict[str, float]:
-    """Params (M), GMACs and G elementwise muls for the training and the deploy form."""
-    deploy = reparameterize_model(model)
+def model_summary(
+    model: nn.Module, img_size: int = 224, deploy: nn.Module | None = None
+) -> dict[str, float]:
+    """Params (M), GMACs and G elementwise muls for the training and the deploy form.
+
+    ``deploy``: the deploy model when the caller already has it (default: re-parameterize).
+    """
+    if deploy is None:
+        deploy = reparameterize_model(model)
     out: dict[str, float] = {}
     for form, m in (("train", model), ("deploy", deploy)):
         ops = count_ops(m, img_size)

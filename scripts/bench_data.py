@@ -38,15 +38,15 @@ def make_tree(dest: Path, root: str | None, num_images: int, classes: int) -> Pa
         write_image_tree(dest, counts, kind="photo", size=(500, 375), quality=90)
         return dest
     classes_found, samples, _ = scan_split(Path(root) / "train")
-    for split, picked in (("train", samples[:num_images]), ("val", [])):
-        for path, label in picked:
-            link = dest / split / classes_found[label] / Path(path).name
-            link.parent.mkdir(parents=True, exist_ok=True)
-            link.symlink_to(path)
-    used = {classes_found[label] for _, label in samples[:num_images]}
-    for name in used:  # one val image per class keeps the layout valid (val is not timed)
+    first_of_class: dict[str, str] = {}
+    for path, label in samples[:num_images]:
+        name = classes_found[label]
+        link = dest / "train" / name / Path(path).name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(path)
+        first_of_class.setdefault(name, path)
+    for name, first in first_of_class.items():  # one val image per class keeps the layout valid
         (dest / "val" / name).mkdir(parents=True, exist_ok=True)
-        first = next(p for p, y in samples[:num_images] if classes_found[y] == name)
         (dest / "val" / name / Path(first).name).symlink_to(first)
     return dest
 

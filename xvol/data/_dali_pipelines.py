@@ -47,6 +47,29 @@ def _augment(images, policy: str, size: int):
     )
 
 
+def _read(
+    files: list[str],
+    labels: list[int],
+    file_root: str,
+    shard_id: int,
+    num_shards: int,
+    pad_last_batch: bool = False,
+):
+    """The reader both graphs share: files in the given order (train: folder.epoch_order, as for
+    torchvision; val: sorted), one fixed shard per rank."""
+    return fn.readers.file(
+        files=files,
+        labels=labels,
+        file_root=file_root,
+        shard_id=shard_id,
+        num_shards=num_shards,
+        random_shuffle=False,
+        stick_to_shard=True,
+        pad_last_batch=pad_last_batch,
+        name=READER,
+    )
+
+
 @pipeline_def
 def train_pipeline(
     files: list[str],
@@ -64,16 +87,7 @@ def train_pipeline(
     auto_augment: str | None,
     reprob: float,
 ):
-    jpegs, label = fn.readers.file(
-        files=files,
-        labels=labels,
-        file_root=file_root,
-        shard_id=shard_id,
-        num_shards=num_shards,
-        random_shuffle=False,  # the order comes from folder.epoch_order, as for torchvision
-        stick_to_shard=True,
-        name=READER,
-    )
+    jpegs, label = _read(files, labels, file_root, shard_id, num_shards)
     images = fn.decoders.image_random_crop(
         jpegs,
         device=decoder,
@@ -141,17 +155,8 @@ def eval_pipeline(
     crop_pct: float,
     interpolation: str,
 ):
-    jpegs, label = fn.readers.file(
-        files=files,
-        labels=labels,
-        file_root=file_root,
-        shard_id=shard_id,
-        num_shards=num_shards,
-        random_shuffle=False,
-        stick_to_shard=True,
-        pad_last_batch=True,  # padded samples are trimmed by the iterator (LastBatchPolicy.PARTIAL)
-        name=READER,
-    )
+    # padded samples are trimmed by the iterator (LastBatchPolicy.PARTIAL)
+    jpegs, label = _read(files, labels, file_root, shard_id, num_shards, pad_last_batch=True)
     images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB)
     images = fn.resize(
         images,

@@ -48,27 +48,6 @@ def _pipelines() -> Any:
     return _dali_pipelines
 
 
-def _built(make: Any, **kwargs: Any) -> Any:
-    """Define and build a pipeline. (With auto_augment, DALI's own auto_aug code calls deprecated
-    aliases and forces their DeprecationWarning through any filter: harmless.)"""
-    pipe = make(**kwargs)
-    pipe.build()
-    return pipe
-
-
-def _iterator(pipe: Any, policy: str) -> Any:
-    from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
-
-    pipes = _pipelines()
-    return DALIGenericIterator(
-        [pipe],
-        ["images", "labels"],
-        reader_name=pipes.READER,
-        last_batch_policy=getattr(LastBatchPolicy, policy),
-        auto_reset=False,
-    )
-
-
 def _relative(split: Split) -> tuple[list[str], list[int]]:
     """Paths relative to the split folder keep the reader's file list small (ImageNet: 1.28M)."""
     base = str(split.path)
@@ -104,68 +83,8 @@ def _to_device(out: dict[str, Tensor], device: torch.device) -> tuple[Tensor, Te
     return images, labels
 
 
-class DaliTrainLoader:
-    """TrainLoader: one DALI pipeline per epoch over that epoch's order."""
-
-    def __init__(
-        self,
-        split: Split,
-        *,
-        rank: int,
-        world_size: int,
-        batch_size: int,
-        seed: int,
-        device: torch.device,
-        opts: _DaliOptions,
-        graph: dict[str, Any],
-    ) -> None:
-        self.files, self.labels = _relative(split)
-        self.root = str(split.path)
-        self.rank, self.world_size, self.batch_size, self.seed = rank, world_size, batch_size, seed
-        self.device, self.opts, self.graph = device, opts, graph
-        self.steps = train_steps(len(self.files), world_size, batch_size)
-        self.epoch, self.start_step = 0, 0
-
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        if not 0 <= start_step <= self.steps:
-            raise ValueError(f"start_step={start_step} outside [0, {self.steps}]")
-        self.epoch, self.start_step = epoch, start_step
-
-    def __len__(self) -> int:
-        return self.steps
-
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        order = epoch_order(
-            len(self.files), self.world_size, self.batch_size, self.seed, self.epoch
-        )
-        flat = order.reshape(-1).tolist()  # rank r's row is shard r of this list
-        pipe = _built(
-            _pipelines().train_pipeline,
-            files=[self.files[i] for i in flat],
-            labels=[self.labels[i] for i in flat],
-            file_root=self.root,
-            shard_id=self.rank,
-            num_shards=self.world_size,
-            decoder=self.opts.decoder,
-            batch_size=self.batch_size,
-            num_threads=self.opts.threads,
-            device_id=self.opts.device_id,
-            seed=_dali_seed(self.seed, self.epoch, self.rank),
-            enable_conditionals=bool(self.graph.get("auto_augment")),
-            **self.graph,
-        )
-        iterator = _iterator(pipe, "DROP")
-        start = self.start_step
-        try:
-            for step, out in enumerate(iterator):
-                if step >= start:  # resume: the first `start` batches are run and dropped
-                    yield _to_device(out[0], self.device)
-        finally:
-            del iterator, pipe
-
-
-class DaliEvalLoader:
-    """EvalLoader: contiguous shard of the sorted val list, padded batch trimmed (PARTIAL)."""
+class _DaliLoader:
+    """What both loaders share: the split's file list and one reader shard per rank."""
 
     def __init__(
         self,
@@ -182,19 +101,18 @@ class DaliEvalLoader:
         self.root = str(split.path)
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
         self.device, self.opts, self.graph = device, opts, graph
-        lo, hi = eval_bounds(len(self.files), rank, world_size)
-        self.num_local = hi - lo
-        self._iterator: Any = None
-        self._clean = False  # DALI iterators cannot reset mid-epoch: rebuild after a break
 
-    def __len__(self) -> int:
-        return math.ceil(self.num_local / self.batch_size)
+    def _iterator(
+        self, make: Any, policy: str, files: list[str], labels: list[int], **extra: Any
+    ) -> Any:
+        """Define and build a pipeline over ``files``, wrapped in a DALI iterator. (With
+        auto_augment, DALI's own auto_aug code calls deprecated aliases and forces their
+        DeprecationWarning through any filter: harmless.)"""
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-    def _build(self) -> Any:
-        pipe = _built(
-            _pipelines().eval_pipeline,
-            files=self.files,
-            labels=self.labels,
+        pipe = make(
+            files=files,
+            labels=labels,
             file_root=self.root,
             shard_id=self.rank,
             num_shards=self.world_size,
@@ -202,19 +120,81 @@ class DaliEvalLoader:
             batch_size=self.batch_size,
             num_threads=self.opts.threads,
             device_id=self.opts.device_id,
-            seed=0,
+            **extra,
             **self.graph,
         )
-        return _iterator(pipe, "PARTIAL")
+        pipe.build()
+        return DALIGenericIterator(
+            [pipe],
+            ["images", "labels"],
+            reader_name=_pipelines().READER,
+            last_batch_policy=getattr(LastBatchPolicy, policy),
+            auto_reset=False,
+        )
+
+
+class DaliTrainLoader(_DaliLoader):
+    """TrainLoader: one DALI pipeline per epoch over that epoch's order."""
+
+    def __init__(self, split: Split, *, seed: int, **common: Any) -> None:
+        super().__init__(split, **common)
+        self.seed = seed
+        self.steps = train_steps(len(self.files), self.world_size, self.batch_size)
+        self.epoch, self.start_step = 0, 0
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        if not 0 <= start_step <= self.steps:
+            raise ValueError(f"start_step={start_step} outside [0, {self.steps}]")
+        self.epoch, self.start_step = epoch, start_step
+
+    def __len__(self) -> int:
+        return self.steps
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        if self._iterator is None or not self._clean:
-            self._iterator = None
-            self._iterator = self._build()
+        order = epoch_order(
+            len(self.files), self.world_size, self.batch_size, self.seed, self.epoch
+        )
+        flat = order.reshape(-1).tolist()  # rank r's row is shard r of this list
+        iterator = self._iterator(
+            _pipelines().train_pipeline,
+            "DROP",
+            files=[self.files[i] for i in flat],
+            labels=[self.labels[i] for i in flat],
+            seed=_dali_seed(self.seed, self.epoch, self.rank),
+            enable_conditionals=bool(self.graph.get("auto_augment")),
+        )
+        start = self.start_step
+        try:
+            for step, out in enumerate(iterator):
+                if step >= start:  # resume: the first `start` batches are run and dropped
+                    yield _to_device(out[0], self.device)
+        finally:
+            del iterator  # frees the pipeline it holds
+
+
+class DaliEvalLoader(_DaliLoader):
+    """EvalLoader: contiguous shard of the sorted val list, padded batch trimmed (PARTIAL)."""
+
+    def __init__(self, split: Split, **common: Any) -> None:
+        super().__init__(split, **common)
+        lo, hi = eval_bounds(len(self.files), self.rank, self.world_size)
+        self.num_local = hi - lo
+        self._current: Any = None
+        self._clean = False  # DALI iterators cannot reset mid-epoch: rebuild after a break
+
+    def __len__(self) -> int:
+        return math.ceil(self.num_local / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        if self._current is None or not self._clean:
+            self._current = None  # free the old pipeline before building the next
+            self._current = self._iterator(
+                _pipelines().eval_pipeline, "PARTIAL", self.files, self.labels, seed=0
+            )
         else:
-            self._iterator.reset()
+            self._current.reset()
         self._clean = False
-        for out in self._iterator:
+        for out in self._current:
             yield _to_device(out[0], self.device)
         self._clean = True
 

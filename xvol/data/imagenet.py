@@ -10,7 +10,7 @@ A batch therefore depends on neither the worker count nor what ran before it, wh
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -18,6 +18,7 @@ from PIL import Image
 from timm.data import create_transform
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.datasets.folder import pil_loader
 
 from xvol.data.base import DataBundle
 from xvol.data.folder import (
@@ -37,11 +38,11 @@ logger = logging.getLogger(__name__)
 _MAX_SUBSTITUTES = 16
 
 
-def pil_rgb(path: str) -> Image.Image:
-    """torchvision's pil_loader: decode fully now, so a bad file fails here and not later."""
-    with open(path, "rb") as f:
-        img = Image.open(f)
-        return img.convert("RGB")
+def _on_device(
+    batches: Iterable[tuple[Tensor, Tensor]], device: torch.device
+) -> Iterator[tuple[Tensor, Tensor]]:
+    for images, labels in batches:
+        yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
 
 
 class FolderDataset(Dataset):
@@ -81,7 +82,7 @@ class FolderDataset(Dataset):
             j = index if attempt == 0 else (index * 2654435761 + attempt * 40503) % len(self)
             path, label = self.samples[j]
             try:
-                return pil_rgb(path), label
+                return pil_loader(path), label  # convert() decodes now: a bad file fails here
             except Exception as e:  # whatever PIL raises for a broken file
                 if self.on_bad_image == "error":
                     raise DataError(f"cannot decode {path} (data.on_bad_image=error): {e}") from e
@@ -162,11 +163,7 @@ class TorchTrainLoader:
         return self.sampler.steps
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        for images, labels in self.loader:
-            yield (
-                images.to(self.device, non_blocking=True),
-                labels.to(self.device, non_blocking=True),
-            )
+        return _on_device(self.loader, self.device)
 
 
 class TorchEvalLoader:
@@ -188,11 +185,7 @@ class TorchEvalLoader:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        for images, labels in self.loader:
-            yield (
-                images.to(self.device, non_blocking=True),
-                labels.to(self.device, non_blocking=True),
-            )
+        return _on_device(self.loader, self.device)
 
 
 def build(

@@ -174,3 +174,13 @@ def eval_pipeline(
         std=_STD,
     )
     return images, label
+
+
+@pipeline_def
+def probe_pipeline(files: list[str], file_root: str, decoder: str):
+    """Reads and decodes ``files`` one per batch: the loaders' way to find which file of a
+    failed batch the decoder rejects (its own error often names none)."""
+    jpegs, _ = fn.readers.file(
+        files=files, labels=[0] * len(files), file_root=file_root, random_shuffle=False
+    )
+    return fn.decoders.image(jpegs, device=decoder, output_type=types.RGB)

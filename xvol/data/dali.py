@@ -12,7 +12,10 @@ torchvision backend (xvol.data.folder), so switching backends changes speed, not
 - Eval: the sorted val list, contiguous shards, ``pad_last_batch`` + ``reader_name`` and
   ``LastBatchPolicy.PARTIAL`` so the padded samples are trimmed and every image counts once.
 - DALI cannot skip an undecodable file mid-epoch; the up-front scan (data.validate) is what keeps
-  bad files out, so keep it on (auto/fast/full) with this backend.
+  bad files out, so keep it on (auto/fast/full) with this backend. What slips past it (damage in
+  the compressed data: ``fast`` reads headers only, and nvJPEG rejects data libjpeg tolerates)
+  stops the epoch with one DataError naming the file: DALI's own message often names none, so
+  the loader decodes the failed batches' files again one by one with the same decoder.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,11 +32,22 @@ import torch
 from torch import Tensor
 
 from xvol.data.base import DataBundle
-from xvol.data.folder import Split, epoch_order, eval_bounds, load_folder, train_steps
+from xvol.data.folder import (
+    DataError,
+    Split,
+    check_image,
+    epoch_order,
+    eval_bounds,
+    load_folder,
+    train_steps,
+)
 
 logger = logging.getLogger(__name__)
 
 DALI_DEVICES = ("auto", "gpu", "cpu")
+# batches a DALI iterator may have in flight past the last one it returned (prefetch depth 2,
+# plus one being scheduled), searched for the file behind a decode failure
+_INFLIGHT_BATCHES = 4
 _INSTALL_HINT = (
     "the DALI data backend needs NVIDIA DALI: pip install nvidia-dali-cuda120 "
     "(or pip install -e .[dali])"
@@ -81,6 +96,42 @@ def _to_device(out: dict[str, Tensor], device: torch.device) -> tuple[Tensor, Te
     images = out["images"].to(device, non_blocking=True)
     labels = out["labels"].reshape(-1).to(device=device, dtype=torch.int64, non_blocking=True)
     return images, labels
+
+
+def _failure_reason(error: RuntimeError) -> tuple[str, str] | None:
+    """(operator, first line of DALI's reason) if ``error`` is a reader or decoder failure."""
+    text = str(error)
+    op = re.search(r"Error in \w+ operator `([^`]+)`", text)
+    if op is None or not any(k in op.group(1) for k in ("decoders", "readers")):
+        return None
+    after = text.split("encountered:", 1)[-1].splitlines()
+    reason = next((line.strip() for line in after if line.strip()), "unknown error")
+    return op.group(1), reason
+
+
+def _undecodable(files: list[str], root: str, opts: _DaliOptions) -> tuple[str, str] | None:
+    """The first of ``files`` (relative to ``root``) that DALI's decoder rejects, and why."""
+    if not files:
+        return None
+    pipe = _pipelines().probe_pipeline(
+        files=files,
+        file_root=root,
+        decoder=opts.decoder,
+        batch_size=1,
+        num_threads=1,
+        device_id=opts.device_id,
+        prefetch_queue_depth=1,
+        exec_async=False,
+        exec_pipelined=False,
+    )
+    pipe.build()
+    for name in files:
+        try:
+            pipe.run()
+        except RuntimeError as e:
+            found = _failure_reason(e)
+            return name, found[1] if found else str(e).strip().splitlines()[-1]
+    return None
 
 
 class _DaliLoader:
@@ -132,6 +183,47 @@ class _DaliLoader:
             auto_reset=False,
         )
 
+    def _named_failures(self, batches: Iterator[Any], shard: list[str]) -> Iterator[Any]:
+        """``batches`` (this rank's reads of ``shard``) with a reader or decoder failure turned
+        into one DataError naming the file, instead of DALI's many lines naming none."""
+        done = 0
+        try:
+            for out in batches:
+                yield out
+                done += 1
+        except RuntimeError as e:
+            failure = _failure_reason(e)
+            if failure is None:
+                raise
+            window = shard[done * self.batch_size : (done + _INFLIGHT_BATCHES) * self.batch_size]
+            raise self._decode_error(failure, window) from None
+
+    def _decode_error(self, failure: tuple[str, str], window: list[str]) -> DataError:
+        op, reason = failure
+        named = re.search(r"(?:Failed to decode sample #\d+ : |File mapping failed: )(.+)", reason)
+        found = (
+            (named.group(1).strip(), f"{op} failed")
+            if named
+            else _undecodable(window, self.root, self.opts)
+        )
+        if found is None:
+            return DataError(
+                f"DALI {op} failed ({reason}) on rank {self.rank}, and no single file of the "
+                f"{len(window)} it was reading reproduces it under {self.root}"
+            )
+        path = os.path.join(self.root, found[0])
+        if check_image(path, full=True) is None:
+            advice = (
+                "PIL decodes it, so data.validate=full would keep it: remove or re-encode the "
+                "file (or train with the torchvision backend, data=imagenet)"
+            )
+        else:
+            advice = (
+                "remove the file, or run with data.validate=full (decodes every file before "
+                "training and skips the unreadable ones)"
+            )
+        return DataError(f"DALI cannot decode {path} ({found[1]}): {advice}")
+
 
 class DaliTrainLoader(_DaliLoader):
     """TrainLoader: one DALI pipeline per epoch over that epoch's order."""
@@ -155,19 +247,25 @@ class DaliTrainLoader(_DaliLoader):
             len(self.files), self.world_size, self.batch_size, self.seed, self.epoch
         )
         flat = order.reshape(-1).tolist()  # rank r's row is shard r of this list
+        files = [self.files[i] for i in flat]
+        shard_size = self.steps * self.batch_size
+        shard = files[self.rank * shard_size : (self.rank + 1) * shard_size]
+        start = self.start_step
+        for step, out in enumerate(self._named_failures(self._epoch(files, flat), shard)):
+            if step >= start:  # resume: the first `start` batches are run and dropped
+                yield _to_device(out[0], self.device)
+
+    def _epoch(self, files: list[str], flat: list[int]) -> Iterator[Any]:
         iterator = self._iterator(
             _pipelines().train_pipeline,
             "DROP",
-            files=[self.files[i] for i in flat],
+            files=files,
             labels=[self.labels[i] for i in flat],
             seed=_dali_seed(self.seed, self.epoch, self.rank),
             enable_conditionals=bool(self.graph.get("auto_augment")),
         )
-        start = self.start_step
         try:
-            for step, out in enumerate(iterator):
-                if step >= start:  # resume: the first `start` batches are run and dropped
-                    yield _to_device(out[0], self.device)
+            yield from iterator
         finally:
             del iterator  # frees the pipeline it holds
 
@@ -186,6 +284,13 @@ class DaliEvalLoader(_DaliLoader):
         return math.ceil(self.num_local / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        lo = eval_bounds(len(self.files), self.rank, self.world_size)[0]
+        shard = self.files[lo : lo + self.num_local]
+        for out in self._named_failures(self._pass(), shard):
+            yield _to_device(out[0], self.device)
+        self._clean = True
+
+    def _pass(self) -> Iterator[Any]:
         if self._current is None or not self._clean:
             self._current = None  # free the old pipeline before building the next
             self._current = self._iterator(
@@ -194,9 +299,7 @@ class DaliEvalLoader(_DaliLoader):
         else:
             self._current.reset()
         self._clean = False
-        for out in self._current:
-            yield _to_device(out[0], self.device)
-        self._clean = True
+        yield from self._current
 
 
 def build(

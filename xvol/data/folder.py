@@ -2,7 +2,7 @@
 DALI backends so that both read the same samples, with the same labels, in the same order.
 
 Layout: ``<root>/<split>/<class>/<image>``; class index = position in the sorted folder names,
-exactly as torchvision's ``ImageFolder`` (its own ``find_classes`` / ``make_dataset`` do the walk).
+exactly as torchvision's ``ImageFolder``, whose walk scan_split mirrors except at symlinks.
 """
 
 from __future__ import annotations
@@ -20,12 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from torchvision.datasets.folder import (
-    IMG_EXTENSIONS,
-    find_classes,
-    has_file_allowed_extension,
-    make_dataset,
-)
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +49,23 @@ class Split:
     samples: list[tuple[str, int]]
 
 
-def scan_split(path: Path) -> tuple[list[str], list[tuple[str, int]], list[tuple[str, str]]]:
-    """Classes, image files (path, label) and rejected non-image files (path, reason).
+def scan_split(
+    path: Path, *, log: bool = True
+) -> tuple[list[str], list[tuple[str, int]], list[tuple[str, str]]]:
+    """Classes, image files (path, label) and rejected files (path, reason).
+
+    Classes, labels and sample order are torchvision ImageFolder's. Its walk follows every
+    symlink, so ``<class>/loop -> .`` multiplies a class and ``<class>/up -> ..`` files the whole
+    split again under one label. This walk follows a link only where it cannot do that:
+
+    - a folder link is followed when it leads outside the split (``train/n01 -> /pool/n01``, the
+      usual way to assemble a dataset). One leading into the split, to a folder above it, or to a
+      folder above itself (a loop) is refused with a DataError naming the link, and so is a
+      folder reached from two classes (its images would get two labels);
+    - a file is counted once by its real path: reached again in the same class (a file link, a
+      second folder link) it is dropped, with one warning when ``log``; in another class it is a
+      DataError;
+    - a broken link is rejected like a non-image file.
 
     Structural problems (no split folder, no class folder, a class folder without any image
     file) raise DataError naming the path: they would change the label space or the class count.
@@ -65,22 +75,150 @@ def scan_split(path: Path) -> tuple[list[str], list[tuple[str, int]], list[tuple
             f"missing split folder {path}: expected <root>/train/<class>/*.JPEG and "
             "<root>/val/<class>/*.JPEG (ImageNet layout)"
         )
-    try:
-        classes, class_to_idx = find_classes(str(path))
-    except FileNotFoundError as e:
-        raise DataError(f"no class folders in {path}: {e}") from e
-    rejected: list[tuple[str, str]] = []
+    walk = _SplitWalk(path)
+    if log and walk.duplicates:
+        logger.warning(
+            "%d path(s) under %s reach files already counted (symlinks); each file is counted "
+            "once: %s%s",
+            len(walk.duplicates),
+            path,
+            "; ".join(f"{p} (= {first})" for p, first in walk.duplicates[:_WARN_FIRST]),
+            "; ..." if len(walk.duplicates) > _WARN_FIRST else "",
+        )
+    _check_no_empty_class(path, walk.classes, walk.samples, "holds no image file")
+    return walk.classes, walk.samples, walk.rejected
 
-    def is_image(file: str) -> bool:
-        if has_file_allowed_extension(file, IMG_EXTENSIONS):
-            return True
-        if not os.path.basename(file).startswith("."):  # hidden files (.DS_Store) are not data
-            rejected.append((file, "not an image file extension"))
-        return False
 
-    samples = make_dataset(str(path), class_to_idx, is_valid_file=is_image, allow_empty=True)
-    _check_no_empty_class(path, classes, samples, "holds no image file")
-    return classes, samples, rejected
+def _is_image_name(name: str) -> bool:
+    return has_file_allowed_extension(name, IMG_EXTENSIONS)
+
+
+def _inside(path: str, folder: str) -> bool:
+    """``path`` is ``folder`` or lies below it (real paths)."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+class _SplitWalk:
+    """The walk of one split (see scan_split). Real paths are derived from the parent's, and
+    resolved only at symlinks, so a plain 1.3M-file tree costs no extra system call per file."""
+
+    def __init__(self, split: Path) -> None:
+        self.split = str(split)
+        self.split_real = os.path.realpath(split)
+        self.rejected: list[tuple[str, str]] = []
+        self.duplicates: list[tuple[str, str]] = []  # (path dropped, path counted)
+        self.folders: dict[str, tuple[int, str]] = {}  # real path -> (label, path walked)
+        # class folders exactly as torchvision's find_classes (links to folders included)
+        self.classes = [e.name for e in self._entries(self.split) if e.is_dir()]
+        if not self.classes:
+            raise DataError(f"no class folders in {split}: expected {split}/<class>/<image>")
+        listing: list[tuple[str, list[str], int]] = []
+        file_links: list[tuple[str, int]] = []
+        for label, name in enumerate(self.classes):
+            folder = os.path.join(self.split, name)
+            real = (
+                self._follow(folder, self.split_real)
+                if os.path.islink(folder)
+                else os.path.join(self.split_real, name)
+            )
+            self._walk(folder, real, label, listing, file_links)
+        listing.sort(key=lambda item: item[0])  # torchvision: sorted(os.walk(...))
+        dropped = self._dedupe_file_links(file_links)
+        self.samples = [
+            (os.path.join(folder, name), label)
+            for folder, names, label in listing
+            for name in names
+            if not dropped or os.path.join(folder, name) not in dropped
+        ]
+
+    @staticmethod
+    def _entries(folder: str) -> list[os.DirEntry]:
+        try:
+            with os.scandir(folder) as it:
+                return sorted(it, key=lambda e: e.name)
+        except OSError as e:
+            raise DataError(f"cannot list {folder}: {e}") from e
+
+    def _follow(self, link: str, parent_real: str) -> str:
+        """Real path of a folder link, or DataError if following it would loop or relabel."""
+        target = os.path.realpath(link)
+        if _inside(target, self.split_real) or _inside(self.split_real, target):
+            raise DataError(
+                f"symlink {link} -> {target} leads back into {self.split} (a loop, or the same "
+                "images under a second label): folder links must lead outside the split; "
+                "remove the link"
+            )
+        if _inside(parent_real, target):
+            raise DataError(
+                f"symlink {link} -> {target} is a loop (it points at a folder that holds it): "
+                "remove the link"
+            )
+        return target
+
+    def _walk(
+        self,
+        folder: str,
+        real: str,
+        label: int,
+        listing: list[tuple[str, list[str], int]],
+        file_links: list[tuple[str, int]],
+    ) -> None:
+        known = self.folders.get(real)
+        if known is not None:
+            first_label, first = known
+            if first_label != label:
+                raise DataError(
+                    f"{folder} and {first} are the same folder ({real}) in classes "
+                    f"{self.classes[first_label]!r} and {self.classes[label]!r}: its images "
+                    "would get two labels; remove one of the symlinks"
+                )
+            self.duplicates.append((folder + os.sep, first + os.sep))
+            return
+        self.folders[real] = (label, folder)
+        names = []
+        for entry in self._entries(folder):
+            path = os.path.join(folder, entry.name)
+            if entry.is_dir():  # follows links
+                sub_real = (
+                    self._follow(path, real)
+                    if entry.is_symlink()
+                    else os.path.join(real, entry.name)
+                )
+                self._walk(path, sub_real, label, listing, file_links)
+            elif not _is_image_name(entry.name):
+                if not entry.name.startswith("."):  # hidden files (.DS_Store) are not data
+                    self.rejected.append((path, "not an image file extension"))
+            elif entry.is_symlink() and not os.path.exists(path):
+                self.rejected.append((path, f"broken symlink -> {os.readlink(path)}"))
+            else:
+                if entry.is_symlink():
+                    file_links.append((path, label))
+                names.append(entry.name)
+        listing.append((folder, names, label))
+
+    def _dedupe_file_links(self, file_links: list[tuple[str, int]]) -> set[str]:
+        """Links to files counted elsewhere: dropped if in the same class, else DataError."""
+        dropped: set[str] = set()
+        first_link: dict[str, tuple[str, int]] = {}
+        for path, label in file_links:
+            real = os.path.realpath(path)
+            real_dir, name = os.path.split(real)
+            if real_dir in self.folders and _is_image_name(name):
+                first_label, first_dir = self.folders[real_dir]
+                first = (os.path.join(first_dir, name), first_label)
+            else:
+                first = first_link.setdefault(real, (path, label))
+                if first[0] == path:
+                    continue
+            if first[1] != label:
+                raise DataError(
+                    f"{path} and {first[0]} are the same file ({real}) in classes "
+                    f"{self.classes[first[1]]!r} and {self.classes[label]!r}: one image cannot "
+                    "have two labels; remove one of them"
+                )
+            dropped.add(path)
+            self.duplicates.append((path, first[0]))
+        return dropped
 
 
 def _check_no_empty_class(
@@ -99,8 +237,10 @@ def check_image(path: str, full: bool) -> str | None:
     """None if the file is a readable image, else the reason.
 
     ``full`` decodes every pixel. Otherwise only the header is parsed and, for JPEGs, the file
-    must end with the end-of-image marker (truncated downloads lose it); files lacking it are
-    decoded to decide, so JPEGs with trailing bytes are not rejected by mistake.
+    must hold a scan and end with the end-of-image marker (truncated downloads lose it); files
+    lacking the marker are decoded to decide, so JPEGs with trailing bytes are not rejected by
+    mistake. Damage inside the compressed data passes ``fast`` (and libjpeg, hence ``full``,
+    tolerates much of it); the DALI loaders name such a file when their decoder fails on it.
     """
     try:
         with Image.open(path) as im:
@@ -108,6 +248,8 @@ def check_image(path: str, full: bool) -> str | None:
                 im.load()
                 return None
             is_jpeg = im.format == "JPEG"
+            if is_jpeg and not im.tile:  # headers then EOI: PIL opens it, decoders fail
+                return "JPEG without image data (no start-of-scan marker)"
         if is_jpeg and not _ends_with_jpeg_eoi(path):
             with Image.open(path) as im:
                 im.load()
@@ -181,7 +323,7 @@ def load_folder(
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DataError(f"data root {root} does not exist (set data.root or $XVOL_DATA)")
-    scanned = {s: scan_split(root / s) for s in splits}
+    scanned = {s: scan_split(root / s, log=rank == 0) for s in splits}
     (train_classes, _, _), (val_classes, _, _) = scanned[splits[0]], scanned[splits[1]]
     if train_classes != val_classes:
         only_train = sorted(set(train_classes) - set(val_classes))

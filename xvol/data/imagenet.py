@@ -41,8 +41,16 @@ _MAX_SUBSTITUTES = 16
 def _on_device(
     batches: Iterable[tuple[Tensor, Tensor]], device: torch.device
 ) -> Iterator[tuple[Tensor, Tensor]]:
-    for images, labels in batches:
-        yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+    try:
+        for images, labels in batches:
+            yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+    except DataError as e:
+        # from a worker process, DataLoader re-raises it with the worker's traceback in the
+        # message; keep the one line that names the file
+        text = str(e).rstrip()
+        if "\nOriginal Traceback" not in text:
+            raise
+        raise DataError(text.splitlines()[-1].split("DataError: ", 1)[-1]) from None
 
 
 class FolderDataset(Dataset):

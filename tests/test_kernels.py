@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import copy
 import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -26,7 +23,8 @@ from helpers import randomize_bn
 
 pytest.importorskip("triton")
 
-from xvol.ops import pssa_lean, triton_xconv  # noqa: E402
+from xvol.ops import dispatch, pssa_lean, triton_aot, triton_xconv  # noqa: E402
+from xvol.ops.geometry import geometry_of  # noqa: E402
 from xvol.ops.xconv import XConv2d, XConv2dDeploy  # noqa: E402
 
 RTOL, ATOL = 1e-4, 1e-5
@@ -65,8 +63,11 @@ SLOTS = [
     pytest.param(8, 8, 3, 1, 1, 1, (1,), False, False, id="s1"),
     pytest.param(8, 6, 3, 2, 1, 1, (1,), False, True, id="s2-cl-cout6"),
     pytest.param(20, 18, 3, 1, 1, 1, (1,), False, True, id="c20-two-k-blocks"),
-    pytest.param(4, 4, 3, 2, 0, 1, (1, 2), True, False, id="pad0-offset-shifts-center"),
+    pytest.param(4, 4, 3, 2, 0, 1, (2,), True, False, id="pad0-offset-shift2-center"),
     pytest.param(4, 5, 3, 1, 2, 2, (1,), False, True, id="dilation2"),
+    pytest.param(4, 5, 3, 1, 2, 2, (2,), True, True, id="dilation2-shift2-fused-ring"),
+    pytest.param(6, 4, 5, 2, 2, 1, (1,), True, False, id="k5-s2-center"),
+    pytest.param(6, 4, 1, 1, 0, 1, (1,), False, True, id="k1"),
 ]
 
 
@@ -84,7 +85,7 @@ def test_pssa_forward_kernel_matches_reference(
 ):
     m = _module(cin, cout, k, s, p, d, shifts, center)
     x = _input(2, cin, 6, 6, cl)
-    geom = pssa_lean.geometry_of(m, x)
+    geom = geometry_of(m, x)
     with torch.no_grad():
         expected = m.pssa(m.transform(x))
         got = triton_xconv.pssa_forward(x, m.pssa.weight, geom)
@@ -110,7 +111,7 @@ def test_pssa_backward_kernels_match_autograd(interpret, cin, cout, k, s, p, d, 
     m = _module(cin, cout, k, s, p, d, shifts, center)
     x = _input(2, cin, 6, 6, cl).requires_grad_()
     w = m.pssa.weight.detach().clone().requires_grad_()
-    geom = pssa_lean.geometry_of(m, x)
+    geom = geometry_of(m, x)
     y = F.conv2d(m.transform(x), w)
     grad_y = torch.randn_like(y)
     gx_ref, gw_ref = torch.autograd.grad(y, (x, w), grad_y)
@@ -126,7 +127,7 @@ def test_pssa_kernel_accumulates_onto_a_given_map(interpret):
     """``init``: PSSA added onto an existing output (e.g. a cuDNN conv's), still one pass."""
     m = _module(8, 6, 3, 2, 1)
     x = _input(2, 8, 6, 6, channels_last=True)
-    geom = pssa_lean.geometry_of(m, x)
+    geom = geometry_of(m, x)
     with torch.no_grad():
         base = m.conv(x)
         got = triton_xconv.pssa_forward(x, m.pssa.weight, geom, init=base)
@@ -157,9 +158,9 @@ def test_pssa_triton_function_saves_only_input_and_weight(interpret):
     m = _module(8, 8, 3, 1, 1)
     x = _input(2, 8, 6, 6).requires_grad_()
     w = m.pssa.weight
-    geom = pssa_lean.geometry_of(m, x)
+    geom = geometry_of(m, x)
     report = pssa_lean.saved_tensors_report(
-        lambda: pssa_lean.pssa_lean(x, w, geom, backend="triton"), [w]
+        lambda: pssa_lean.pssa_lean(x, w, geom, dispatch.triton_backend(False)), [w]
     )
     assert report.activation_bytes == x.numel() * x.element_size()
     assert report.per_channel_bytes == 0
@@ -169,7 +170,7 @@ def test_pssa_triton_function_saves_only_input_and_weight(interpret):
 def test_low_precision_inputs_accumulate_in_fp32(interpret, dtype):
     deploy = _module(8, 8, 3, 1, 1).eval().reparameterize()
     x = _input(2, 8, 6, 6, channels_last=True, dtype=dtype)
-    geom = pssa_lean.geometry_of(deploy, x)
+    geom = geometry_of(deploy, x)
     w, w_a = deploy.weight.to(dtype), deploy.pssa_weight.to(dtype)
     with torch.no_grad():
         got = triton_xconv.xconv_deploy(
@@ -200,65 +201,193 @@ def test_groups_are_rejected_clearly(interpret):
 
 def test_auto_does_not_use_the_interpreter(interpret):
     x = _input(1, 4, 5, 5)
-    assert pssa_lean.resolve_impl("auto", x, False, True) == "reference"
-    assert pssa_lean.resolve_impl("triton", x, False, True) == "triton"
+    m = XConv2d(4, 4, 3, 1, 1)
+    assert dispatch.resolve_impl("auto", m, x, False) == "reference"
+    assert dispatch.resolve_impl("triton", m, x, False) == "triton"
 
 
-def test_self_test_passes_under_the_interpreter(interpret):
-    triton_xconv.self_test.cache_clear()
-    assert triton_xconv.self_test(torch.device("cpu"))
-    triton_xconv.self_test.cache_clear()
+# --------------------------------------------------------------------------------------------
+# auto's Triton check: the fallback paths, exercised on CPU through the interpreter by letting
+# auto treat the CPU like a CUDA device (the only thing that differs on a GPU is the device).
 
 
-_AOT_SCRIPT = textwrap.dedent(
-    """
-    import json
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from xvol.ops import triton_xconv as tx
+@pytest.fixture
+def auto_on_cpu(interpret, monkeypatch: pytest.MonkeyPatch):
+    """auto takes its CUDA inference branch for CPU tensors; the verdicts start empty."""
+    real = dispatch.resolve_impl
 
-    FLOAT = {"bias_ptr": "*fp32", "part_ptr": "*fp32", "taps_ptr": "*i32"}
-    k = tx._kernels()
-    assert not k.interpret
-    cases = {
-        "xconv_fwd": (k.xconv_fwd, dict(STRIDE=2, PAD=1, DIL=1, OFF=0, KS=3, NT=8, HAS_BIAS=True,
-                      HAS_INIT=False, DOT_F32=False, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32)),
-        "pssa_bwd_w": (k.pssa_bwd_w, dict(STRIDE=1, OFF=0, NT=8, DOT_F32=False, BLOCK_C=64,
-                       BLOCK_O=64, BLOCK_M=64)),
-        "pssa_bwd_x": (k.pssa_bwd_x, dict(STRIDE=2, OFF=0, NT=8, BLOCK_Q=64, BLOCK_C=64)),
-    }
-    out = {}
-    for name, (kernel, const) in cases.items():
-        fn = kernel.fn
-        sig = {a: "constexpr" if a in const else FLOAT.get(a, "*bf16" if a.endswith("_ptr")
-               else "i32") for a in fn.arg_names}
-        src = ASTSource(fn=fn, signature=sig,
-                        constexprs={(fn.arg_names.index(c),): v for c, v in const.items()})
-        ck = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                            options=dict(num_warps=4, num_stages=3))
-        out[name] = {"cubin": len(ck.asm["cubin"]), "wgmma": ck.asm["ptx"].count("wgmma")}
-    print(json.dumps(out))
-    """
+    def resolve(impl, module, x, grad):
+        if impl == "auto" and not grad and x.dtype in (torch.bfloat16, torch.float16):
+            if triton_xconv.available(x) and dispatch.triton_supports(module, x):
+                return "triton?"
+        return real(impl, module, x, grad)
+
+    monkeypatch.setattr(dispatch, "resolve_impl", resolve)
+    monkeypatch.setattr(dispatch, "_TRITON_OK", {})
+
+
+def _bf16_deploy(stride: int = 1) -> tuple[XConv2dDeploy, torch.Tensor]:
+    deploy = _module(8, 8, 3, stride, 1).eval().reparameterize().to(torch.bfloat16)
+    deploy.impl = "auto"
+    return deploy, _input(2, 8, 6, 6, channels_last=True, dtype=torch.bfloat16)
+
+
+def _gemm_output(deploy: XConv2dDeploy, x: torch.Tensor) -> torch.Tensor:
+    ref = copy.deepcopy(deploy)
+    ref.impl = "gemm"
+    return ref(x)
+
+
+def test_auto_uses_triton_only_after_it_matched_on_that_key(auto_on_cpu, monkeypatch):
+    deploy, x = _bf16_deploy()
+    calls = {"fused": 0, "gemm": 0}
+    fused, gemm_forward = dispatch._deploy_triton, dispatch.GEMM.forward
+
+    def count_fused(*a, **k):
+        calls["fused"] += 1
+        return fused(*a, **k)
+
+    monkeypatch.setattr(dispatch, "_deploy_triton", count_fused)
+    monkeypatch.setattr(dispatch.pssa_gemm, "pssa_forward", gemm_forward)
+    with torch.no_grad():
+        first = deploy(x)
+        assert list(dispatch._TRITON_OK.values()) == [True]
+        second = deploy(x)
+        deploy(x[:1])  # another shape: checked again
+    assert calls["fused"] == 3 and len(dispatch._TRITON_OK) == 2
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    scale = first.float().abs().max()
+    torch.testing.assert_close(
+        first.float(), _gemm_output(deploy, x).float(), rtol=0, atol=0.02 * scale
+    )
+
+
+@pytest.mark.parametrize(
+    "failure",
+    ["OutOfResources", "NoConfigFitsError", "mismatch", "nan"],
 )
+def test_auto_falls_back_once_with_one_warning_naming_the_cause(
+    auto_on_cpu, monkeypatch, caplog, failure
+):
+    """Any Triton error or wrong answer: the slot gets the gemm path's output, one warning names
+    the cause, and the kernel is never tried again for that key."""
+    deploy, x = _bf16_deploy()
+    tries = []
+
+    def broken(module, x, geom, tune):
+        tries.append(1)
+        if failure == "OutOfResources":
+            from triton.runtime.errors import OutOfResources
+
+            raise OutOfResources(761856, 232448, "shared memory")
+        if failure == "NoConfigFitsError":
+            raise triton_xconv.NoConfigFitsError("no xconv_fwd config fits the shared memory")
+        out = _gemm_output(module, x)
+        return out + 1 if failure == "mismatch" else out * float("nan")
+
+    monkeypatch.setattr(dispatch, "_deploy_triton", broken)
+    with caplog.at_level("WARNING", logger="xvol.ops.dispatch"), torch.no_grad():
+        outs = [deploy(x) for _ in range(3)]
+    assert len(tries) == 1
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1, warnings
+    cause = {
+        "OutOfResources": "OutOfResources",
+        "NoConfigFitsError": "no xconv_fwd config fits",
+        "mismatch": "differs from the gemm path",
+        "nan": "differs from the gemm path",
+    }[failure]
+    assert cause in warnings[0] and "using the gemm path" in warnings[0]
+    expected = _gemm_output(deploy, x)
+    for out in outs:
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+def test_auto_training_form_eval_checks_the_pssa_kernel(auto_on_cpu):
+    m = _module(8, 8, 3, 1, 1).eval().to(torch.bfloat16)
+    m.impl = "auto"
+    x = _input(2, 8, 6, 6, channels_last=True, dtype=torch.bfloat16)
+    with torch.no_grad():
+        got = m(x)
+        ref = copy.deepcopy(m)
+        ref.impl = "reference"
+        expected = ref(x)
+    assert [k[0] for k in dispatch._TRITON_OK] == ["PSSA"]
+    assert all(dispatch._TRITON_OK.values())
+    scale = expected.float().abs().max()
+    torch.testing.assert_close(got.float(), expected.float(), rtol=0, atol=0.03 * scale)
+
+
+def test_xvol_triton_0_turns_triton_off_under_auto(monkeypatch):
+    monkeypatch.setenv("XVOL_TRITON", "0")
+    assert not dispatch._triton_allowed_by_env()
+    monkeypatch.setenv("XVOL_TRITON", "1")
+    assert dispatch._triton_allowed_by_env()
+
+
+# --------------------------------------------------------------------------------------------
+# Shared memory: the runtime prune, and ahead-of-time compiles for sm_80 / sm_90 (no GPU).
+
+
+def test_prune_never_keeps_an_over_limit_config_and_raises_when_none_fits(monkeypatch):
+    """The autotuner's real prune (compiled mode, as on a GPU) with the device's limit faked."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    k = triton_xconv._kernels()
+    x = torch.empty(1, 8, 4, 4, dtype=torch.bfloat16)
+    for name in ("xconv_fwd", "pssa_bwd_w", "pssa_bwd_x"):
+        prune = getattr(k, name).early_config_prune
+        configs = getattr(k, name).configs
+        for limit in (101_376, 166_912, 232_448):
+            monkeypatch.setattr(triton_xconv, "_device_smem", lambda device, lim=limit: lim)
+            kept = prune(configs, {"x_ptr": x})
+            assert kept, (name, limit)
+            for c in kept:
+                cfg = {"blocks": c.kwargs, "num_stages": c.num_stages}
+                assert triton_xconv.smem_estimate(name, cfg, 2) <= limit
+        monkeypatch.setattr(triton_xconv, "_device_smem", lambda device: 1024)
+        with pytest.raises(triton_xconv.NoConfigFitsError, match=f"no {name} config fits"):
+            prune(configs, {"x_ptr": x})
+        with pytest.raises(triton_xconv.NoConfigFitsError, match="use impl='lean' or 'gemm'"):
+            triton_xconv.fixed_config(name, torch.bfloat16, torch.device("cpu"))
+
+
+def test_autotune_key_buckets_pixels_and_caches_across_processes(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    k = triton_xconv._kernels()
+    for name in ("xconv_fwd", "pssa_bwd_w", "pssa_bwd_x"):
+        tuner = getattr(k, name)
+        assert "M_BUCKET" in tuner.keys and "M" not in tuner.keys and "MX" not in tuner.keys
+        assert tuner.cache_results
+    assert [triton_xconv._bucket(n) for n in (1, 2, 3, 50176, 65536)] == [1, 2, 4, 65536, 65536]
 
 
 @pytest.mark.slow
-def test_kernels_compile_for_sm90_without_a_gpu():
-    """Compiled mode (not the interpreter) lowers all three kernels to sm_90 cubins; the GEMM
-    kernels use Hopper tensor cores (wgmma). Needs Triton's bundled ptxas, no GPU."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run(
-        [sys.executable, "-c", _AOT_SCRIPT], capture_output=True, text=True, env=env, timeout=300
+def test_every_kernel_config_fits_sm80_and_sm90_shared_memory():
+    """Every config of every kernel, bf16 and fp32, compiled for sm_80 and sm_90 with the JIT's
+    real specialization (channels_last, 16-byte aligned pointers, stride-1 channels): its
+    shared memory fits the target and the estimate the runtime prune uses is an upper bound.
+    The interpreter has no shared-memory limit; this is the check that runs without a GPU."""
+    rows = triton_aot.compile_all(workers=min(2, os.cpu_count() or 1))
+    kernels = {"xconv_fwd", "pssa_bwd_w", "pssa_bwd_x"}
+    assert {r["kernel"] for r in rows} == kernels
+    assert {(r["dtype"], r["target"]) for r in rows} == {
+        (d, t) for d in ("bf16", "fp32") for t in ("sm_80", "sm_90")
+    }
+    assert len(rows) == 4 * sum(
+        2 * len(triton_xconv.CONFIGS[k]) if k == "xconv_fwd" else len(triton_xconv.CONFIGS[k])
+        for k in kernels
     )
-    if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr:
-        pytest.skip("Triton's ptxas is not available")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    import json
-
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert all(v["cubin"] > 0 for v in result.values()), result
-    assert result["xconv_fwd"]["wgmma"] > 0 and result["pssa_bwd_w"]["wgmma"] > 0, result
+    for r in rows:
+        assert "error" not in r, r
+        assert r["shared"] <= r["limit"], r
+        assert r["shared"] <= r["estimate"], r
+        assert r["aligned_args"] > 0, r  # the JIT's divisibility specialization is in place
+    # The GEMM kernels are pipelined (shared-memory buffers) and use Hopper's wgmma on sm_90.
+    for r in rows:
+        if r["kernel"] != "pssa_bwd_x":
+            assert r["shared"] > 0, r
+        if r["target"] == "sm_90" and r["kernel"] != "pssa_bwd_x" and r["dtype"] == "bf16":
+            assert r["wgmma"] > 0, r
 
 
 # --------------------------------------------------------------------------------------------
@@ -300,9 +429,56 @@ def test_gpu_training_step_triton_matches_lean(no_tf32, dtype):
     xs = [x.clone().requires_grad_() for _ in range(2)]
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         outs = [m(xi) for m, xi in zip((lean, tri), xs)]
-    tol = dict(rtol=1e-3, atol=1e-3) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
+    # fp32 runs TF32 dots in the kernels (documented), so both dtypes get low-precision bounds.
+    tol = dict(rtol=1e-2, atol=1e-2) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
     torch.testing.assert_close(outs[1].float(), outs[0].float(), **tol)
     for out in outs:
         out.float().square().mean().backward()
     torch.testing.assert_close(xs[1].grad, xs[0].grad, **tol)
     torch.testing.assert_close(tri.pssa.weight.grad, lean.pssa.weight.grad, **tol)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_auto_picks_the_checked_triton_kernel_for_bf16_inference(caplog, monkeypatch):
+    monkeypatch.setattr(dispatch, "_TRITON_OK", {})
+    deploy = _module(256, 256, 3, 1, 1).eval().reparameterize().cuda()
+    deploy.impl = "auto"
+    x = _input(8, 256, 14, 14, channels_last=True).cuda()
+    with caplog.at_level("WARNING"), torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
+        got = deploy(x)
+    assert not caplog.records, [r.getMessage() for r in caplog.records]
+    assert list(dispatch._TRITON_OK.values()) == [True]
+    ref = copy.deepcopy(deploy)
+    ref.impl = "reference"
+    with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
+        expected = ref(x)
+    scale = expected.float().abs().max()
+    torch.testing.assert_close(got.float(), expected.float(), rtol=0, atol=0.02 * scale)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("impl", ["lean", "gemm", "triton"])
+def test_gpu_xresnet50_training_step_per_backend(impl):
+    """One bf16 channels_last training step of xresnet50 per backend: finite, and the same
+    loss as the reference backend."""
+    import timm
+
+    import xvol.models  # noqa: F401  (registers xresnet*)
+
+    torch.manual_seed(0)
+    model = timm.create_model("xresnet50", num_classes=10).cuda()
+    model = model.to(memory_format=torch.channels_last)
+    ref = copy.deepcopy(model)
+    dispatch.set_impl(model, impl)
+    dispatch.set_impl(ref, "reference")
+    x = torch.randn(8, 3, 64, 64, device="cuda").contiguous(memory_format=torch.channels_last)
+    losses = []
+    for m in (ref, model):
+        with torch.autocast("cuda", torch.bfloat16):
+            loss = m(x).float().logsumexp(1).mean()
+        loss.backward()
+        losses.append(loss.item())
+        assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+    assert losses[1] == pytest.approx(losses[0], rel=2e-2)

@@ -1,6 +1,8 @@
-"""The memory-lean PSSA path (xvol/ops/pssa_lean.py) against the reference path of XConv2d.
+"""The PyTorch PSSA backends against the reference path of XConv2d: ``lean`` (tap by tap,
+xvol/ops/pssa_lean.py) and ``gemm`` (one elementwise pass + one GEMM, xvol/ops/pssa_gemm.py),
+both inside the lean autograd Functions; and the ``impl`` dispatch (xvol/ops/dispatch.py).
 
-Tolerances: float32 comparisons use rtol=1e-5, atol=1e-5 (the lean path sums the taps in a
+Tolerances: float32 comparisons use rtol=1e-5, atol=1e-5 (the backends sum the taps in a
 different order); gradients are checked in float64 with torch.autograd.gradcheck.
 """
 
@@ -14,9 +16,13 @@ import torch.nn.functional as F
 from helpers import randomize_bn
 from torch import nn
 
-from xvol.ops import pssa_lean
-from xvol.ops.pssa_lean import PSSAGeometry, geometry_of, saved_tensors_report
+from xvol.ops import dispatch, pssa_lean
+from xvol.ops.geometry import PSSAGeometry, geometry_of
+from xvol.ops.pssa_lean import saved_tensors_report
 from xvol.ops.xconv import XConv2d, XConv2dDeploy
+
+BACKENDS = {"lean": pssa_lean.LEAN, "gemm": dispatch.GEMM}
+backends = pytest.mark.parametrize("impl", list(BACKENDS))
 
 RTOL, ATOL = 1e-5, 1e-5
 
@@ -51,39 +57,43 @@ GRAD_SLOTS = [
 ]
 
 
-def _pair(cin, cout, k, s, p, d, g, shifts, center, dtype=torch.float32):
-    """A reference and a lean XConv2d with identical (randomized) parameters and BN stats."""
+def _pair(cin, cout, k, s, p, d, g, shifts, center, dtype=torch.float32, impl="lean"):
+    """A reference and an ``impl`` XConv2d with identical (randomized) parameters and BN stats."""
     torch.manual_seed(0)
     ref = XConv2d(cin, cout, k, s, p, d, g, shifts=shifts, center=center, impl="reference")
     randomize_bn(ref, torch.Generator().manual_seed(1))
     ref = ref.to(dtype)
     lean = copy.deepcopy(ref)
-    lean.impl = "lean"
+    lean.impl = impl
     return ref, lean
 
 
+@backends
 @pytest.mark.parametrize("cin,cout,k,s,p,d,g,shifts,center", SLOTS)
-def test_pssa_lean_matches_reference_transform(cin, cout, k, s, p, d, g, shifts, center):
+def test_pssa_backend_matches_reference_transform(cin, cout, k, s, p, d, g, shifts, center, impl):
     ref, _ = _pair(cin, cout, k, s, p, d, g, shifts, center)
     x = torch.randn(2, cin, 9, 8)
     geom = geometry_of(ref, x)
     expected = ref.pssa(ref.transform(x))
-    got = pssa_lean.pssa_forward_taps(x, ref.pssa.weight, geom)
+    got = BACKENDS[impl].forward(x, ref.pssa.weight, geom)
     torch.testing.assert_close(got, expected, rtol=RTOL, atol=ATOL)
 
 
+@backends
 @pytest.mark.parametrize("cin,cout,k,s,p,d,g,shifts,center", GRAD_SLOTS)
-def test_pssa_lean_gradcheck_float64(cin, cout, k, s, p, d, g, shifts, center):
+def test_pssa_backend_gradcheck_float64(cin, cout, k, s, p, d, g, shifts, center, impl):
     ref, _ = _pair(cin, cout, k, s, p, d, g, shifts, center, dtype=torch.float64)
     x = torch.randn(2, cin, 6, 5, dtype=torch.float64, requires_grad=True)
     w = ref.pssa.weight.detach().clone().requires_grad_()
     geom = geometry_of(ref, x)
-    assert torch.autograd.gradcheck(lambda x, w: pssa_lean.pssa_lean(x, w, geom), (x, w))
+    backend = BACKENDS[impl]
+    assert torch.autograd.gradcheck(lambda x, w: pssa_lean.pssa_lean(x, w, geom, backend), (x, w))
 
 
+@backends
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("cin,cout,k,s,p,d,g,shifts,center", GRAD_SLOTS[:3])
-def test_pssa_bn_lean_gradcheck_float64(cin, cout, k, s, p, d, g, shifts, center, training):
+def test_pssa_bn_gradcheck_float64(cin, cout, k, s, p, d, g, shifts, center, training, impl):
     ref, _ = _pair(cin, cout, k, s, p, d, g, shifts, center, dtype=torch.float64)
     bn = ref.pssa_bn
     x = torch.randn(2, cin, 6, 5, dtype=torch.float64, requires_grad=True)
@@ -95,7 +105,7 @@ def test_pssa_bn_lean_gradcheck_float64(cin, cout, k, s, p, d, g, shifts, center
 
     def fn(x, w, gamma, beta):
         return pssa_lean.PSSABatchNormLean.apply(
-            x, w, gamma, beta, *running, training, 0.1, bn.eps, geom, "lean"
+            x, w, gamma, beta, *running, training, 0.1, bn.eps, geom, BACKENDS[impl]
         )
 
     gamma = bn.weight.detach().clone().requires_grad_()
@@ -103,13 +113,14 @@ def test_pssa_bn_lean_gradcheck_float64(cin, cout, k, s, p, d, g, shifts, center
     assert torch.autograd.gradcheck(fn, (x, w, gamma, beta))
 
 
+@backends
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("cin,cout,k,s,p,d,g,shifts,center", SLOTS)
-def test_xconv_lean_training_step_matches_reference(
-    cin, cout, k, s, p, d, g, shifts, center, channels_last
+def test_xconv_training_step_matches_reference(
+    cin, cout, k, s, p, d, g, shifts, center, channels_last, impl
 ):
     """Output, every gradient, BN running stats and num_batches_tracked agree after a step."""
-    ref, lean = _pair(cin, cout, k, s, p, d, g, shifts, center)
+    ref, lean = _pair(cin, cout, k, s, p, d, g, shifts, center, impl=impl)
     x = torch.randn(3, cin, 9, 8)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -128,9 +139,10 @@ def test_xconv_lean_training_step_matches_reference(
     assert int(lean.pssa_bn.num_batches_tracked) == 1
 
 
-def test_lean_bn_cumulative_momentum_and_eval_mode():
+@backends
+def test_bn_cumulative_momentum_and_eval_mode(impl):
     """momentum=None (cumulative average) and eval-mode BN follow nn.BatchNorm2d exactly."""
-    ref, lean = _pair(8, 8, 3, 1, 1, 1, 1, (1,), False)
+    ref, lean = _pair(8, 8, 3, 1, 1, 1, 1, (1,), False, impl=impl)
     for m in (ref, lean):
         m.pssa_bn.momentum = None
     for _ in range(3):
@@ -168,8 +180,9 @@ def test_bn_subclass_keeps_its_own_forward():
     assert CountingBN.calls == 2
 
 
-def test_lean_under_bf16_autocast_matches_reference():
-    ref, lean = _pair(8, 8, 3, 1, 1, 1, 1, (1,), False)
+@backends
+def test_bf16_autocast_matches_reference(impl):
+    ref, lean = _pair(8, 8, 3, 1, 1, 1, 1, (1,), False, impl=impl)
     x = torch.randn(2, 8, 6, 6)
     xs = [x.clone().requires_grad_() for _ in range(2)]
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -185,7 +198,7 @@ def test_lean_under_bf16_autocast_matches_reference():
     torch.testing.assert_close(xs[1].grad, xs[0].grad, rtol=5e-2, atol=5e-1)
 
 
-@pytest.mark.parametrize("impl", ["reference", "lean"])
+@pytest.mark.parametrize("impl", ["reference", "lean", "gemm"])
 def test_deploy_impls_match_and_lean_deploy_is_differentiable(impl):
     ref, _ = _pair(8, 8, 3, 2, 1, 1, 1, (1,), False)
     ref.eval()
@@ -214,30 +227,51 @@ def test_impl_is_validated():
         XConv2dDeploy(8, 8, 3, 1, 1, impl="cuda")
 
 
-def test_auto_resolves_to_lean_when_recording_and_reference_on_cpu_otherwise():
+def test_auto_on_cpu_is_lean_when_recording_and_reference_otherwise():
     x = torch.randn(1, 4, 5, 5)
-    assert pssa_lean.resolve_impl("auto", x, True, True) == "lean"
-    assert pssa_lean.resolve_impl("auto", x, False, True) == "reference"
-    assert pssa_lean.resolve_impl("reference", x, True, True) == "reference"
     m = XConv2d(4, 4, 3, 1, 1)
-    assert pssa_lean.needs_grad(x, m.pssa.weight)
+    assert dispatch.resolve_impl("auto", m, x, True) == "lean"
+    assert dispatch.resolve_impl("auto", m, x, False) == "reference"
+    assert dispatch.resolve_impl("reference", m, x, True) == "reference"
+    assert dispatch.resolve_impl("gemm", m, x, False) == "gemm"
+    assert dispatch.needs_grad(x, m.pssa.weight)
     with torch.no_grad():
-        assert not pssa_lean.needs_grad(x, m.pssa.weight)
+        assert not dispatch.needs_grad(x, m.pssa.weight)
 
 
-def test_explicit_triton_on_cpu_without_interpreter_falls_back_to_lean(monkeypatch):
+def test_explicit_triton_on_cpu_without_interpreter_falls_back_to_lean(monkeypatch, caplog):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(dispatch, "_WARNED", set())
     x = torch.randn(1, 4, 5, 5)
-    assert pssa_lean.resolve_impl("triton", x, True, True) == "lean"
     ref, lean = _pair(4, 4, 3, 1, 1, 1, 1, (1,), False)
     lean.impl = "triton"
-    torch.testing.assert_close(lean(x), ref(x), rtol=RTOL, atol=ATOL)
+    assert dispatch.resolve_impl("triton", lean, x, True) == "lean"
+    with caplog.at_level("WARNING", logger="xvol.ops.dispatch"):
+        torch.testing.assert_close(lean(x), ref(x), rtol=RTOL, atol=ATOL)
+        lean(x)
+    assert [r.message for r in caplog.records].count(caplog.records[0].message) == 1
+    assert "using the lean PyTorch path" in caplog.records[0].message
 
 
-def test_explicit_triton_on_unsupported_slot_raises():
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(groups=2), dict(shifts=(1, 2))],
+    ids=["groups", "two-shifts"],
+)
+def test_explicit_triton_on_unsupported_slot_raises(kwargs):
     x = torch.randn(1, 4, 5, 5)
-    with pytest.raises(ValueError, match="groups=1"):
-        pssa_lean.resolve_impl("triton", x, False, False)
+    m = XConv2d(4, 4, 3, 1, 1, **kwargs)
+    with pytest.raises(ValueError, match="groups=1, odd square kernels, one shift distance"):
+        dispatch.resolve_impl("triton", m, x, False)
+
+
+def test_set_impl_reaches_every_xconv():
+    model = nn.Sequential(XConv2d(4, 4, 3, 1, 1), nn.ReLU(), XConv2d(4, 4, 3, 1, 1).eval())
+    model[2] = model[2].reparameterize()
+    assert dispatch.set_impl(model, "gemm") == 2
+    assert {m.impl for m in model if hasattr(m, "impl")} == {"gemm"}
+    with pytest.raises(ValueError, match="impl must be one of"):
+        dispatch.set_impl(model, "fast")
 
 
 def test_geometry_padding_matches_reference_transform_reads():
@@ -263,11 +297,13 @@ def _reports(stride: int, cin: int = 16, hw: int = 8):
     conv_bn = nn.Sequential(conv, nn.BatchNorm2d(cin))
     ref = XConv2d(cin, cin, 3, stride, 1, impl="reference")
     lean = XConv2d(cin, cin, 3, stride, 1, impl="lean")
+    gemm = XConv2d(cin, cin, 3, stride, 1, impl="gemm")
     return {
         "conv": saved_tensors_report(lambda: conv(x), _owned(conv)),
         "conv_bn": saved_tensors_report(lambda: conv_bn(x), _owned(conv_bn)),
         "reference": saved_tensors_report(lambda: ref(x), _owned(ref)),
         "lean": saved_tensors_report(lambda: lean(x), _owned(lean)),
+        "gemm": saved_tensors_report(lambda: gemm(x), _owned(gemm)),
         "x_bytes": x.numel() * x.element_size(),
         "cout": cin,
     }
@@ -292,6 +328,9 @@ def test_lean_saved_activations_at_most_twice_conv(stride):
     assert lean.total_bytes <= conv_bn.total_bytes + 2 * r["cout"] * 4
     # The reference keeps T (8x), the padded x and BN_A's input: lean is far below it.
     assert ref.activation_bytes > 3 * lean.activation_bytes
+    # gemm keeps BN_A's input instead of recomputing PSSA in backward: one output map more.
+    out_bytes = r["x_bytes"] // stride**2
+    assert r["gemm"].activation_bytes == lean.activation_bytes + out_bytes
 
 
 def test_lean_saves_no_output_sized_pssa_tensor():
@@ -307,10 +346,11 @@ def test_pssa_lean_saves_only_input_and_weight():
     x = torch.randn(2, 8, 6, 6, requires_grad=True)
     w = torch.randn(8, 64, 1, 1, requires_grad=True)
     geom = PSSAGeometry(tuple(XConv2d(8, 8, 3, 1, 1).taps), 1, 0, (6, 6), 1)
-    report = saved_tensors_report(lambda: pssa_lean.pssa_lean(x, w, geom), [w])
-    assert report.activation_bytes == x.numel() * 4
-    assert report.parameter_bytes == w.numel() * 4
-    assert report.per_channel_bytes == 0
+    for backend in BACKENDS.values():
+        report = saved_tensors_report(lambda b=backend: pssa_lean.pssa_lean(x, w, geom, b), [w])
+        assert report.activation_bytes == x.numel() * 4
+        assert report.parameter_bytes == w.numel() * 4
+        assert report.per_channel_bytes == 0
 
 
 def test_lean_forward_equals_functional_definition():

@@ -20,13 +20,13 @@ Gradient of one tap d (q = p * s + offset is the read position of output pixel p
 Both scatters go through the same zero-padded buffer as the forward reads; gradient landing in the
 padding is dropped (the padding is a constant). A centre tap d = (0, 0) gets both terms: 2 G x.
 
-``impl`` dispatch for ``XConv2d`` / ``XConv2dDeploy`` lives here too (``resolve_impl``) so that
-xconv.py stays the readable ground truth.
+The autograd Functions take a ``Backend`` (the PSSA forward and backward to run: this file's
+tap-by-tap PyTorch code, ``pssa_gemm`` or the Triton kernels); which one runs is decided in
+``dispatch``. The geometry (taps, read positions, padding) comes from ``geometry``.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -35,92 +35,36 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from xvol.ops.geometry import PSSAGeometry, padded_reader, tap_weights
+
 __all__ = [
-    "IMPLS",
-    "PSSAGeometry",
+    "Backend",
+    "LEAN",
     "PSSALean",
     "PSSABatchNormLean",
     "pssa_lean",
     "pssa_bn_lean",
     "pssa_forward_taps",
-    "check_impl",
-    "deploy_triton",
-    "geometry_of",
-    "needs_grad",
-    "resolve_impl",
+    "pssa_backward_taps",
     "saved_tensors_report",
     "SavedTensorsReport",
-    "triton_supports",
 ]
-
-logger = logging.getLogger(__name__)
-
-IMPLS: tuple[str, ...] = ("auto", "reference", "lean", "triton")
-
-
-@dataclass(frozen=True)
-class PSSAGeometry:
-    """Where PSSA reads x: output pixel p reads q = p * stride + offset and q + d for each tap d."""
-
-    taps: tuple[tuple[int, int], ...]
-    stride: int
-    offset: int
-    out_size: tuple[int, int]
-    groups: int
-
-    @property
-    def n_taps(self) -> int:
-        return len(self.taps)
-
-    def padding(self, h: int, w: int) -> tuple[int, int, int, int]:
-        """(left, right, top, bottom): one zero pad covering every read (as pssa_transform)."""
-        ho, wo = self.out_size
-        reach = max([max(abs(di), abs(dj)) for di, dj in self.taps], default=0)
-        top = left = max(0, reach - self.offset)
-        bottom = max(0, (ho - 1) * self.stride + self.offset + reach - (h - 1))
-        right = max(0, (wo - 1) * self.stride + self.offset + reach - (w - 1))
-        return left, right, top, bottom
-
-
-def _reader(xp: Tensor, geom: PSSAGeometry, left: int, top: int):
-    """Strided views of the padded map xp at the read positions shifted by (di, dj)."""
-    ho, wo = geom.out_size
-    s, off = geom.stride, geom.offset
-
-    def read(di: int, dj: int) -> Tensor:
-        r0, c0 = top + off + di, left + off + dj
-        return xp[:, :, r0 : r0 + (ho - 1) * s + 1 : s, c0 : c0 + (wo - 1) * s + 1 : s]
-
-    return read
-
-
-def _pad(x: Tensor, geom: PSSAGeometry) -> tuple[Tensor, int, int]:
-    """(xp, left, top): x zero-padded once for every read of ``geom``, for ``_reader``."""
-    left, right, top, bottom = geom.padding(*x.shape[-2:])
-    return F.pad(x, (left, right, top, bottom)), left, top
-
-
-def _tap_weights(weight: Tensor, n_taps: int) -> Tensor:
-    """W_A (C_out x C_g*n x 1 x 1, channel-major) -> n x C_out x C_g x 1 x 1, one slice per tap."""
-    c_out, cn = weight.shape[:2]
-    return weight.reshape(c_out, cn // n_taps, n_taps, 1, 1).permute(2, 0, 1, 3, 4)
 
 
 def pssa_forward_taps(x: Tensor, weight: Tensor, geom: PSSAGeometry) -> Tensor:
     """PSSA(x) accumulated tap by tap: one product map (the size of the output grid) at a time."""
     if not geom.taps:
         raise ValueError("PSSA needs at least one tap")
-    xp, left, top = _pad(x, geom)
-    read = _reader(xp, geom, left, top)
+    _, read = padded_reader(x, geom)
     centre = read(0, 0)
-    w_taps = _tap_weights(weight, geom.n_taps)
+    w_taps = tap_weights(weight, geom.n_taps)
     y = F.conv2d(centre * read(*geom.taps[0]), w_taps[0], groups=geom.groups)
     for t in range(1, geom.n_taps):
         y.add_(F.conv2d(centre * read(*geom.taps[t]), w_taps[t], groups=geom.groups))
     return y
 
 
-def _pssa_backward(
+def pssa_backward_taps(
     x: Tensor,
     weight: Tensor,
     grad_y: Tensor,
@@ -130,13 +74,16 @@ def _pssa_backward(
 ) -> tuple[Tensor | None, Tensor | None]:
     """(dx, dW_A) of PSSA at x for output gradient grad_y, recomputing each product map."""
     h, w = x.shape[-2:]
-    xp, left, top = _pad(x, geom)
-    read = _reader(xp, geom, left, top)
+    xp, read = padded_reader(x, geom)
+    top, left = read.crop
     centre = read(0, 0)
-    w_taps = _tap_weights(weight, geom.n_taps)
+    w_taps = tap_weights(weight, geom.n_taps)
     grad_y = grad_y.contiguous(memory_format=_memory_format(x))
     gxp = torch.zeros_like(xp) if need_x else None
-    read_grad = _reader(gxp, geom, left, top) if gxp is not None else None
+
+    def read_grad(di: int, dj: int) -> Tensor:
+        return read(di, dj, gxp)
+
     grad_centre = torch.zeros_like(centre) if need_x else None
     grad_w_taps = []
     for t, (di, dj) in enumerate(geom.taps):
@@ -158,12 +105,12 @@ def _pssa_backward(
         if need_w:
             grad_w_taps.append(g_w)
         if need_x:
-            assert grad_centre is not None and read_grad is not None
+            assert grad_centre is not None
             grad_centre.addcmul_(g_in, shifted)
             read_grad(di, dj).addcmul_(g_in, centre)
     grad_x = None
     if need_x:
-        assert gxp is not None and read_grad is not None and grad_centre is not None
+        assert gxp is not None and grad_centre is not None
         read_grad(0, 0).add_(grad_centre)
         grad_x = gxp[:, :, top : top + h, left : left + w]
     grad_w = None
@@ -198,58 +145,51 @@ def _bn_call_args(
     return running_mean, running_var, use_batch_stats, momentum
 
 
-def _pssa_forward_dispatch(x: Tensor, weight: Tensor, geom: PSSAGeometry, backend: str) -> Tensor:
-    if backend == "triton":
-        from xvol.ops import triton_xconv
+@dataclass(frozen=True)
+class Backend:
+    """What computes PSSA inside the lean autograd Functions.
 
-        return triton_xconv.pssa_forward(x, weight, geom)
-    return pssa_forward_taps(x, weight, geom)
+    forward(x, W_A, geom) -> PSSA(x); backward(x, W_A, grad_y, geom, need_x, need_w) ->
+    (dx, dW_A). ``save_bn_input``: ``PSSABatchNormLean`` keeps BN_A's input (one output-sized
+    map) instead of recomputing PSSA(x) in backward: worth it where PSSA's forward is a full
+    GEMM (``gemm``, ``triton``), not where memory is the point (``lean``).
+    """
 
-
-def _pssa_backward_dispatch(
-    x: Tensor,
-    weight: Tensor,
-    grad_y: Tensor,
-    geom: PSSAGeometry,
-    need_x: bool,
-    need_w: bool,
-    backend: str,
-) -> tuple[Tensor | None, Tensor | None]:
-    if backend == "triton":
-        from xvol.ops import triton_xconv
-
-        return triton_xconv.pssa_backward(x, weight, grad_y, geom, need_x, need_w)
-    return _pssa_backward(x, weight, grad_y, geom, need_x, need_w)
+    name: str
+    forward: Callable[[Tensor, Tensor, PSSAGeometry], Tensor]
+    backward: Callable[..., tuple[Tensor | None, Tensor | None]]
+    save_bn_input: bool = False
 
 
 class PSSALean(torch.autograd.Function):
     """PSSA(x) = Conv1x1(T(x); W_A) saving only x and W_A; T is recomputed in backward.
 
-    ``backend``: "lean" (PyTorch, tap by tap) or "triton" (the fused kernels).
+    ``backend``: what computes PSSA (``Backend``).
     """
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx, x: Tensor, weight: Tensor, geom: PSSAGeometry, backend: str = "lean"
+        ctx, x: Tensor, weight: Tensor, geom: PSSAGeometry, backend: Backend
     ) -> Tensor:
         ctx.geom, ctx.backend = geom, backend
         ctx.save_for_backward(x, weight)
-        return _pssa_forward_dispatch(x, weight, geom, backend)
+        return backend.forward(x, weight, geom)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y: Tensor):  # type: ignore[override]
         x, weight = ctx.saved_tensors
         need_x, need_w = ctx.needs_input_grad[:2]
-        gx, gw = _pssa_backward_dispatch(x, weight, grad_y, ctx.geom, need_x, need_w, ctx.backend)
+        gx, gw = ctx.backend.backward(x, weight, grad_y, ctx.geom, need_x, need_w)
         return gx, gw, None, None
 
 
 class PSSABatchNormLean(torch.autograd.Function):
     """BN_A(PSSA(x)) saving x, W_A, gamma and the batch statistics; PSSA(x) is recomputed.
 
-    BN's backward needs its input; storing it would cost one output-sized map per slot, so the
-    PSSA output is recomputed from x in backward (one more PSSA forward, no extra storage).
+    BN's backward needs its input; storing it costs one output-sized map per slot, so unless the
+    backend says ``save_bn_input`` the PSSA output is recomputed from x in backward (one more
+    PSSA forward, no extra storage).
     """
 
     @staticmethod
@@ -265,9 +205,9 @@ class PSSABatchNormLean(torch.autograd.Function):
         momentum: float,
         eps: float,
         geom: PSSAGeometry,
-        backend: str,
+        backend: Backend,
     ) -> Tensor:
-        y = _pssa_forward_dispatch(x, weight, geom, backend)
+        y = backend.forward(x, weight, geom)
         out, save_mean, save_invstd = torch.native_batch_norm(
             y, gamma, beta, running_mean, running_var, use_batch_stats, momentum, eps
         )
@@ -276,6 +216,7 @@ class PSSABatchNormLean(torch.autograd.Function):
         # saved only then (training forwards update them in place).
         keep_running = not use_batch_stats
         ctx.save_for_backward(
+            y if backend.save_bn_input else None,
             x,
             weight,
             gamma,
@@ -289,9 +230,10 @@ class PSSABatchNormLean(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
-        x, weight, gamma, running_mean, running_var, save_mean, save_invstd = ctx.saved_tensors
+        y, x, weight, gamma, running_mean, running_var, save_mean, save_invstd = ctx.saved_tensors
         need_x, need_w, need_gamma, need_beta = ctx.needs_input_grad[:4]
-        y = _pssa_forward_dispatch(x, weight, ctx.geom, ctx.backend)
+        if y is None:
+            y = ctx.backend.forward(x, weight, ctx.geom)
         grad_y, grad_gamma, grad_beta = torch.ops.aten.native_batch_norm_backward(
             grad_out.contiguous(memory_format=_memory_format(y)),
             y,
@@ -307,9 +249,7 @@ class PSSABatchNormLean(torch.autograd.Function):
         del y
         gx, gw = None, None
         if need_x or need_w:
-            gx, gw = _pssa_backward_dispatch(
-                x, weight, grad_y, ctx.geom, need_x, need_w, ctx.backend
-            )
+            gx, gw = ctx.backend.backward(x, weight, grad_y, ctx.geom, need_x, need_w)
         return (
             gx,
             gw,
@@ -336,8 +276,11 @@ def _autocast_inputs(x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
     return x, weight
 
 
-def pssa_lean(x: Tensor, weight: Tensor, geom: PSSAGeometry, backend: str = "lean") -> Tensor:
-    """PSSA(x) with only x and W_A saved for backward (``backend``: "lean" or "triton")."""
+def pssa_lean(
+    x: Tensor, weight: Tensor, geom: PSSAGeometry, backend: Backend | None = None
+) -> Tensor:
+    """PSSA(x) with only x and W_A saved for backward (``backend``: default ``LEAN``)."""
+    backend = backend or LEAN
     x, weight = _autocast_inputs(x, weight)
     with torch.autocast(x.device.type, enabled=False):
         return PSSALean.apply(x, weight, geom, backend)
@@ -348,10 +291,13 @@ def pssa_bn_lean(
     weight: Tensor,
     bn: nn.Module,
     geom: PSSAGeometry,
-    backend: str = "lean",
+    backend: Backend | None = None,
 ) -> Tensor:
-    """BN_A(PSSA(x)) with nothing output-sized saved. Falls back to ``bn(pssa_lean(x))`` for BN
-    subclasses with their own forward (SyncBatchNorm must all-reduce its statistics)."""
+    """BN_A(PSSA(x)) with nothing output-sized saved (unless ``backend.save_bn_input``).
+
+    Falls back to ``bn(pssa_lean(x))`` for BN subclasses with their own forward (SyncBatchNorm
+    must all-reduce its statistics)."""
+    backend = backend or LEAN
     if type(bn) is not nn.BatchNorm2d:
         return bn(pssa_lean(x, weight, geom, backend))
     x, weight = _autocast_inputs(x, weight)
@@ -373,104 +319,7 @@ def pssa_bn_lean(
         )
 
 
-def check_impl(impl: str) -> str:
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    return impl
-
-
-def needs_grad(x: Tensor, *params: Tensor) -> bool:
-    """Whether autograd records this call (then nothing T-sized may be saved)."""
-    return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
-
-
-def triton_supports(module: nn.Module, x: Tensor) -> bool:
-    """Whether the Triton kernels cover this slot and input (groups=1, half/bf16/fp32)."""
-    return module.groups == 1 and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
-
-
-def resolve_impl(impl: str, x: Tensor, grad: bool, supported_by_triton: bool) -> str:
-    """The concrete path for ``impl`` ("auto" | "reference" | "lean" | "triton") on input x.
-
-    auto: "lean" when autograd records the call (``grad``; the products are not kept for
-    backward); otherwise the fused Triton kernel on CUDA when Triton is importable, the slot is
-    supported and ``triton_xconv.self_test`` passed on that device, else the reference. An
-    explicit "triton" that cannot run here (no Triton, or a CPU tensor without
-    TRITON_INTERPRET=1) falls back to "lean" with a one-time warning; an unsupported slot raises.
-    """
-    check_impl(impl)
-    if impl == "auto":
-        if grad:
-            return "lean"
-        if x.is_cuda and supported_by_triton and _triton_runs_on(x):
-            from xvol.ops import triton_xconv
-
-            if triton_xconv.self_test(x.device):
-                return "triton"
-        return "reference"
-    if impl == "triton":
-        if not supported_by_triton:
-            from xvol.ops import triton_xconv
-
-            raise ValueError(triton_xconv.UNSUPPORTED_MESSAGE)
-        if not _triton_runs_on(x):
-            _warn_once(
-                "impl='triton' needs Triton and a CUDA tensor (or TRITON_INTERPRET=1 on CPU); "
-                "using the lean PyTorch path"
-            )
-            return "lean"
-    return impl
-
-
-def deploy_triton(module: nn.Module, x: Tensor) -> Tensor:
-    """XConv2dDeploy's forward as one Triton implicit GEMM (inference: no backward)."""
-    from xvol.ops import triton_xconv
-
-    weight, pssa_weight = module.weight, module.pssa_weight
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        x = x.to(dtype)
-    weight, pssa_weight = weight.to(x.dtype), pssa_weight.to(x.dtype)
-    geom = geometry_of(module, x)
-    return triton_xconv.xconv_deploy(
-        x,
-        weight,
-        pssa_weight,
-        module.bias,
-        geom.taps,
-        geom.stride,
-        module.padding[0],
-        module.dilation[0],
-        geom.offset,
-        geom.out_size,
-    )
-
-
-def _triton_runs_on(x: Tensor) -> bool:
-    from xvol.ops import triton_xconv
-
-    return triton_xconv.available(x)
-
-
-_WARNED: set[str] = set()
-
-
-def _warn_once(message: str) -> None:
-    if message not in _WARNED:
-        _WARNED.add(message)
-        logger.warning(message)
-
-
-def geometry_of(module: nn.Module, x: Tensor) -> PSSAGeometry:
-    """The PSSA geometry of an XConv2d / XConv2dDeploy slot for input x."""
-    return PSSAGeometry(
-        taps=module.taps,  # a tuple of int pairs, built once at construction
-        stride=module.stride[0],
-        offset=module.pssa_offset,
-        out_size=module.out_size(*x.shape[-2:]),
-        groups=module.groups,
-    )
+LEAN = Backend("lean", pssa_forward_taps, pssa_backward_taps)
 
 
 @dataclass

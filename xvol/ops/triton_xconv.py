@@ -1,54 +1,74 @@
 """Triton kernels for X-volution: implicit GEMMs that form the PSSA products in registers.
 
 Why hand-written: no library has PSSA. Through cuDNN/cuBLAS the deploy operator is "write T (8m
-times the input) to memory, read it back in a 1x1 GEMM, add a kxk conv"; T's round trip through
-HBM costs 2 x 8m x |x| bytes of memory traffic per call, on top of the extra launches, and
-autograd keeps T for backward. These kernels read x once per tile and multiply the centre and
-shifted pixels in registers just before the tensor-core dot:
+times the input) to memory, read it back in a 1x1 GEMM, add a kxk conv" (the ``gemm`` backend);
+these kernels read x once per tile and multiply the centre and shifted pixels in registers just
+before the tensor-core dot:
 
 * ``xconv_fwd``: y = b + Conv_kxk(x; W) + Conv1x1(T; W_A) as ONE implicit GEMM over the
-  transformed input X~ = concat(x, T) (K = k*k*C static taps + n_taps*C product taps). With no
-  static taps it is the PSSA forward of the training form (optionally added onto a given map).
+  transformed input X~ = concat(x, T). With no static taps it is the PSSA forward of the
+  training form (optionally added onto a given map).
 * ``pssa_bwd_weight``: dW_A = gy^T T, products formed on the fly (split over pixels, reduced in
   fp32 without atomics, so it is deterministic).
 * ``pssa_bwd_input``: dx by gathering, for every input pixel, the centre term G_d(p) x(q + d) and
   the shifted term G_d(p') x(q - d) (G = W_A^T gy from one cuBLAS GEMM). A gather has no write
   conflicts: no atomics, deterministic.
 
-Supported: groups=1, odd square kernels, any stride/padding/dilation, any PSSA taps; bf16, fp16
-and fp32 inputs (fp32 accumulation; fp32 dots in IEEE precision), NCHW or channels_last (strides
-are passed, channels_last makes the channel loads contiguous). Anything else: ``supports`` is
-False and the caller uses the PyTorch path.
+Shared memory. The forward's K loop is unrolled over the *positions* it reads (the kxk window
+and the PSSA taps, as compile-time offsets), each position a loop over channel blocks with one
+activation tile and one weight tile per operand; where a PSSA tap coincides with a conv tap (3x3
+conv, dilation == shift) the shifted tile is loaded once and feeds both dots. The software
+pipeliner multi-buffers only the loads of the loop it is in, and the loops run one after the
+other, so shared memory is about ``stages x (2 BM + 2 BN) x BK x bytes`` whatever the number of
+taps (``smem_estimate``; checked against ahead-of-time sm_80/sm_90 compiles in the tests).
+Configs over the device's ``max_shared_mem`` are pruned before launch; if none fits, a clear
+error is raised instead of launching one.
+
+Precision: bf16/fp16 inputs use tensor-core dots with fp32 accumulation; fp32 inputs use TF32
+dots (fp32 accumulation), like cuDNN's default for convolutions; the products are rounded to the
+input dtype, as the reference's elementwise product is.
+
+Supported (``supports``): groups=1, odd square kernels, one shift distance (plus ``center``),
+float16/bfloat16/float32, fewer than 2**31 elements, NCHW or channels_last (strides are passed,
+channels_last makes the channel loads contiguous). Anything else is the PyTorch path's.
+
+Autotuning (explicit ``impl="triton"``): keyed on the channel counts, the kernel size and a
+power-of-two bucket of the pixel count, results cached across processes (Triton's
+``cache_results``). ``impl="auto"`` launches one fixed config per kernel (``fixed_config``), so
+preparing a model costs one compile per distinct specialization, not one per config.
 
 Triton is imported lazily. ``TRITON_INTERPRET=1`` runs the kernels on CPU tensors through
 Triton's interpreter. ``triton.jit`` reads the variable when it decorates a function, and
-triton.language's own helpers (``tl.zeros``, ``tl.sum``, ...) are decorated when triton.language
-is imported; so these kernels use builtins only (``tl.full``, not ``tl.zeros``) and are decorated
-on first use, cached per mode: setting the variable any time before a call is enough.
+triton.language's own helpers (``tl.zeros``, ...) are decorated when triton.language is imported;
+so these kernels use builtins only (``tl.full``, not ``tl.zeros``) and are decorated on first use,
+cached per mode: setting the variable any time before a call is enough.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from types import SimpleNamespace
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from xvol.ops.pssa_lean import PSSAGeometry
+from xvol.ops.geometry import PSSAGeometry
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "UNSUPPORTED_MESSAGE",
+    "SHARED_MEMORY_LIMITS",
+    "NoConfigFitsError",
     "available",
-    "self_test",
+    "fixed_config",
+    "capture_launches",
     "interpreting",
     "supports",
+    "smem_estimate",
     "xconv_fwd",
     "xconv_deploy",
     "pssa_forward",
@@ -58,11 +78,18 @@ __all__ = [
 ]
 
 UNSUPPORTED_MESSAGE = (
-    "the Triton X-volution kernels support groups=1, odd square kernels and float16/bfloat16/"
-    "float32 inputs with fewer than 2**31 elements; use impl='lean' or 'reference' for this slot"
+    "the Triton X-volution kernels support groups=1, odd square kernels, one shift distance "
+    "(plus center) and float16/bfloat16/float32 inputs with fewer than 2**31 elements; use "
+    "impl='lean', 'gemm' or 'reference' for this slot"
 )
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INT32_MAX = 2**31 - 1
+# Opt-in shared memory per block (bytes): what a kernel may use on each target.
+SHARED_MEMORY_LIMITS = {80: 166_912, 86: 101_376, 89: 101_376, 90: 232_448}
+
+
+class NoConfigFitsError(RuntimeError):
+    """No kernel config fits the device's shared memory (never launched over the limit)."""
 
 
 @functools.cache
@@ -90,54 +117,136 @@ def available(x: Tensor) -> bool:
     return x.device.type == "cpu" and interpreting()
 
 
-@functools.cache
-def self_test(device: torch.device) -> bool:
-    """One small deploy and one PSSA-only launch on ``device``, checked against PyTorch.
+def supports(
+    groups: int,
+    kernel_size: int = 1,
+    dtype: torch.dtype | None = None,
+    taps: Sequence[tuple[int, int]] | None = None,
+) -> bool:
+    """Whether the kernels cover this slot (else the caller uses a PyTorch path)."""
+    ok = groups == 1 and kernel_size % 2 == 1 and (dtype is None or dtype in _DTYPES)
+    return ok and (taps is None or _tap_params(tuple(taps)) is not None)
 
-    ``impl="auto"`` only picks the kernels (inference forwards) after this passes, so a
-    Triton/driver combination that fails to compile or miscomputes degrades to the PyTorch path
-    instead of breaking a run.
-    """
-    import torch.nn.functional as F
 
-    from xvol.ops.pssa_lean import PSSAGeometry, pssa_forward_taps
+def _tap_params(taps: tuple[tuple[int, int], ...]) -> tuple[int, bool] | None:
+    """(shift L, center) when ``taps`` is the layout of one shift distance (plus the centre);
+    the kernels take the offsets as compile-time constants in that layout. None otherwise."""
+    center = bool(taps) and taps[-1] == (0, 0)
+    ring = taps[:-1] if center else taps
+    if not ring:
+        return (0, center) if center else None
+    shift = max(abs(ring[0][0]), abs(ring[0][1]))
+    expected = [(i * shift, j * shift) for i in (-1, 0, 1) for j in (-1, 0, 1) if (i, j) != (0, 0)]
+    return (shift, center) if list(ring) == expected else None
 
+
+# Set by ``capture_launches``: launches are recorded, not run (ahead-of-time compiles).
+_CAPTURE: list[tuple[str, tuple, dict]] | None = None
+
+
+@contextlib.contextmanager
+def capture_launches() -> Iterator[list[tuple[str, tuple, dict]]]:
+    """Record (kernel name, args, constexprs) of every launch instead of running it, on any
+    device: ``triton_aot`` compiles what the JIT would, with the same specialization."""
+    global _CAPTURE
+    previous, _CAPTURE = _CAPTURE, []
     try:
-        gen = torch.Generator(device="cpu").manual_seed(0)
-        x = torch.randn(2, 16, 7, 7, generator=gen).to(device)
-        w = torch.randn(16, 16, 3, 3, generator=gen).to(device) / 12
-        taps = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
-        w_a = torch.randn(16, 16 * len(taps), 1, 1, generator=gen).to(device) / 12
-        geom = PSSAGeometry(taps, 1, 0, (7, 7), 1)
-        with torch.no_grad():
-            pssa_ref = pssa_forward_taps(x, w_a, geom)
-            ref = F.conv2d(x, w, None, 1, 1) + pssa_ref
-            out = xconv_deploy(x, w, w_a, None, taps, 1, 1, 1, 0, (7, 7))
-            pssa_out = pssa_forward(x, w_a, geom)
-        # Loose: catches garbage and compile failures, not rounding (cuDNN may use TF32 here).
-        ok = bool(torch.allclose(out, ref, rtol=1e-2, atol=1e-2)) and bool(
-            torch.allclose(pssa_out, pssa_ref, rtol=1e-2, atol=1e-2)
-        )
-    except Exception as err:  # compile or launch failure: report once, use PyTorch
-        logger.warning("Triton X-volution kernels unusable here: %s", err)
-        return False
-    if not ok:
-        logger.warning("Triton X-volution self-test mismatch; not used")
-    return ok
+        yield _CAPTURE
+    finally:
+        _CAPTURE = previous
 
 
-def supports(groups: int, kernel_size: int = 1, dtype: torch.dtype | None = None) -> bool:
-    """Whether the kernels cover this slot (else the caller uses the PyTorch path)."""
-    return groups == 1 and kernel_size % 2 == 1 and (dtype is None or dtype in _DTYPES)
-
-
-def _check(x: Tensor, groups: int) -> None:
-    if not supports(groups, 1, x.dtype) or x.numel() > _INT32_MAX:
-        raise ValueError(f"{UNSUPPORTED_MESSAGE} (groups={groups}, dtype={x.dtype})")
-    if not available(x):
+def _check(x: Tensor, groups: int, taps: tuple[tuple[int, int], ...] | None = None) -> None:
+    if not supports(groups, 1, x.dtype, taps) or x.numel() > _INT32_MAX:
+        raise ValueError(f"{UNSUPPORTED_MESSAGE} (groups={groups}, dtype={x.dtype}, taps={taps})")
+    if _CAPTURE is None and not available(x):
         raise RuntimeError(
             "Triton kernels need Triton and a CUDA tensor, or TRITON_INTERPRET=1 for CPU tensors"
         )
+
+
+# --------------------------------------------------------------------------------------------
+# Configs and their shared memory
+
+
+def _cfg(warps: int, stages: int, **blocks: int) -> dict:
+    return {"blocks": blocks, "num_warps": warps, "num_stages": stages}
+
+
+# Every config fits sm_80's 166,912 B for bf16/fp16 and fp32 inputs alike (tests/test_kernels.py
+# compiles each for sm_80 and sm_90 and compares metadata.shared with smem_estimate); the first
+# one of each list is the fixed config ``impl="auto"`` launches.
+CONFIGS: dict[str, list[dict]] = {
+    "xconv_fwd": [
+        _cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32),
+        _cfg(4, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32),
+        _cfg(4, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32),
+        _cfg(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32),
+    ],
+    "pssa_bwd_w": [
+        _cfg(4, 3, BLOCK_C=64, BLOCK_O=64, BLOCK_M=64),
+        _cfg(8, 3, BLOCK_C=128, BLOCK_O=64, BLOCK_M=32),
+        _cfg(8, 3, BLOCK_C=64, BLOCK_O=128, BLOCK_M=32),
+    ],
+    "pssa_bwd_x": [
+        _cfg(4, 2, BLOCK_Q=64, BLOCK_C=64),
+        _cfg(4, 2, BLOCK_Q=128, BLOCK_C=32),
+        _cfg(4, 2, BLOCK_Q=32, BLOCK_C=128),
+    ],
+}
+
+
+def smem_estimate(kernel: str, config: dict, elem_bytes: int) -> int:
+    """Upper bound (bytes) of the shared memory ``kernel`` compiles to with ``config``.
+
+    Pipelined loops: ``stages`` buffers of every tile a loop iteration loads for a dot; the
+    epilogue may stage the fp32 accumulator through shared memory after the loops (reusing it).
+    """
+    b, stages = config["blocks"], config["num_stages"]
+    if kernel == "xconv_fwd":
+        # shifted + centre activation tiles, static + product weight tiles
+        tiles = 2 * b["BLOCK_M"] * b["BLOCK_K"] + 2 * b["BLOCK_K"] * b["BLOCK_N"]
+        return max(stages * tiles * elem_bytes, b["BLOCK_M"] * b["BLOCK_N"] * 4)
+    if kernel == "pssa_bwd_w":
+        tiles = 2 * b["BLOCK_C"] * b["BLOCK_M"] + b["BLOCK_M"] * b["BLOCK_O"]
+        return max(stages * tiles * elem_bytes, b["BLOCK_C"] * b["BLOCK_O"] * 4)
+    if kernel == "pssa_bwd_x":  # no dot: elementwise gathers, no pipelined operand tiles
+        return 4 * b["BLOCK_Q"] * b["BLOCK_C"] * 4
+    raise KeyError(kernel)
+
+
+def _device_smem(device: torch.device) -> int:
+    mods = _triton()
+    if device.type != "cuda" or mods is None:
+        return 1 << 30  # the interpreter has no shared memory limit
+    props = mods[0].runtime.driver.active.utils.get_device_properties(device.index or 0)
+    return int(props["max_shared_mem"])
+
+
+def fitting_configs(kernel: str, elem_bytes: int, limit: int) -> list[dict]:
+    """The configs of ``kernel`` whose shared memory fits ``limit`` bytes, in order."""
+    return [c for c in CONFIGS[kernel] if smem_estimate(kernel, c, elem_bytes) <= limit]
+
+
+def fixed_config(kernel: str, dtype: torch.dtype, device: torch.device) -> dict:
+    """The one config ``impl="auto"`` launches: the first that fits the device."""
+    elem_bytes = torch.empty((), dtype=dtype).element_size()
+    fits = fitting_configs(kernel, elem_bytes, _device_smem(device))
+    if not fits:
+        raise NoConfigFitsError(_no_fit_message(kernel, dtype, device))
+    return fits[0]
+
+
+def _no_fit_message(kernel: str, dtype: torch.dtype, device: torch.device) -> str:
+    return (
+        f"no {kernel} config fits the shared memory of {device} ({_device_smem(device):,} B) "
+        f"for {dtype}; use impl='lean' or 'gemm'"
+    )
+
+
+def _bucket(n: int) -> int:
+    """Power-of-two bucket of a pixel count: the autotune key changes with batch size rarely."""
+    return 1 << max(0, int(n) - 1).bit_length()
 
 
 # --------------------------------------------------------------------------------------------
@@ -158,40 +267,58 @@ def _kernels() -> SimpleNamespace:
 
 
 def _define_kernels(triton, tl, interpret: bool) -> SimpleNamespace:  # noqa: C901
-    def tuned(configs, key):
+    def tuned(name: str, key: list[str]):
         # Autotuning compiles every config: worth it on a GPU, minutes in the interpreter.
         if interpret:
             return lambda fn: fn
-        return triton.autotune(configs=configs, key=key)
+        configs = [
+            triton.Config(c["blocks"], num_warps=c["num_warps"], num_stages=c["num_stages"])
+            for c in CONFIGS[name]
+        ]
 
-    def cfg(**kw):
-        warps, stages = kw.pop("warps"), kw.pop("stages")
-        return triton.Config(kw, num_warps=warps, num_stages=stages)
+        def prune(configs, named_args, **kwargs):
+            x = named_args["x_ptr"]
+            limit = _device_smem(x.device)
+            kept = [
+                c
+                for c in configs
+                if smem_estimate(
+                    name,
+                    {"blocks": c.kwargs, "num_stages": c.num_stages},
+                    x.element_size(),
+                )
+                <= limit
+            ]
+            if not kept:
+                raise NoConfigFitsError(_no_fit_message(name, x.dtype, x.device))
+            return kept
 
-    fwd_configs = [
-        cfg(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, warps=8, stages=3),
-        cfg(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, warps=8, stages=3),
-        cfg(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, warps=4, stages=4),
-        cfg(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, warps=4, stages=4),
-        cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, warps=4, stages=3),
-    ]
+        return triton.autotune(
+            configs=configs,
+            key=key,
+            prune_configs_by={"early_config_prune": prune},
+            cache_results=True,
+        )
 
-    @tuned(fwd_configs, key=["M", "C", "COUT", "KS", "NT"])
+    @tuned("xconv_fwd", key=["M_BUCKET", "C", "COUT", "KS", "NT"])
     @triton.jit
     def xconv_fwd_kernel(
-        x_ptr, ws_ptr, wp_ptr, taps_ptr, bias_ptr, init_ptr, out_ptr,
-        M, C, COUT, H, W, HO, WO,
+        x_ptr, ws_ptr, wp_ptr, bias_ptr, init_ptr, out_ptr,
+        M, M_BUCKET, C, COUT, H, W, HO, WO,
         sxn, sxc, sxh, sxw,
         son, soc, soh, sow,
         sin_, sic, sih, siw,
-        STRIDE: tl.constexpr, PAD: tl.constexpr, DIL: tl.constexpr, OFF: tl.constexpr,
-        KS: tl.constexpr, NT: tl.constexpr,
-        HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, DOT_F32: tl.constexpr,
+        STRIDE: tl.constexpr, OFF: tl.constexpr, DIL: tl.constexpr, KS: tl.constexpr,
+        SHIFT: tl.constexpr, NT: tl.constexpr,
+        FUSE_RING: tl.constexpr, SEP_RING: tl.constexpr,
+        FUSE_CENTER: tl.constexpr, SEP_CENTER: tl.constexpr,
+        HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, F32: tl.constexpr, UPCAST: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):  # fmt: skip
-        # Rows: output pixels (n, oh, ow); columns: output channels; K: (static tap, c) then
-        # (product tap, c). The centre tile is loaded once per channel block and reused by
-        # every product tap.
+        # Rows: output pixels (n, oh, ow); columns: output channels; K: (position, channel).
+        # q = p * STRIDE + OFF is the read centre; the kxk window sits at q + ((kh - R) * DIL,
+        # (kw - R) * DIL), the PSSA ring at q + (i * SHIFT, j * SHIFT). Every offset is a
+        # compile-time constant.
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -208,61 +335,87 @@ def _define_kernels(triton, tl, interpret: bool) -> SimpleNamespace:  # noqa: C9
         qw = ow * STRIDE + OFF
         q_ok = m_ok & (qh >= 0) & (qh < H) & (qw >= 0) & (qw < W)
         acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
-        for c0 in range(0, C, BLOCK_K):
-            offs_k = c0 + tl.arange(0, BLOCK_K)
-            k_ok = offs_k < C
-            x_k = offs_k * sxc
-            for kh in tl.static_range(KS):
-                for kw in tl.static_range(KS):
-                    ih = oh * STRIDE - PAD + kh * DIL
-                    iw = ow * STRIDE - PAD + kw * DIL
-                    ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-                    a = tl.load(
-                        x_img[:, None] + (ih * sxh + iw * sxw)[:, None] + x_k[None, :],
-                        mask=ok[:, None] & k_ok[None, :],
-                        other=0.0,
-                    )
-                    b = tl.load(
-                        ws_ptr + ((kh * KS + kw) * C + offs_k)[:, None] * COUT + offs_n[None, :],
-                        mask=k_ok[:, None] & n_ok[None, :],
-                        other=0.0,
-                    )
-                    if DOT_F32:
-                        acc = tl.dot(
-                            a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee"
-                        )
-                    else:
-                        acc = tl.dot(a, b, acc)
-            if NT > 0:
-                xc = tl.load(
-                    x_img[:, None] + (qh * sxh + qw * sxw)[:, None] + x_k[None, :],
-                    mask=q_ok[:, None] & k_ok[None, :],
+        # Positions, in order: the kxk window (row-major); then, unless the window covers them,
+        # the 8 ring taps; then the centre tap, unless the window's centre covers it.
+        R: tl.constexpr = (KS - 1) // 2
+        CENTER_T: tl.constexpr = NT - 1
+        N_RING: tl.constexpr = 8 if SEP_RING else 0
+        N_POS: tl.constexpr = KS * KS + N_RING + (1 if SEP_CENTER else 0)
+        c_rows = x_img + qh * sxh + qw * sxw
+        for pos in tl.static_range(N_POS):
+            if pos < KS * KS:
+                DH = (pos // KS - R) * DIL
+                DW = (pos % KS - R) * DIL
+                HAS_STATIC = True
+                if pos == R * KS + R:  # the window's centre: q itself
+                    PT = CENTER_T if FUSE_CENTER else -1
+                elif FUSE_RING:  # 3x3 window == the PSSA ring: one load feeds both dots
+                    PT = pos - pos // 5
+                else:
+                    PT = -1
+            elif pos < KS * KS + N_RING:
+                J = pos - KS * KS
+                DH = ((J + J // 4) // 3 - 1) * SHIFT
+                DW = ((J + J // 4) % 3 - 1) * SHIFT
+                HAS_STATIC = False
+                PT = J
+            else:
+                DH = 0
+                DW = 0
+                HAS_STATIC = False
+                PT = CENTER_T
+            # One read position q + (DH, DW) over all channel blocks: the activation tile feeds
+            # the static tap ``pos`` and, times the centre tile, the product tap PT (if >= 0).
+            sh = qh + DH
+            sw = qw + DW
+            ok = m_ok & (sh >= 0) & (sh < H) & (sw >= 0) & (sw < W)
+            a_rows = x_img + sh * sxh + sw * sxw
+            for c0 in range(0, C, BLOCK_K):
+                offs_k = c0 + tl.arange(0, BLOCK_K)
+                k_ok = offs_k < C
+                a = tl.load(
+                    a_rows[:, None] + (offs_k * sxc)[None, :],
+                    mask=ok[:, None] & k_ok[None, :],
                     other=0.0,
-                ).to(tl.float32)
-                for t in tl.static_range(NT):
-                    dh = tl.load(taps_ptr + 2 * t)
-                    dw = tl.load(taps_ptr + 2 * t + 1)
-                    sh = qh + dh
-                    sw = qw + dw
-                    ok = q_ok & (sh >= 0) & (sh < H) & (sw >= 0) & (sw < W)
-                    xs = tl.load(
-                        x_img[:, None] + (sh * sxh + sw * sxw)[:, None] + x_k[None, :],
-                        mask=ok[:, None] & k_ok[None, :],
-                        other=0.0,
-                    ).to(tl.float32)
-                    # Rounded to the input dtype, as the reference's elementwise product is.
-                    a = (xc * xs).to(x_ptr.dtype.element_ty)
+                )
+                if HAS_STATIC:
                     b = tl.load(
-                        wp_ptr + (t * C + offs_k)[:, None] * COUT + offs_n[None, :],
+                        ws_ptr + (pos * C + offs_k)[:, None] * COUT + offs_n[None, :],
                         mask=k_ok[:, None] & n_ok[None, :],
                         other=0.0,
                     )
-                    if DOT_F32:
+                    if UPCAST:  # see pssa_bwd_w_kernel
                         acc = tl.dot(
                             a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee"
                         )
+                    elif F32:
+                        acc = tl.dot(a, b, acc, input_precision="tf32")
                     else:
                         acc = tl.dot(a, b, acc)
+                if PT >= 0:
+                    if DH * DH + DW * DW == 0:
+                        xc = a  # the centre itself (its mask is q_ok)
+                    else:
+                        xc = tl.load(
+                            c_rows[:, None] + (offs_k * sxc)[None, :],
+                            mask=q_ok[:, None] & k_ok[None, :],
+                            other=0.0,
+                        )
+                    # Rounded to the input dtype, as the reference's elementwise product is.
+                    p = (xc.to(tl.float32) * a.to(tl.float32)).to(a.dtype)
+                    bp = tl.load(
+                        wp_ptr + (PT * C + offs_k)[:, None] * COUT + offs_n[None, :],
+                        mask=k_ok[:, None] & n_ok[None, :],
+                        other=0.0,
+                    )
+                    if UPCAST:
+                        acc = tl.dot(
+                            p.to(tl.float32), bp.to(tl.float32), acc, input_precision="ieee"
+                        )
+                    elif F32:
+                        acc = tl.dot(p, bp, acc, input_precision="tf32")
+                    else:
+                        acc = tl.dot(p, bp, acc)
         if HAS_BIAS:
             bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
             acc += bias[None, :]
@@ -280,21 +433,15 @@ def _define_kernels(triton, tl, interpret: bool) -> SimpleNamespace:  # noqa: C9
             mask=out_mask,
         )
 
-    bwd_w_configs = [
-        cfg(BLOCK_C=64, BLOCK_O=64, BLOCK_M=64, warps=4, stages=3),
-        cfg(BLOCK_C=128, BLOCK_O=64, BLOCK_M=64, warps=4, stages=3),
-        cfg(BLOCK_C=64, BLOCK_O=128, BLOCK_M=64, warps=4, stages=3),
-        cfg(BLOCK_C=128, BLOCK_O=128, BLOCK_M=32, warps=8, stages=3),
-    ]
-
-    @tuned(bwd_w_configs, key=["M", "C", "COUT", "NT", "M_PER_SPLIT"])
+    @tuned("pssa_bwd_w", key=["M_BUCKET", "C", "COUT", "NT"])
     @triton.jit
     def pssa_bwd_w_kernel(
         x_ptr, gy_ptr, taps_ptr, part_ptr,
-        M, C, COUT, H, W, HO, WO, M_PER_SPLIT,
+        M, M_BUCKET, C, COUT, H, W, HO, WO, M_PER_SPLIT,
         sxn, sxc, sxh, sxw,
         sgn, sgc, sgh, sgw,
-        STRIDE: tl.constexpr, OFF: tl.constexpr, NT: tl.constexpr, DOT_F32: tl.constexpr,
+        STRIDE: tl.constexpr, OFF: tl.constexpr, NT: tl.constexpr, F32: tl.constexpr,
+        UPCAST: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_M: tl.constexpr,
     ):  # fmt: skip
         # part[split, t, c, o] = sum over this split's pixels of P_t[pixel, c] * gy[pixel, o].
@@ -342,24 +489,23 @@ def _define_kernels(triton, tl, interpret: bool) -> SimpleNamespace:  # noqa: C9
                 mask=m_ok[:, None] & o_ok[None, :],
                 other=0.0,
             )
-            if DOT_F32:
+            # UPCAST: the interpreter's tl.dot multiplies bf16 bit patterns
+            # (triton-lang/triton#11584); a bf16 product is exact in fp32, so this computes what
+            # a bf16 tensor-core dot with fp32 accumulation does.
+            if UPCAST:
                 acc = tl.dot(p.to(tl.float32), g.to(tl.float32), acc, input_precision="ieee")
+            elif F32:
+                acc = tl.dot(p, g, acc, input_precision="tf32")
             else:
                 acc = tl.dot(p, g, acc)
         part = part_ptr + ((split * NT + t) * C + offs_c)[:, None] * COUT + offs_o[None, :]
         tl.store(part, acc, mask=c_ok[:, None] & o_ok[None, :])
 
-    bwd_x_configs = [
-        cfg(BLOCK_Q=64, BLOCK_C=64, warps=4, stages=2),
-        cfg(BLOCK_Q=128, BLOCK_C=32, warps=4, stages=2),
-        cfg(BLOCK_Q=32, BLOCK_C=128, warps=4, stages=2),
-    ]
-
-    @tuned(bwd_x_configs, key=["MX", "C", "NT"])
+    @tuned("pssa_bwd_x", key=["M_BUCKET", "C", "NT"])
     @triton.jit
     def pssa_bwd_x_kernel(
         x_ptr, g_ptr, taps_ptr, dx_ptr,
-        MX, C, H, W, HO, WO,
+        MX, M_BUCKET, C, H, W, HO, WO,
         sxn, sxc, sxh, sxw,
         sdn, sdc, sdh, sdw,
         STRIDE: tl.constexpr, OFF: tl.constexpr, NT: tl.constexpr,
@@ -442,24 +588,25 @@ def _define_kernels(triton, tl, interpret: bool) -> SimpleNamespace:  # noqa: C9
 
 
 # Fixed block sizes for the interpreter (no autotuning there); tl.dot needs dims >= 16.
-_INTERP_FWD = {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16}
-_INTERP_BWD_W = {"BLOCK_C": 16, "BLOCK_O": 16, "BLOCK_M": 16}
-_INTERP_BWD_X = {"BLOCK_Q": 32, "BLOCK_C": 16}
+_INTERP_BLOCKS = {
+    "xconv_fwd": {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16},
+    "pssa_bwd_w": {"BLOCK_C": 16, "BLOCK_O": 16, "BLOCK_M": 16},
+    "pssa_bwd_x": {"BLOCK_Q": 32, "BLOCK_C": 16},
+}
 
 
-def _dot_f32(dtype: torch.dtype) -> bool:
-    """fp32 dots in IEEE precision (no silent TF32); bf16 dots upcast under the interpreter,
-    whose tl.dot multiplies bf16 bit patterns (triton-lang/triton#11584). A bf16 product is
-    exact in fp32, so the upcast computes what a bf16 tensor-core dot with fp32 accumulation does.
-    """
-    return dtype == torch.float32 or (dtype == torch.bfloat16 and interpreting())
+def _dot_flags(dtype: torch.dtype) -> dict[str, bool]:
+    """F32: TF32 dots for fp32 inputs; UPCAST: bf16 dots in fp32 under the interpreter."""
+    return {"F32": dtype == torch.float32, "UPCAST": dtype == torch.bfloat16 and interpreting()}
 
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+@functools.lru_cache(maxsize=64)
 def _taps_tensor(taps: tuple[tuple[int, int], ...], device: torch.device) -> Tensor:
+    """The taps as an int32 device tensor, made once per (taps, device): no host copy per call."""
     flat = [v for tap in taps for v in tap] or [0, 0]
     return torch.tensor(flat, dtype=torch.int32, device=device)
 
@@ -474,23 +621,65 @@ def _is_channels_last(x: Tensor) -> bool:
 
 
 def _launch(
-    kernel,
+    name: str,
     grid: Callable[[dict], tuple[int, ...]],
     args: tuple,
     meta: dict,
-    interp_blocks: dict[str, int],
-    interpret: bool,
+    x: Tensor,
+    tune: bool,
 ) -> None:
-    """Launch ``kernel``: with the fixed interpreter blocks, or with the autotuner's blocks
-    (``grid`` maps a block config to the launch grid either way)."""
-    if interpret:
-        kernel[grid(interp_blocks)](*args, **meta, **interp_blocks)
-    else:
+    """Launch kernel ``name``: autotuned (``tune``), with the fixed config, or with the
+    interpreter's blocks; ``grid`` maps a block config to the launch grid in every case."""
+    if _CAPTURE is not None:
+        _CAPTURE.append((name, args, meta))
+        return
+    k = _kernels()
+    kernel = getattr(k, name)
+    if k.interpret:
+        blocks = _INTERP_BLOCKS[name]
+        kernel[grid(blocks)](*args, **meta, **blocks)
+    elif tune:
         kernel[grid](*args, **meta)
+    else:
+        cfg = fixed_config(name, x.dtype, x.device)
+        kernel.fn[grid(cfg["blocks"])](
+            *args, **meta, **cfg["blocks"], num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"],
+        )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
 # Launchers
+
+
+def pack_weights(
+    weight: Tensor | None, pssa_weight: Tensor | None, n_taps: int, dtype: torch.dtype
+) -> tuple[Tensor | None, Tensor | None]:
+    """K-major weights (K rows, C_out contiguous) in ``dtype``: static [k, k, C, C_out] and
+    PSSA [t, C, C_out]. Callers that run the same weights often cache the result."""
+    ws = weight.permute(2, 3, 1, 0).to(dtype).contiguous() if weight is not None else None
+    wp = None
+    if pssa_weight is not None:
+        cout, cn = pssa_weight.shape[:2]
+        wp = pssa_weight.reshape(cout, cn // n_taps, n_taps).permute(2, 1, 0).to(dtype)
+        wp = wp.contiguous()
+    return ws, wp
+
+
+def _position_flags(ks: int, dilation: int, taps: tuple[tuple[int, int], ...]) -> dict:
+    params = _tap_params(taps) if taps else (0, False)
+    if params is None:
+        raise ValueError(f"{UNSUPPORTED_MESSAGE} (taps={taps})")
+    shift, center = params
+    fuse_ring = ks == 3 and shift > 0 and dilation == shift
+    return dict(
+        SHIFT=shift,
+        NT=len(taps),
+        FUSE_RING=fuse_ring,
+        SEP_RING=shift > 0 and not fuse_ring,
+        FUSE_CENTER=center and ks > 0,
+        SEP_CENTER=center and ks == 0,
+    )
 
 
 def xconv_fwd(
@@ -505,46 +694,45 @@ def xconv_fwd(
     dilation: int = 1,
     bias: Tensor | None = None,
     init: Tensor | None = None,
+    packed: tuple[Tensor | None, Tensor | None] | None = None,
+    tune: bool = False,
 ) -> Tensor:
     """b + Conv_kxk(x; weight) + Conv1x1(T; pssa_weight) [+ init] in one kernel (groups=1).
 
-    ``weight`` None: PSSA only. Weights are cast to x's dtype (call under autocast's dtype).
+    ``weight`` None: PSSA only. Weights are cast to x's dtype (call under autocast's dtype);
+    ``packed``: the ``pack_weights`` result for them, when the caller caches it. ``tune``:
+    autotune over ``CONFIGS`` (else the fixed config).
     """
-    _check(x, 1)
+    taps = tuple(taps) if pssa_weight is not None else ()
+    _check(x, 1, taps or None)
     n, c, h, w = x.shape
     ho, wo = out_size
     ks = 0 if weight is None else weight.shape[-1]
-    nt = 0 if pssa_weight is None else len(taps)
     cout = (weight if weight is not None else pssa_weight).shape[0]  # type: ignore[union-attr]
     dtype = x.dtype
-    dummy = torch.zeros(1, dtype=dtype, device=x.device)
-    # Pack weights K-major (K rows, C_out contiguous): static [k, k, C, C_out], PSSA [t, C, C_out].
-    ws = weight.permute(2, 3, 1, 0).to(dtype).contiguous() if weight is not None else dummy
-    if pssa_weight is not None:
-        wp = pssa_weight.reshape(cout, c, nt).permute(2, 1, 0).to(dtype).contiguous()
-    else:
-        wp = dummy
+    ws, wp = packed if packed is not None else pack_weights(weight, pssa_weight, len(taps), dtype)
+    dummy = x.new_empty(1)
     out = _empty_like_layout(x, (n, cout, ho, wo), dtype)
     if init is not None and init.shape != out.shape:
         raise ValueError(f"init has shape {tuple(init.shape)}, expected {tuple(out.shape)}")
     init_t = init if init is not None else out
     m = n * ho * wo
-    k = _kernels()
+    # The kxk window's centre q = p * stride + pssa_offset for any padding (see geometry).
     args = (
-        x, ws, wp, _taps_tensor(taps, x.device),
+        x, ws if ws is not None else dummy, wp if wp is not None else dummy,
         bias if bias is not None else dummy, init_t, out,
-        m, c, cout, h, w, ho, wo,
+        m, _bucket(m), c, cout, h, w, ho, wo,
         *x.stride(), *out.stride(), *init_t.stride(),
     )  # fmt: skip
+    if ks and pssa_offset != dilation * (ks - 1) // 2 - padding:
+        raise ValueError(f"pssa_offset {pssa_offset} is not the window centre of this conv")
     meta = dict(
-        STRIDE=stride, PAD=padding, DIL=dilation, OFF=pssa_offset, KS=ks, NT=nt,
-        HAS_BIAS=bias is not None, HAS_INIT=init is not None, DOT_F32=_dot_f32(dtype),
+        STRIDE=stride, OFF=pssa_offset, DIL=dilation, KS=ks,
+        **_position_flags(ks, dilation, taps), HAS_BIAS=bias is not None,
+        HAS_INIT=init is not None, **_dot_flags(dtype),
     )  # fmt: skip
-    _launch(
-        k.xconv_fwd,
-        lambda b: (_cdiv(m, b["BLOCK_M"]), _cdiv(cout, b["BLOCK_N"])),
-        args, meta, _INTERP_FWD, k.interpret,
-    )  # fmt: skip
+    grid = lambda b: (_cdiv(m, b["BLOCK_M"]), _cdiv(cout, b["BLOCK_N"]))  # noqa: E731
+    _launch("xconv_fwd", grid, args, meta, x, tune)
     return out
 
 
@@ -559,28 +747,37 @@ def xconv_deploy(
     dilation: int,
     pssa_offset: int,
     out_size: tuple[int, int],
+    packed: tuple[Tensor | None, Tensor | None] | None = None,
+    tune: bool = False,
 ) -> Tensor:
     """The deploy X-volution operator as one implicit GEMM (``XConv2dDeploy.forward``)."""
     if weight.shape[1] != x.shape[1]:
         raise ValueError(UNSUPPORTED_MESSAGE + f" (groups={x.shape[1] // weight.shape[1]})")
     return xconv_fwd(
-        x, pssa_weight, taps, pssa_offset, out_size, stride, weight, padding, dilation, bias
-    )
+        x, pssa_weight, taps, pssa_offset, out_size, stride, weight, padding, dilation, bias,
+        packed=packed, tune=tune,
+    )  # fmt: skip
 
 
 def pssa_forward(
-    x: Tensor, weight: Tensor, geom: PSSAGeometry, init: Tensor | None = None
+    x: Tensor, weight: Tensor, geom: PSSAGeometry, init: Tensor | None = None, tune: bool = False
 ) -> Tensor:
     """PSSA(x) (training form's PSSA branch, before BN_A) without materializing T."""
-    _check(x, geom.groups)
-    return xconv_fwd(x, weight, geom.taps, geom.offset, geom.out_size, geom.stride, init=init)
+    _check(x, geom.groups, geom.taps)
+    return xconv_fwd(
+        x, weight, geom.taps, geom.offset, geom.out_size, geom.stride, init=init, tune=tune
+    )
 
 
 def pssa_backward_weight(
-    x: Tensor, grad_y: Tensor, geom: PSSAGeometry, m_per_split: int | None = None
+    x: Tensor,
+    grad_y: Tensor,
+    geom: PSSAGeometry,
+    m_per_split: int | None = None,
+    tune: bool = False,
 ) -> Tensor:
     """dW_A (C_out x C*n_taps x 1 x 1, channel-major) with the products formed on the fly."""
-    _check(x, geom.groups)
+    _check(x, geom.groups, geom.taps)
     n, c, h, w = x.shape
     ho, wo = geom.out_size
     cout = grad_y.shape[1]
@@ -589,30 +786,28 @@ def pssa_backward_weight(
     if m_per_split is None:
         # ~8 pixel splits for parallelism; a multiple of 256 so every BLOCK_M divides it.
         m_per_split = max(256, _cdiv(_cdiv(m, 8), 256) * 256)
+    if interpreting() and m_per_split % _INTERP_BLOCKS["pssa_bwd_w"]["BLOCK_M"]:
+        raise ValueError(f"m_per_split must be a multiple of {_INTERP_BLOCKS['pssa_bwd_w']}")
     split = _cdiv(m, m_per_split)
     part = torch.empty((split, nt, c, cout), dtype=torch.float32, device=x.device)
     grad_y = grad_y.to(x.dtype)
-    k = _kernels()
     args = (
         x, grad_y, _taps_tensor(geom.taps, x.device), part,
-        m, c, cout, h, w, ho, wo, m_per_split,
+        m, _bucket(m), c, cout, h, w, ho, wo, m_per_split,
         *x.stride(), *grad_y.stride(),
     )  # fmt: skip
-    meta = dict(STRIDE=geom.stride, OFF=geom.offset, NT=nt, DOT_F32=_dot_f32(x.dtype))
-    if k.interpret and m_per_split % _INTERP_BWD_W["BLOCK_M"]:
-        raise ValueError(f"m_per_split must be a multiple of {_INTERP_BWD_W['BLOCK_M']}")
-    _launch(
-        k.pssa_bwd_w,
-        lambda b: (_cdiv(c, b["BLOCK_C"]), _cdiv(cout, b["BLOCK_O"]), nt * split),
-        args, meta, _INTERP_BWD_W, k.interpret,
-    )  # fmt: skip
+    meta = dict(STRIDE=geom.stride, OFF=geom.offset, NT=nt, **_dot_flags(x.dtype))
+    grid = lambda b: (_cdiv(c, b["BLOCK_C"]), _cdiv(cout, b["BLOCK_O"]), nt * split)  # noqa: E731
+    _launch("pssa_bwd_w", grid, args, meta, x, tune)
     # [t, c, o] -> W_A[o, c * nt + t]
     return part.sum(0).permute(2, 1, 0).reshape(cout, c * nt, 1, 1)
 
 
-def pssa_backward_input(x: Tensor, weight: Tensor, grad_y: Tensor, geom: PSSAGeometry) -> Tensor:
+def pssa_backward_input(
+    x: Tensor, weight: Tensor, grad_y: Tensor, geom: PSSAGeometry, tune: bool = False
+) -> Tensor:
     """dx of PSSA: G = W_A^T gy by one GEMM (tap-major), then a gather kernel forms dx."""
-    _check(x, geom.groups)
+    _check(x, geom.groups, geom.taps)
     n, c, h, w = x.shape
     ho, wo = geom.out_size
     cout = grad_y.shape[1]
@@ -625,17 +820,13 @@ def pssa_backward_input(x: Tensor, weight: Tensor, grad_y: Tensor, geom: PSSAGeo
     g = gy_rows @ w_tap_major  # (N*HO*WO) x (NT*C): transient, never saved
     dx = _empty_like_layout(x, tuple(x.shape), dtype)
     mx = n * h * w
-    k = _kernels()
     args = (
         x, g.contiguous(), _taps_tensor(geom.taps, x.device), dx,
-        mx, c, h, w, ho, wo, *x.stride(), *dx.stride(),
+        mx, _bucket(mx), c, h, w, ho, wo, *x.stride(), *dx.stride(),
     )  # fmt: skip
     meta = dict(STRIDE=geom.stride, OFF=geom.offset, NT=nt)
-    _launch(
-        k.pssa_bwd_x,
-        lambda b: (_cdiv(mx, b["BLOCK_Q"]), _cdiv(c, b["BLOCK_C"])),
-        args, meta, _INTERP_BWD_X, k.interpret,
-    )  # fmt: skip
+    grid = lambda b: (_cdiv(mx, b["BLOCK_Q"]), _cdiv(c, b["BLOCK_C"]))  # noqa: E731
+    _launch("pssa_bwd_x", grid, args, meta, x, tune)
     return dx
 
 
@@ -646,8 +837,9 @@ def pssa_backward(
     geom: PSSAGeometry,
     need_x: bool,
     need_w: bool,
+    tune: bool = False,
 ) -> tuple[Tensor | None, Tensor | None]:
     """(dx, dW_A) of PSSA through the Triton kernels (the lean path's backward, fused)."""
-    gx = pssa_backward_input(x, weight, grad_y, geom) if need_x else None
-    gw = pssa_backward_weight(x, grad_y, geom).to(weight.dtype) if need_w else None
+    gx = pssa_backward_input(x, weight, grad_y, geom, tune) if need_x else None
+    gw = pssa_backward_weight(x, grad_y, geom, tune=tune).to(weight.dtype) if need_w else None
     return gx, gw

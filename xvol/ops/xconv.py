@@ -14,8 +14,8 @@ Deploy form (``XConv2d.reparameterize()``): each BN folded into its branch, one 
 kernel at each pixel is a static part plus a content-dependent part, or equivalently one
 convolution over concat(x, T) (``fuse.transformed_kernel``). With no PSSA taps it is nn.Conv2d.
 
-T is laid out channel-major (channel c, tap t -> c * n_taps + t) so that a grouped 1x1
-convolution sees each group's channels with all their taps contiguously.
+This file is the readable ground truth (``impl="reference"``). The tap layout, read positions
+and padding live in ``geometry``; which backend computes a call is decided in ``dispatch``.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from timm.layers import register_notrace_module
 from torch import Tensor, nn
 
-from xvol.ops import fuse, pssa_lean
+from xvol.ops import dispatch, fuse
+from xvol.ops.geometry import PSSAGeometry, conv_out_size, padded_reader, pssa_offset, pssa_offsets
 
 __all__ = ["XConv2d", "XConv2dDeploy", "pssa_offsets", "pssa_transform", "conv_out_size"]
 
@@ -45,20 +46,6 @@ def _single(value: _Pair, name: str) -> int:
     return int(a)
 
 
-def pssa_offsets(shifts: Sequence[int], center: bool = False) -> list[tuple[int, int]]:
-    """The PSSA taps in order: for each L, the 8 directions (iL, jL) != (0, 0); then (0, 0)."""
-    taps = [
-        (i * L, j * L) for L in shifts for i in (-1, 0, 1) for j in (-1, 0, 1) if (i, j) != (0, 0)
-    ]
-    if center:
-        taps.append((0, 0))
-    return taps
-
-
-def conv_out_size(size: int, kernel_size: int, stride: int, padding: int, dilation: int) -> int:
-    return (size + 2 * padding - dilation * (kernel_size - 1) - 1) // stride + 1
-
-
 def pssa_transform(
     x: Tensor,
     taps: Sequence[tuple[int, int]],
@@ -73,20 +60,7 @@ def pssa_transform(
     """
     n, c, h, w = x.shape
     ho, wo = out_size if out_size is not None else (h, w)
-    reach = max([max(abs(di), abs(dj)) for di, dj in taps], default=0)
-    # One zero pad covering every read position and every shift, then strided slices.
-    top = max(0, reach - offset)
-    left = max(0, reach - offset)
-    bottom = max(0, (ho - 1) * stride + offset + reach - (h - 1))
-    right = max(0, (wo - 1) * stride + offset + reach - (w - 1))
-    xp = F.pad(x, (left, right, top, bottom))
-
-    def read(di: int, dj: int) -> Tensor:
-        r0, c0 = top + offset + di, left + offset + dj
-        return xp[
-            :, :, r0 : r0 + (ho - 1) * stride + 1 : stride, c0 : c0 + (wo - 1) * stride + 1 : stride
-        ]
-
+    _, read = padded_reader(x, PSSAGeometry(tuple(taps), stride, offset, (ho, wo), 1))
     centre = read(0, 0)
     products = torch.stack([centre * read(di, dj) for di, dj in taps], dim=2)
     return products.reshape(n, c * len(taps), ho, wo)
@@ -147,7 +121,7 @@ class _XConvBase(nn.Module):
     @property
     def pssa_offset(self) -> int:
         """Where the 1x1 PSSA read sits relative to p * stride: the kxk window's centre."""
-        return self.dilation[0] * (self.kernel_size[0] - 1) // 2 - self.padding[0]
+        return pssa_offset(self.kernel_size[0], self.padding[0], self.dilation[0])
 
     def _check_input(self, x: Tensor) -> None:
         if x.dim() != 4:
@@ -226,8 +200,8 @@ class XConv2d(_XConvBase):
             bias=bias,
         )
         self.bn = nn.BatchNorm2d(out_channels, eps=bn_eps, momentum=bn_momentum)
-        # PSSA path: "reference" (below, the ground truth), "lean"/"triton" (pssa_lean.py).
-        self.impl = pssa_lean.check_impl(impl)
+        # PSSA path: "reference" (below, the ground truth) or another backend (dispatch.py).
+        self.impl = dispatch.check_impl(impl)
         if self.taps:
             n_taps = len(self.taps)
             self.pssa = nn.Conv2d(in_channels * n_taps, out_channels, 1, groups=groups, bias=False)
@@ -246,13 +220,12 @@ class XConv2d(_XConvBase):
         self._check_input(x)
         y = self.bn(self.conv(x))
         if self.pssa is not None:
-            grad = pssa_lean.needs_grad(x, self.pssa.weight)
-            impl = pssa_lean.resolve_impl(self.impl, x, grad, pssa_lean.triton_supports(self, x))
+            grad = dispatch.needs_grad(x, self.pssa.weight)
+            impl = dispatch.resolve_impl(self.impl, self, x, grad)
             if impl == "reference":
                 y = y + self.pssa_bn(self.pssa(self.transform(x)))
             else:
-                geom = pssa_lean.geometry_of(self, x)
-                y = y + pssa_lean.pssa_bn_lean(x, self.pssa.weight, self.pssa_bn, geom, impl)
+                y = y + dispatch.train_pssa_bn(self, x, impl)
         return y
 
     @torch.no_grad()
@@ -364,21 +337,22 @@ class XConv2dDeploy(_XConvBase):
             torch.zeros(out_channels, in_channels // groups * len(self.taps), 1, 1)
         )
         self.bias = nn.Parameter(torch.zeros(out_channels))
-        self.impl = pssa_lean.check_impl(impl)
+        self.impl = dispatch.check_impl(impl)
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
-        grad = pssa_lean.needs_grad(x, self.weight, self.pssa_weight, self.bias)
-        impl = pssa_lean.resolve_impl(self.impl, x, grad, pssa_lean.triton_supports(self, x))
-        if impl == "triton" and not grad:
-            return pssa_lean.deploy_triton(self, x)  # one fused kernel, inference only
-        y = F.conv2d(
-            x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups
-        )
+        grad = dispatch.needs_grad(x, self.weight, self.pssa_weight, self.bias)
+        impl = dispatch.resolve_impl(self.impl, self, x, grad)
+
+        def conv() -> Tensor:
+            return F.conv2d(
+                x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups
+            )
+
         if impl == "reference":
-            return y + F.conv2d(self.transform(x), self.pssa_weight, None, 1, 0, 1, self.groups)
-        geom = pssa_lean.geometry_of(self, x)
-        return y + pssa_lean.pssa_lean(x, self.pssa_weight, geom, impl)
+            pssa = F.conv2d(self.transform(x), self.pssa_weight, None, 1, 0, 1, self.groups)
+            return conv() + pssa
+        return dispatch.deploy_pssa(self, x, impl, conv)
 
     @torch.no_grad()
     def transformed_kernel(self) -> Tensor:

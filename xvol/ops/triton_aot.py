@@ -1,0 +1,137 @@
+"""Compile the Triton kernels ahead of time for a GPU target, on any machine (no GPU needed).
+
+A GPU path needs a check that runs without a GPU: the interpreter has no shared-memory limit,
+so only a real compile shows whether a config fits. This compiles every config of every kernel
+exactly as the JIT would on a device: the launchers run on CPU tensors of a ResNet stage-3 slot
+(channels_last, 16-byte aligned, stride-1 channels) under ``triton_xconv.capture_launches``,
+and each recorded launch goes through the JIT's own binder, so the signature carries the same
+divisibility/equal-to-1 specialization (and hence the same software pipelining) as a launch on
+an H100. ``python scripts/triton_smem.py`` prints the table; tests/test_kernels.py asserts it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+import torch
+
+__all__ = ["TARGETS", "recorded_launches", "compile_one", "compile_all"]
+
+# (name, compute capability, opt-in shared memory per block in bytes)
+TARGETS = {"sm_80": (80, 166_912), "sm_90": (90, 232_448)}
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def recorded_launches(dtype: torch.dtype) -> list[tuple[str, str, tuple, dict]]:
+    """(case, kernel, args, constexprs) of the deploy forward, the PSSA forward and both PSSA
+    backward kernels on a 256-channel 14x14 slot (batch 2), as the JIT would receive them."""
+    from xvol.ops import triton_xconv as tx
+    from xvol.ops.geometry import PSSAGeometry, pssa_offsets
+
+    if tx.interpreting():
+        raise RuntimeError("unset TRITON_INTERPRET: ahead-of-time compiles need compiled mode")
+    c, hw = 256, 14
+    x = torch.randn(2, c, hw, hw, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    taps = tuple(pssa_offsets((1,)))
+    w = torch.randn(c, c, 3, 3, dtype=dtype)
+    wa = torch.randn(c, c * len(taps), 1, 1, dtype=dtype)
+    bias = torch.randn(c, dtype=dtype)
+    geom = PSSAGeometry(taps, 1, 0, (hw, hw), 1)
+    gy = torch.randn_like(x)
+    cases = []
+    with tx.capture_launches() as launches:
+        tx.xconv_deploy(x, w, wa, bias, taps, 1, 1, 1, 0, (hw, hw))
+        cases.append("deploy 3x3+PSSA")
+        tx.pssa_forward(x, wa, geom)
+        cases.append("PSSA forward")
+        tx.pssa_backward(x, wa, gy, geom, need_x=True, need_w=True)
+        cases.extend(["PSSA dx", "PSSA dW"])
+    return [(case, *launch) for case, launch in zip(cases, launches, strict=True)]
+
+
+def compile_one(case: str, kernel: str, args: tuple, meta: dict, config: dict, arch: int) -> dict:
+    """Compile one launch with one config for ``arch``; returns the compile's resources."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    from xvol.ops import triton_xconv as tx
+
+    jit = getattr(tx._kernels(), kernel).fn  # the JITFunction under the autotuner
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(jit.signature, jit.params, backend)
+    kwargs = {
+        **meta,
+        **config["blocks"],
+        "num_warps": config["num_warps"],
+        "num_stages": config["num_stages"],
+    }
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = jit._pack_args(
+        backend, kwargs, bound, specialization, options
+    )
+    start = time.perf_counter()
+    compiled = triton.compile(
+        ASTSource(jit, signature, constexprs, attrs), target=target, options=options.__dict__
+    )
+    return {
+        "shared": int(compiled.metadata.shared),
+        "n_regs": int(getattr(compiled, "n_regs", 0) or 0),
+        "aligned_args": sum(1 for a in attrs.values() if a),
+        "wgmma": compiled.asm["ptx"].count("wgmma.mma_async"),
+        "compile_s": round(time.perf_counter() - start, 2),
+    }
+
+
+def _job(job: tuple) -> dict:
+    dtype_name, target_name, index, config_index = job
+    from xvol.ops import triton_xconv as tx
+
+    case, kernel, args, meta = recorded_launches(DTYPES[dtype_name])[index]
+    config = tx.CONFIGS[kernel][config_index]
+    arch, limit = TARGETS[target_name]
+    elem = torch.empty((), dtype=DTYPES[dtype_name]).element_size()
+    row = {
+        "case": case,
+        "kernel": kernel,
+        "config": {
+            **config["blocks"],
+            "warps": config["num_warps"],
+            "stages": config["num_stages"],
+        },
+        "dtype": dtype_name,
+        "target": target_name,
+        "limit": limit,
+        "estimate": tx.smem_estimate(kernel, config, elem),
+    }
+    try:
+        row.update(compile_one(case, kernel, args, meta, config, arch))
+    except Exception as err:  # a compile failure is a result to report, not a crash
+        row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+    return row
+
+
+def compile_all(
+    dtypes: tuple[str, ...] = ("bf16", "fp32"),
+    targets: tuple[str, ...] = ("sm_80", "sm_90"),
+    workers: int | None = None,
+) -> list[dict]:
+    """Every (launch, config, dtype, target): its shared memory, registers and estimate."""
+    from xvol.ops import triton_xconv as tx
+
+    jobs = []
+    for dtype_name in dtypes:
+        launches = recorded_launches(DTYPES[dtype_name])
+        for target_name in targets:
+            for index, (_, kernel, _, _) in enumerate(launches):
+                for config_index in range(len(tx.CONFIGS[kernel])):
+                    jobs.append((dtype_name, target_name, index, config_index))
+    workers = workers or min(len(jobs), os.cpu_count() or 1)
+    if workers == 1:
+        return [_job(j) for j in jobs]
+    with ProcessPoolExecutor(workers) as pool:
+        return list(pool.map(_job, jobs))

@@ -1,0 +1,331 @@
+"""A validated description of an xvol model: what a checkpoint or sidecar may say about its network.
+
+A checkpoint and a deploy sidecar are files from outside. Hydra's ``instantiate`` on a model
+config read from one would import and call whatever its ``_target_`` names (``torch.load`` of a
+pickle, ``pathlib.Path.touch``, ...). So the tools never instantiate a stored config: they read it
+into a ``ModelSpec`` (every field type-checked and bounded; ``_target_`` compared as a string
+against xvol's own builders, never imported) and build the network with xvol's own function::
+
+    spec = ModelSpec.from_config(state["config"]["model"], "run/best.pt", where="config.model")
+    model = spec.build()          # xvol.models.build_model(...), nothing else
+
+Shapes read:
+
+- ``from_config``: a resolved ``configs/model/*.yaml`` (what scripts/train.py stores as
+  ``config["model"]`` and deploy format 1 stored as ``model_config``): ``_target_:
+  xvol.models.build_model``, ``arch``, ``num_classes``, ``stages``, ``xconv`` (null, or
+  ``_target_: xvol.ops.XConv2d`` with ``_partial_: true``, ``shifts``, ``center`` and XConv2d's
+  ``impl``/``bn_eps``/``bn_momentum``), and the timm kwargs ``drop_path_rate``, ``drop_rate``,
+  ``zero_init_last``.
+- ``from_dict``: ``to_dict()``'s flat form (deploy format 2 sidecars): the fields below, no
+  ``_target_`` at all.
+
+Any other key, type or value is a ``ModelSpecError`` whose one-line message names the file and
+the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Mapping
+from functools import partial
+from typing import Any
+
+from torch import nn
+
+from xvol.models.resnet import SUPPORTED_ARCHS, build_model
+from xvol.ops import XConv2d
+
+__all__ = ["BUILDER_TARGETS", "XCONV_TARGETS", "ModelSpec", "ModelSpecError"]
+
+# The only _target_ strings a stored model config may carry (compared as strings, never imported).
+BUILDER_TARGETS: tuple[str, ...] = ("xvol.models.build_model", "xvol.models.resnet.build_model")
+XCONV_TARGETS: tuple[str, ...] = ("xvol.ops.XConv2d", "xvol.ops.xconv.XConv2d")
+MAX_CLASSES = 1_000_000
+MAX_SHIFT = 64  # pixels; larger shifts read only padding in every supported stage
+MAX_SHIFTS = 8  # distances per slot (8 PSSA taps each)
+# XConv2d's PSSA path ("auto", "reference", "lean", ...): a name, which XConv2d itself checks
+# against the paths xvol.ops offers when the model is built (one home for that list).
+_IMPL_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
+
+_TIMM_KEYS = ("drop_path_rate", "drop_rate", "zero_init_last")
+_XCONV_KEYS = ("shifts", "center", "impl", "bn_eps", "bn_momentum")
+
+
+class ModelSpecError(ValueError):
+    """A stored model description xvol will not build; the message names the file and key."""
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """repr() cut to ``limit`` characters: a crafted file may hold anything."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _fail(source: str, key: str, problem: str) -> ModelSpecError:
+    return ModelSpecError(f"{source}: {key}: {problem}")
+
+
+def _int(value: Any, source: str, key: str, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _fail(source, key, f"expected an int in {lo}..{hi}, got {_short(value)}")
+    if not lo <= value <= hi:
+        raise _fail(source, key, f"{value} is outside {lo}..{hi}")
+    return value
+
+
+def _float(value: Any, source: str, key: str, lo: float, hi: float, *, open_lo: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _fail(source, key, f"expected a number, got {_short(value)}")
+    value = float(value)
+    low_ok = value > lo if open_lo else value >= lo
+    if not (math.isfinite(value) and low_ok and value <= hi):
+        bracket = "(" if open_lo else "["
+        raise _fail(source, key, f"{_short(value)} is outside {bracket}{lo:g}, {hi:g}]")
+    return value
+
+
+def _bool(value: Any, source: str, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise _fail(source, key, f"expected true or false, got {_short(value)}")
+    return value
+
+
+def _str_choice(value: Any, source: str, key: str, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise _fail(source, key, f"{_short(value)} is not one of {', '.join(choices)}")
+    return value
+
+
+def _impl(value: Any, source: str, key: str) -> str:
+    if not isinstance(value, str) or not _IMPL_NAME.fullmatch(value):
+        raise _fail(source, key, f"expected a PSSA path name such as 'auto', got {_short(value)}")
+    return value
+
+
+def _int_list(
+    value: Any, source: str, key: str, lo: int, hi: int, max_len: int, *, allow_int: bool
+) -> tuple[int, ...]:
+    if allow_int and isinstance(value, int) and not isinstance(value, bool):
+        value = [value]  # model.stages=3 means one stage
+    if not isinstance(value, list | tuple):
+        raise _fail(source, key, f"expected a list of ints in {lo}..{hi}, got {_short(value)}")
+    if len(value) > max_len:
+        raise _fail(source, key, f"at most {max_len} entries, got {len(value)}")
+    return tuple(_int(v, source, f"{key}[{i}]", lo, hi) for i, v in enumerate(value))
+
+
+def _check_target(
+    mapping: Any, source: str, where: str, targets: tuple[str, ...], what: str
+) -> None:
+    """``_target_`` must be one of ``targets``, compared as a string: nothing is imported."""
+    if not isinstance(mapping, Mapping):
+        raise _fail(source, where, f"expected a mapping, got {type(mapping).__name__}")
+    if "_target_" not in mapping:
+        raise _fail(source, f"{where}._target_", f"missing (expected {targets[0]})")
+    target = mapping["_target_"]
+    if not isinstance(target, str) or target not in targets:
+        raise _fail(
+            source,
+            f"{where}._target_",
+            f"{_short(target)} is not {what} ({', '.join(targets)}); xvol never imports or calls "
+            "a _target_ read from a file",
+        )
+
+
+def _check_keys(
+    mapping: Any, source: str, where: str, allowed: tuple[str, ...], required: tuple[str, ...]
+) -> None:
+    if not isinstance(mapping, Mapping):
+        raise _fail(source, where, f"expected a mapping, got {type(mapping).__name__}")
+    for key in mapping:
+        if not isinstance(key, str) or key not in allowed:
+            raise _fail(
+                source, f"{where}.{key}", f"unknown key (allowed: {', '.join(sorted(allowed))})"
+            )
+    for key in required:
+        if key not in mapping:
+            raise _fail(source, f"{where}.{key}", "missing")
+
+
+def _normalized(fields: Mapping[str, Any], source: str, where: str) -> dict[str, Any]:
+    """Every ModelSpec field type-checked, bounded and normalized (tuples, floats).
+
+    Errors name ``source`` and ``where.<field>``; missing fields take the dataclass defaults.
+    """
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelSpec)}
+    value = {name: fields.get(name, default) for name, default in defaults.items()}
+
+    def key(name: str) -> str:
+        return f"{where}.{name}"
+
+    out: dict[str, Any] = {
+        "arch": _str_choice(value["arch"], source, key("arch"), SUPPORTED_ARCHS),
+        "num_classes": _int(value["num_classes"], source, key("num_classes"), 1, MAX_CLASSES),
+    }
+    stages = _int_list(value["stages"], source, key("stages"), 1, 4, 4, allow_int=False)
+    if list(stages) != sorted(set(stages)):
+        raise _fail(source, key("stages"), f"must be sorted and unique, got {list(stages)}")
+    shifts = _int_list(
+        value["shifts"], source, key("shifts"), 1, MAX_SHIFT, MAX_SHIFTS, allow_int=False
+    )
+    if bool(stages) != bool(shifts):
+        raise _fail(
+            source,
+            key("shifts"),
+            f"stages {list(stages)} with shifts {list(shifts)}: X-volution needs both "
+            "(a baseline has neither)",
+        )
+    out["stages"], out["shifts"] = stages, shifts
+    out["center"] = _bool(value["center"], source, key("center"))
+    out["impl"] = _impl(value["impl"], source, key("impl"))
+    out["bn_eps"] = _float(value["bn_eps"], source, key("bn_eps"), 0.0, 1.0, open_lo=True)
+    for name in ("bn_momentum", "drop_path_rate", "drop_rate"):
+        out[name] = _float(value[name], source, key(name), 0.0, 1.0, open_lo=False)
+    out["zero_init_last"] = _bool(value["zero_init_last"], source, key("zero_init_last"))
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """timm ResNet ``arch`` with X-volution in ``stages`` (empty: the plain timm baseline).
+
+    ``shifts``/``center``/``impl``/``bn_eps``/``bn_momentum`` are XConv2d's arguments; a baseline
+    holds their defaults and no shifts. ``drop_*``/``zero_init_last`` are timm ResNet kwargs.
+    """
+
+    arch: str
+    num_classes: int
+    stages: tuple[int, ...] = ()
+    shifts: tuple[int, ...] = ()
+    center: bool = False
+    impl: str = "auto"
+    bn_eps: float = 1e-5
+    bn_momentum: float = 0.1
+    drop_path_rate: float = 0.0
+    drop_rate: float = 0.0
+    zero_init_last: bool = True
+
+    def __post_init__(self) -> None:
+        current = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for name, value in _normalized(current, "ModelSpec", "spec").items():
+            object.__setattr__(self, name, value)
+
+    # ------------------------------------------------------------------------- readers
+    @classmethod
+    def from_config(
+        cls, mapping: Any, source: str = "model config", where: str = "model"
+    ) -> ModelSpec:
+        """The spec of a resolved ``configs/model/*.yaml`` (``config["model"]`` of a checkpoint).
+
+        ``source`` (a file name) and ``where`` (the mapping's key path in it) go into messages.
+        """
+        _check_target(mapping, source, where, BUILDER_TARGETS, "an xvol model builder")
+        allowed = ("_target_", "arch", "num_classes", "stages", "xconv", *_TIMM_KEYS)
+        _check_keys(mapping, source, where, allowed, ("arch",))
+        fields: dict[str, Any] = {
+            "arch": mapping["arch"],
+            "num_classes": mapping.get("num_classes", 1000),
+        }
+        for name in _TIMM_KEYS:
+            if name in mapping:
+                fields[name] = mapping[name]
+        stages = _int_list(
+            mapping.get("stages", []), source, f"{where}.stages", 1, 4, 4, allow_int=True
+        )
+        xconv = mapping.get("xconv")
+        if xconv is None:  # the baseline: build_model ignores stages
+            return cls(**_normalized(fields, source, where))
+        node = f"{where}.xconv"
+        _check_target(xconv, source, node, XCONV_TARGETS, "xvol's X-volution")
+        _check_keys(xconv, source, node, ("_target_", "_partial_", *_XCONV_KEYS), ())
+        if xconv.get("_partial_") is not True:
+            raise _fail(source, f"{node}._partial_", "must be true (build_model fills in the slot)")
+        if not stages:
+            raise _fail(
+                source,
+                f"{where}.stages",
+                "empty while xconv is set: nothing would be swapped (pick stages in 1..4)",
+            )
+        fields["stages"] = tuple(sorted(set(stages)))
+        fields["shifts"] = _int_list(
+            xconv.get("shifts", [1]),
+            source,
+            f"{node}.shifts",
+            1,
+            MAX_SHIFT,
+            MAX_SHIFTS,
+            allow_int=True,
+        )
+        if not fields["shifts"]:
+            raise _fail(source, f"{node}.shifts", "empty: X-volution needs at least one shift")
+        # Checked here so that a message names the key under xconv.
+        if "center" in xconv:
+            fields["center"] = _bool(xconv["center"], source, f"{node}.center")
+        if "impl" in xconv:
+            fields["impl"] = _impl(xconv["impl"], source, f"{node}.impl")
+        if "bn_eps" in xconv:
+            fields["bn_eps"] = _float(xconv["bn_eps"], source, f"{node}.bn_eps", 0, 1, open_lo=True)
+        if "bn_momentum" in xconv:
+            fields["bn_momentum"] = _float(
+                xconv["bn_momentum"], source, f"{node}.bn_momentum", 0, 1, open_lo=False
+            )
+        return cls(**_normalized(fields, source, where))
+
+    @classmethod
+    def from_dict(
+        cls, mapping: Any, source: str = "model spec", where: str = "model_spec"
+    ) -> ModelSpec:
+        """The spec from ``to_dict()``'s form; every field is required, no other key allowed."""
+        names = tuple(f.name for f in dataclasses.fields(cls))
+        _check_keys(mapping, source, where, names, names)
+        return cls(**_normalized(mapping, source, where))
+
+    # ------------------------------------------------------------------------- uses
+    @property
+    def xvolution(self) -> bool:
+        return bool(self.stages)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON types, ``from_dict``'s input (what deploy sidecars store)."""
+        out = dataclasses.asdict(self)
+        out["stages"], out["shifts"] = list(self.stages), list(self.shifts)
+        return out
+
+    def identity(self) -> dict[str, Any]:
+        """Display name following the timm registry, backbone arch, X-volution or not.
+
+        xresnet50 = resnet50 + X-volution in stage 3 with shifts (1,); other placements get a
+        suffix (xresnet50-s34-L12 for stages [3, 4], shifts [1, 2]; -c with the center tap).
+        """
+        if not self.xvolution:
+            return {"model": self.arch, "arch": self.arch, "xvolution": False}
+        name = f"x{self.arch}"
+        if self.stages != (3,) or self.shifts != (1,) or self.center:
+            name += f"-s{''.join(map(str, self.stages))}-L{''.join(map(str, self.shifts))}"
+            name += "-c" if self.center else ""
+        return {"model": name, "arch": self.arch, "xvolution": True}
+
+    def build(self) -> nn.Module:
+        """``xvol.models.build_model`` with this spec's arguments (the only code a spec runs)."""
+        xconv = None
+        if self.xvolution:
+            xconv = partial(
+                XConv2d,
+                shifts=self.shifts,
+                center=self.center,
+                impl=self.impl,
+                bn_eps=self.bn_eps,
+                bn_momentum=self.bn_momentum,
+            )
+        return build_model(
+            self.arch,
+            num_classes=self.num_classes,
+            xconv=xconv,
+            stages=self.stages,
+            drop_path_rate=self.drop_path_rate,
+            drop_rate=self.drop_rate,
+            zero_init_last=self.zero_init_last,
+        )

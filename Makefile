@@ -2,6 +2,7 @@
 #   make demo   set up .venv, install, train -> reparam -> eval -> leaderboard on the bundled demo set
 #   make test   set up .venv, install, run the whole test suite (what CI runs)
 #   make test-fast / make bench / make lint / make clean
+#   make gpu-check  the one-command GPU check (scripts/gpu_check.sh); make gpu-wheels first on a bare machine
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -13,7 +14,7 @@ PYTEST_ARGS ?=
 export WANDB_MODE ?= offline
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help venv test test-fast lint demo bench clean
+.PHONY: help venv test test-fast lint demo bench clean gpu-check gpu-wheels
 
 help:
 	@grep -E '^#   ' Makefile | sed 's/^#   //'
@@ -47,6 +48,23 @@ demo: venv
 bench: venv
 	$(PY) scripts/bench_op.py
 	$(PY) scripts/bench.py --device $$($(PY) -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
+
+# One-command GPU check (scripts/gpu_check.sh; see its header for the device tool invocation).
+# Uses the venv's Python when there is one, else python3 (a bare CUDA machine with .whl/ wheels).
+gpu-check:
+	XVOL_PYTHON=$$( [ -x $(PY) ] && echo $(PY) || echo python3 ) bash scripts/gpu_check.sh
+
+# Wheels a bare CUDA machine (Python 3.12, torch + timm + triton) lacks for gpu-check, into .whl/
+# (git-ignored), at the versions installed here. antlr4-python3-runtime 4.9.3, omegaconf's pin,
+# is published only as an sdist: its pure-Python wheel is built here.
+GPU_WHEELS_PLATFORMS := $(foreach p,manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64,--platform $(p))
+gpu-wheels:
+	rm -rf .whl && mkdir -p .whl
+	$(PIP) download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		$(GPU_WHEELS_PLATFORMS) -d .whl \
+		$$($(PY) -c "from importlib.metadata import version as v; print(*(f'{n}=={v(n)}' for n in ('hydra-core', 'omegaconf')))")
+	$(PIP) wheel -q --no-deps -w .whl antlr4-python3-runtime==$$($(PY) -c "from importlib.metadata import version; print(version('antlr4-python3-runtime'))")
+	@ls .whl
 
 clean:
 	rm -rf outputs multirun results bench_results .pytest_cache .ruff_cache

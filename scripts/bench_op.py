@@ -4,6 +4,7 @@ Usage::
 
     python scripts/bench_op.py                       # auto device, defaults sized for the device
     python scripts/bench_op.py --device cpu --iters 3 --warmup 1 --slots stage3 --impl reference
+    python scripts/bench_op.py --device cpu --impl reference lean gemm   # one row set per path
     python scripts/bench_op.py --device cuda --dtype bfloat16 --iters 50 --out bench_results/x.json
 
 Two ResNet-50 slots (3x3 conv, stride 1, C -> C): stage 3 (N x 256 x 14 x 14) and stage 2
@@ -18,7 +19,10 @@ are timed on forward (under no_grad) and forward+backward (grad w.r.t. input and
 operators' calls interleaved round by round, and measured for memory in a separate, untimed
 pass. Every number is also given as a ratio to conv2d. The table is printed; one JSON record
 (environment, config, rows) goes to --out.
-``--impl`` is passed to XConv2d (its PSSA path); the default leaves the choice to the module.
+``--impl`` sets the X-volution operators' PSSA path (xvol.ops.dispatch.set_impl); with several,
+each gets its own rows (same weights), and a path that raises (a backend that does not run here or
+is not implemented yet) is reported as ``failed: <reason>`` instead of stopping the run. The
+default, auto, leaves the choice to the module.
 
 Memory means: on CUDA, the allocator's peak (torch.cuda.max_memory_allocated) during the call
 minus what was allocated before it; on CPU, the peak of live bytes of the tensors created during
@@ -31,6 +35,7 @@ memory a training step holds per slot; it is measured the same way on every devi
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -38,7 +43,7 @@ import statistics
 import sys
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -46,7 +51,7 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from xvol.ops import pssa_lean
+from xvol.ops import dispatch, pssa_lean
 from xvol.ops.xconv import XConv2d
 
 SLOTS = {"stage3": (256, 14), "stage2": (128, 28)}  # name -> (channels, spatial size)
@@ -110,25 +115,53 @@ def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
     return tracker.peak
 
 
+def failure_line(exc: BaseException) -> str:
+    """One line naming a failure: exception type and the first line of its message."""
+    msg = str(exc).strip().splitlines()
+    text = f"{type(exc).__name__}: {msg[0]}" if msg else type(exc).__name__
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
 def time_ms(
-    fns: dict[str, Callable[[], object]], iters: int, warmup: int, device: torch.device
+    fns: dict[str, Callable[[], object]],
+    iters: int,
+    warmup: int,
+    device: torch.device,
+    failed: dict[str, str] | None = None,
 ) -> dict[str, tuple[float, float]]:
     """{name: (min, median) wall time in ms}, the device synchronized around each call.
 
     The calls are interleaved (one of each per round), so load from other processes falls on
     every operator alike and the ratios stay fair. The table reports the min, as timeit advises:
-    on a shared machine the spread above it is interference, not the operator.
+    on a shared machine the spread above it is interference, not the operator. A call that
+    raises is left out from then on, its reason in ``failed`` (a backend that does not run here
+    is reported, not fatal).
     """
+    failed = {} if failed is None else failed
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *_: None)
-    for fn in fns.values():
-        for _ in range(warmup):
+
+    def attempt(name: str, fn: Callable[[], object]) -> bool:
+        try:
             fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
+            return True
+        except Exception as exc:
+            failed[name] = failure_line(exc)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            return False
+
+    for name, fn in fns.items():
+        for _ in range(max(warmup, 1)):  # at least one untimed call finds a broken backend
+            if not attempt(name, fn):
+                break
+    times: dict[str, list[float]] = {name: [] for name in fns if name not in failed}
     for _ in range(iters):
-        for name, fn in fns.items():
+        for name in list(times):
             sync(device)
             t0 = time.perf_counter()
-            fn()
+            if not attempt(name, fns[name]):
+                del times[name]
+                continue
             sync(device)
             times[name].append((time.perf_counter() - t0) * 1e3)
     return {name: (min(t), statistics.median(t)) for name, t in times.items()}
@@ -137,19 +170,19 @@ def time_ms(
 def build_ops(
     channels: int, device: torch.device, dtype: torch.dtype, impl: str = "auto"
 ) -> dict[str, nn.Module]:
-    # impl picks XConv2d's PSSA path; "auto" (the default) is left to the module's own default.
-    kw = {} if impl == "auto" else {"impl": impl}
+    """The slot's four operators, the X-volution ones on PSSA path ``impl`` (set_impl)."""
     conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
-    xconv = XConv2d(channels, channels, 3, padding=1, **kw)
+    xconv = XConv2d(channels, channels, 3, padding=1)
     with torch.no_grad():  # non-trivial BN statistics, so folding does real work
         for bn in (xconv.bn, xconv.pssa_bn):
             bn.running_mean.uniform_(-0.1, 0.1)
             bn.running_var.uniform_(0.5, 2.0)
     xconv_eval = xconv.eval()
     deploy = xconv_eval.reparameterize()
-    xconv_train = XConv2d(channels, channels, 3, padding=1, **kw).train()
-    xconv_train.load_state_dict(xconv.state_dict())
+    xconv_train = copy.deepcopy(xconv).train()
     ops = {"conv2d": conv, "xconv-train": xconv_train, "xconv-eval": xconv_eval, "deploy": deploy}
+    for name in ("xconv-train", "xconv-eval", "deploy"):
+        dispatch.set_impl(ops[name], impl)
     return {name: m.to(device=device, dtype=dtype) for name, m in ops.items()}
 
 
@@ -160,17 +193,30 @@ def bench_slot(
     warmup: int,
     device: torch.device,
     dtype: torch.dtype,
-    impl: str = "auto",
+    impls: Sequence[str] = ("auto",),
 ) -> list[dict]:
+    """One row per operator: conv2d once, the X-volution operators once per PSSA path."""
+    if isinstance(impls, str):
+        impls = [impls]
     channels, size = SLOTS[slot]
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, channels, size, size, generator=gen).to(device=device, dtype=dtype)
     grad_out = torch.randn(x.shape, generator=gen).to(device=device, dtype=dtype)
-    ops = build_ops(channels, device, dtype, impl)
-    with torch.no_grad():
-        max_diff = (ops["deploy"](x) - ops["xconv-eval"](x)).abs().max().item()
+    ops: dict[tuple[str, str | None], nn.Module] = {}
+    max_diff: dict[str, float | None] = {}
+    for impl in impls:
+        torch.manual_seed(0)  # the same weights and statistics for every path
+        built = build_ops(channels, device, dtype, impl)
+        ops.setdefault(("conv2d", None), built.pop("conv2d"))
+        ops.update({(name, impl): m for name, m in built.items()})
+        try:
+            with torch.no_grad():
+                diff = built["deploy"](x) - built["xconv-eval"](x)
+            max_diff[impl] = diff.abs().max().item()
+        except Exception:
+            max_diff[impl] = None  # the failure itself is reported by the timed calls
     forwards, forward_backwards, saved_fns = {}, {}, {}
-    for name, module in ops.items():
+    for key, module in ops.items():
         x_req = x.detach().requires_grad_()
 
         def forward(module: nn.Module = module) -> Tensor:
@@ -185,23 +231,28 @@ def bench_slot(
             y.backward(grad_out)
             return y
 
-        forwards[name] = forward
-        if name not in FWD_ONLY:
-            forward_backwards[name] = forward_backward
-            saved_fns[name] = lambda module=module, x_req=x_req: module(x_req)
+        forwards[key] = forward
+        if key[0] not in FWD_ONLY:
+            forward_backwards[key] = forward_backward
+            saved_fns[key] = lambda module=module, x_req=x_req: module(x_req)
 
-    fwd_times = time_ms(forwards, iters, warmup, device)
-    fwd_bwd_times = time_ms(forward_backwards, iters, warmup, device)
+    fwd_failed: dict = {}
+    bwd_failed: dict = {}
+    fwd_times = time_ms(forwards, iters, warmup, device, fwd_failed)
+    fwd_bwd_times = time_ms(forward_backwards, iters, warmup, device, bwd_failed)
     rows = []
-    for name, module in ops.items():
-        row = {"slot": slot, "shape": list(x.shape), "op": name}
-        row["fwd_ms"], row["fwd_ms_median"] = fwd_times[name]
-        row["fwd_mem_bytes"] = peak_bytes(forwards[name], device)
-        row["fwd_bwd_ms"], row["fwd_bwd_ms_median"] = fwd_bwd_times.get(name, (None, None))
+    for key, module in ops.items():
+        name, impl = key
+        errors = [e for e in (fwd_failed.get(key), bwd_failed.get(key)) if e]
+        row = {"slot": slot, "shape": list(x.shape), "op": name, "impl": impl}
+        row["status"] = f"failed: {errors[0]}" if errors else "ok"
+        row["fwd_ms"], row["fwd_ms_median"] = fwd_times.get(key, (None, None))
+        row["fwd_mem_bytes"] = None if key in fwd_failed else peak_bytes(forwards[key], device)
+        row["fwd_bwd_ms"], row["fwd_bwd_ms_median"] = fwd_bwd_times.get(key, (None, None))
         row["fwd_bwd_mem_bytes"] = row["saved_bytes"] = None
-        if name in forward_backwards:
-            row["fwd_bwd_mem_bytes"] = peak_bytes(forward_backwards[name], device)
-            report = pssa_lean.saved_tensors_report(saved_fns[name], owned=module.parameters())
+        if key in forward_backwards and key not in bwd_failed:
+            row["fwd_bwd_mem_bytes"] = peak_bytes(forward_backwards[key], device)
+            report = pssa_lean.saved_tensors_report(saved_fns[key], owned=module.parameters())
             row["saved_bytes"] = report.total_bytes
         rows.append(row)
     base = rows[0]
@@ -209,7 +260,9 @@ def bench_slot(
         for key in ("fwd_ms", "fwd_bwd_ms", "fwd_mem_bytes", "fwd_bwd_mem_bytes", "saved_bytes"):
             ok = row[key] is not None and base[key]
             row[key.rsplit("_", 1)[0] + "_ratio"] = row[key] / base[key] if ok else None
-        row["deploy_vs_eval_max_abs_diff"] = max_diff if row["op"] == "deploy" else None
+        row["deploy_vs_eval_max_abs_diff"] = (
+            max_diff.get(row["impl"]) if row["op"] == "deploy" else None
+        )
     return rows
 
 
@@ -221,17 +274,19 @@ def format_table(rows: list[dict], device: torch.device) -> str:
         return f"{v / 2**20:8.1f} {r:5.2f}x" if v is not None else f"{'-':>8} {'':>6}"
 
     head = (
-        f"{'slot':<7} {'op':<12} {'fwd ms':>16} {'fwd+bwd ms':>16} "
+        f"{'slot':<7} {'op':<12} {'impl':<10} {'fwd ms':>16} {'fwd+bwd ms':>16} "
         f"{'fwd MiB':>15} {'fwd+bwd MiB':>15} {'saved MiB':>15}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
-            f"{r['slot']:<7} {r['op']:<12} {ms(r['fwd_ms'], r['fwd_ratio'])} "
+            f"{r['slot']:<7} {r['op']:<12} {r['impl'] or '-':<10} "
+            f"{ms(r['fwd_ms'], r['fwd_ratio'])} "
             f"{ms(r['fwd_bwd_ms'], r['fwd_bwd_ratio'])} "
             f"{mb(r['fwd_mem_bytes'], r['fwd_mem_ratio'])} "
             f"{mb(r['fwd_bwd_mem_bytes'], r['fwd_bwd_mem_ratio'])} "
             f"{mb(r['saved_bytes'], r['saved_ratio'])}"
+            + ("" if r["status"] == "ok" else f"  {r['status']}")
         )
     lines.append("ratios (x) are to conv2d of the same slot; times: best of --iters calls")
     lines.append(f"memory ({device.type}): {MEMORY_MEANING[device.type]}")
@@ -251,9 +306,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--slots", nargs="+", choices=tuple(SLOTS), default=list(SLOTS))
     p.add_argument(
         "--impl",
-        choices=("auto", "reference", "lean", "triton"),
-        default="auto",
-        help="XConv2d PSSA path (default auto: the module's own choice per call)",
+        nargs="+",
+        choices=dispatch.IMPLS,
+        default=["auto"],
+        help="XConv2d PSSA path(s), each its own rows (default auto: the module's choice per "
+        "call); a path that raises is reported as failed",
     )
     p.add_argument("--out", type=Path, default=Path("bench_results/bench_op.json"))
     return p.parse_args(argv)
@@ -279,7 +336,7 @@ def main(argv: list[str] | None = None) -> dict:
         rows += bench_slot(slot, args.batch, iters, warmup, device, dtype, args.impl)
     print(
         f"bench_op: device={device.type} dtype={args.dtype} batch={args.batch} iters={iters} "
-        f"warmup={warmup} impl={args.impl} threads={torch.get_num_threads()} "
+        f"warmup={warmup} impl={' '.join(args.impl)} threads={torch.get_num_threads()} "
         f"torch={torch.__version__}"
     )
     print(format_table(rows, device))

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -24,6 +26,8 @@ def test_bench_op_runs_and_writes_record(tmp_path: Path) -> None:
     assert record["memory_meaning"]
     rows = {row["op"]: row for row in record["rows"]}
     assert set(rows) == {"conv2d", "xconv-train", "xconv-eval", "deploy"}
+    assert all(row["status"] == "ok" for row in rows.values())
+    assert rows["conv2d"]["impl"] is None and rows["deploy"]["impl"] == "auto"
     assert all(row["shape"] == [2, 256, 14, 14] for row in rows.values())
     assert rows["conv2d"]["fwd_ratio"] == 1.0 and rows["conv2d"]["fwd_bwd_ratio"] == 1.0
     for row in rows.values():
@@ -35,3 +39,42 @@ def test_bench_op_runs_and_writes_record(tmp_path: Path) -> None:
     assert rows["xconv-eval"]["fwd_mem_ratio"] > 1.0
     # the bench checks the deploy operator against the form it came from
     assert rows["deploy"]["deploy_vs_eval_max_abs_diff"] < 1e-4
+
+
+def _load_bench_op():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("xvol_bench_op", REPO / "scripts" / "bench_op.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_failing_path_is_reported_not_fatal() -> None:
+    bench_op = _load_bench_op()
+
+    def broken() -> None:
+        raise RuntimeError("out of resource: shared memory, Required: 761856\nmore")
+
+    failed: dict[str, str] = {}
+    times = bench_op.time_ms({"ok": lambda: None, "broken": broken}, 2, 1, torch.device("cpu"),
+                             failed)  # fmt: skip
+    assert set(times) == {"ok"}
+    assert failed == {"broken": "RuntimeError: out of resource: shared memory, Required: 761856"}
+
+
+def test_several_impls_share_weights_and_get_their_own_rows() -> None:
+    bench_op = _load_bench_op()
+    rows = bench_op.bench_slot("stage3", 1, 1, 0, torch.device("cpu"), torch.float32,
+                               ["reference", "lean"])  # fmt: skip
+    keys = [(r["op"], r["impl"]) for r in rows]
+    assert keys == [("conv2d", None)] + [
+        (op, impl)
+        for impl in ("reference", "lean")
+        for op in ("xconv-train", "xconv-eval", "deploy")
+    ]
+    assert all(r["status"] == "ok" for r in rows)
+    deploys = [r for r in rows if r["op"] == "deploy"]
+    assert all(r["deploy_vs_eval_max_abs_diff"] < 1e-4 for r in deploys)
+    saved = {(r["op"], r["impl"]): r["saved_bytes"] for r in rows}
+    assert saved["xconv-train", "lean"] < saved["xconv-train", "reference"]  # T is not kept

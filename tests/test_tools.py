@@ -22,14 +22,16 @@ from tools_helpers import ROOT, load_tool, make_checkpoint, make_val_folder, mod
 import xvol.cli
 from xvol.data import DataError
 from xvol.engine.checkpoint import CheckpointError, load_state_dict_strict
-from xvol.models import build_model
+from xvol.models import ModelSpec, build_model
 from xvol.ops import XConv2d
 from xvol.reparam import reparameterize_model
 from xvol.tools_common import (
     RecordError,
     ToolError,
+    deploy_integrity,
     load_model,
     model_identity,
+    sha256_file,
     validate_record,
 )
 
@@ -92,7 +94,11 @@ def test_model_identity_names_follow_the_timm_registry() -> None:
 def test_reparam_writes_a_verified_deploy_checkpoint(tiny: dict[str, Path]) -> None:
     sidecar = json.loads((tiny["deploy"] / "deploy.json").read_text())
     assert sidecar["kind"] == "xvol.deploy" and sidecar["weights"] == "ema"
-    assert sidecar["source"]["sha256"] == reparam_tool.sha256_file(tiny["xckpt"])
+    assert sidecar["source"]["sha256"] == sha256_file(tiny["xckpt"])
+    assert sidecar["format_version"] == 2 and "model_config" not in sidecar
+    assert sidecar["model_spec"] == ModelSpec.from_config(model_config()).to_dict()
+    assert sidecar["class_names"] == ["class_0", "class_1", "class_2"]
+    assert sidecar["integrity_sha256"] == deploy_integrity(sidecar)
     assert sidecar["verification"]["passed"] is True
     assert sidecar["verification"]["random"]["agreement"] == 1.0
     assert 0 < sidecar["verification"]["max_abs_diff"] <= 1e-3
@@ -215,9 +221,9 @@ def _bad_checkpoint(kind: str, tiny: dict[str, Path], tmp_path: Path) -> tuple[P
         path = tmp_path / "deploy"
         shutil.copytree(tiny["deploy"], path)
         sidecar = json.loads((path / "deploy.json").read_text())
-        sidecar["model_config"]["arch"] = "resnet34"
+        sidecar["model_spec"]["arch"] = "resnet34"
         (path / "deploy.json").write_text(json.dumps(sidecar))
-        return path, "deploy.safetensors: state_dict does not match.*missing keys"
+        return path, "deploy.json: model_spec, class_names or weights were edited"
     if kind == "deploy_truncated":
         path = tmp_path / "deploy"
         shutil.copytree(tiny["deploy"], path)

@@ -3,12 +3,16 @@
 Checkpoints are made without training: build the model from a stored-style config, give every BN
 random statistics (default BN init would make folding an identity and hide bugs), and save the
 dict in the training checkpoint format (xvol/engine/checkpoint.py) with ``save_checkpoint``.
+Hostile inputs too: model configs whose ``_target_`` would create a file if anything
+instantiated them, checkpoints with NaN weights, and format 1 deploy directories (as the
+xvol-reparam of before the model spec wrote them).
 """
 
 from __future__ import annotations
 
-import copy
 import importlib.util
+import json
+import pathlib
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -17,21 +21,26 @@ from typing import Any
 import numpy as np
 import torch
 from helpers import randomize_bn
-from hydra.utils import instantiate
 from PIL import Image
 from torch import nn
 
-from xvol.engine.checkpoint import FORMAT_VERSION, save_checkpoint
+from xvol.engine.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
+from xvol.models import ModelSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOLS = ROOT / "tools"
 
 __all__ = [
     "ROOT",
+    "CRAFTED",
+    "class_names",
+    "crafted_model_config",
     "load_tool",
     "make_checkpoint",
+    "make_v1_deploy",
     "make_val_folder",
     "model_config",
+    "poison_checkpoint",
 ]
 
 
@@ -73,7 +82,8 @@ def model_config(arch: str = "resnet18", xvolution: bool = True, num_classes: in
 
 def _random_model(cfg: dict, seed: int) -> nn.Module:
     torch.manual_seed(seed)
-    model = randomize_bn(instantiate(copy.deepcopy(cfg)), torch.Generator().manual_seed(seed))
+    model = ModelSpec.from_config(cfg).build()
+    model = randomize_bn(model, torch.Generator().manual_seed(seed))
     # Random BN statistics give pooled features with a large common component (every image gets
     # the same class) and logits ~200. Centre and scale the classifier on a random batch so that
     # predictions depend on the image and logits are ~10, the scale of a trained classifier that
@@ -98,15 +108,18 @@ def make_checkpoint(
     data_root: str | None = None,
     img_size: int = 32,
     weights_cfg: dict | None = None,
+    names: list[str] | None = None,
 ) -> Path:
     """A training-format checkpoint of ``cfg`` with random weights and BN statistics.
 
     ``weights_cfg`` stores the weights of another model under ``cfg`` (a checkpoint whose
-    weights do not belong to its stated architecture).
+    weights do not belong to its stated architecture, or whose config is crafted). The class
+    names default to make_val_folder's folders (``class_0``, ...).
     """
     cfg = cfg or model_config()
     model = _random_model(weights_cfg or cfg, seed)
     ema_model = _random_model(weights_cfg or cfg, seed + 1000) if ema else None
+    num_classes = cfg.get("num_classes") or (weights_cfg or {}).get("num_classes", 3)
     state = {
         "format_version": FORMAT_VERSION,
         "kind": "xvol.train",
@@ -127,13 +140,14 @@ def make_checkpoint(
             "data": {
                 "name": "tiny",
                 "root": data_root,
-                "num_classes": cfg["num_classes"],
+                "num_classes": num_classes,
                 "img_size": img_size,
                 "eval_img_size": None,
                 "crop_pct": 1.0,
                 "interpolation": "bilinear",
             },
         },
+        "class_names": names if names is not None else class_names(num_classes),
         "metrics": {},
         "best_metric": None,
         "wandb_id": None,
@@ -142,6 +156,80 @@ def make_checkpoint(
         "time": 0.0,
     }
     return save_checkpoint(state, path)
+
+
+def class_names(num_classes: int = 3) -> list[str]:
+    """make_val_folder's class folders, in label order."""
+    return [f"class_{c}" for c in range(num_classes)]
+
+
+def poison_checkpoint(path: Path, out: Path, key: str = "fc.weight") -> Path:
+    """A copy of a training checkpoint with one NaN in ``key`` of its model and EMA weights."""
+    state = load_checkpoint(path)
+    for weights in ("model", "ema"):
+        if state.get(weights) is not None:
+            state[weights][key].view(-1)[0] = float("nan")
+    return save_checkpoint(state, out)
+
+
+def _touch_pickle(marker: Path, path: Path) -> Path:
+    """A torch.save file whose unpickling (weights_only=False) creates ``marker``."""
+
+    class Touch:
+        def __reduce__(self) -> tuple:
+            return (pathlib.Path.touch, (pathlib.Path(marker),))
+
+    torch.save(Touch(), path)
+    return path
+
+
+# Model configs that create a file when hydra.utils.instantiate sees them (each was checked to
+# do so against the tools of before the model spec).
+CRAFTED = ("touch", "torch_load", "xconv_touch", "kwarg_touch")
+
+
+def crafted_model_config(kind: str, marker: Path) -> dict[str, Any]:
+    """A stored model config that would create ``marker`` if anything instantiated it."""
+    touch = {"_target_": "pathlib.Path.touch", "self": str(marker)}
+    if kind == "touch":
+        return touch
+    if kind == "torch_load":
+        evil = _touch_pickle(marker, marker.with_name(marker.name + ".evil.pt"))
+        return {"_target_": "torch.load", "f": str(evil), "weights_only": False}
+    cfg = model_config()
+    if kind == "xconv_touch":  # the trusted builder, an untrusted slot
+        cfg["xconv"] = {**touch, "_partial_": False}
+        return cfg
+    if kind == "kwarg_touch":  # a node where a timm kwarg belongs
+        cfg["drop_path_rate"] = touch
+        return cfg
+    raise AssertionError(kind)
+
+
+def make_v1_deploy(deploy: Path, out: Path, cfg: dict) -> Path:
+    """``deploy`` (format 2, of a model whose stored config is ``cfg``) rewritten as format 1.
+
+    Format 1 (xvol-reparam before the model spec): the sidecar holds ``model_config`` (the raw
+    stored config) instead of model_spec/class_names/integrity_sha256, and the safetensors
+    metadata holds the same config as JSON.
+    """
+    from safetensors.torch import load_file, save_file
+
+    from xvol.tools_common import sha256_file
+
+    out.mkdir(parents=True)
+    sidecar = json.loads((deploy / "deploy.json").read_text())
+    metadata = {"format": "pt", "kind": "xvol.deploy", "model_config": json.dumps(cfg)}
+    save_file(load_file(deploy / "deploy.safetensors"), out / "deploy.safetensors", metadata)
+    for key in ("model_spec", "class_names", "integrity_sha256"):
+        sidecar.pop(key)
+    sidecar.update(
+        format_version=1,
+        model_config=cfg,
+        weights_sha256=sha256_file(out / "deploy.safetensors"),
+    )
+    (out / "deploy.json").write_text(json.dumps(sidecar, indent=2))
+    return out
 
 
 def make_val_folder(

@@ -9,9 +9,13 @@ Usage:
 CKPT is a training checkpoint (.pt: EMA weights by default when present, --no-ema for the raw
 ones) or a deploy checkpoint (the directory, .safetensors or .json written by tools/reparam.py).
 --data is ROOT with val/ or the val folder itself (default: the training data root stored in the
-checkpoint). Top-1/top-5 are exact counts over every val image (each rank evaluates a contiguous
-slice, rank 0 gathers all predictions); throughput is measured on rank 0 with a random batch of
---bench-batch-size images at --precision (--bench-iters 0 skips it). The record (schema
+checkpoint). Its class folders must be the class names stored in the checkpoint, in order (a
+renamed folder shifts every label after it); --allow-class-mismatch evaluates anyway. The model
+is rebuilt from the checkpoint's validated model spec (xvol.models.ModelSpec), never from a
+``_target_`` read from the file; non-finite logits are an error. Top-1/top-5 are exact counts
+over every val image (each rank evaluates a contiguous slice, rank 0 gathers all predictions);
+throughput is measured on rank 0 with a random batch of --bench-batch-size images at --precision
+(--bench-iters 0 skips it). The record (schema
 ``RECORD_SCHEMA_VERSION``, see xvol/tools_common.py and the README) goes to
 RESULTS_DIR/<model>_<train|deploy>_<weights>_<sha12>.json and to stdout; existing files are refused
 unless --force, and nothing is written when anything fails.
@@ -50,6 +54,7 @@ from xvol.tools_common import (
     ToolError,
     atomic_path,
     build_val_loader,
+    check_class_names,
     eval_settings,
     load_model,
     now_iso,
@@ -83,22 +88,26 @@ def predict(
     precision: str = "fp32",
     topk: int = 5,
     channels_last: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(top-k class indices N x k, labels N) on the CPU, in loader order."""
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(top-k class indices N x k, labels N) on the CPU in loader order, and the number of
+    images whose logits are not all finite (their top-k would be meaningless)."""
     model.eval()
-    preds, labels = [], []
+    preds, labels, nonfinite = [], [], 0
     for images, target in loader:
         images = images.to(device, non_blocking=True)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with _autocast(device, precision):
             logits = model(images)
+        logits = logits.float()
+        nonfinite += int((~torch.isfinite(logits).all(1)).sum())
         k = min(topk, logits.shape[1])
-        preds.append(logits.float().topk(k, dim=1).indices.cpu())
+        preds.append(logits.topk(k, dim=1).indices.cpu())
         labels.append(target.cpu().to(torch.int64).view(-1))
     if not preds:
-        return torch.zeros(0, topk, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
-    return torch.cat(preds), torch.cat(labels)
+        empty = torch.zeros(0, topk, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
+        return (*empty, 0)
+    return torch.cat(preds), torch.cat(labels), nonfinite
 
 
 @torch.no_grad()
@@ -199,8 +208,12 @@ def evaluate_checkpoint(
     predictions: str | Path | None = None,
     force: bool = False,
     validate: str = "auto",
+    allow_class_mismatch: bool = False,
 ) -> dict[str, Any]:
     """Evaluate ``checkpoint``; write the record (rank 0) unless ``results_dir`` is None.
+
+    The val folder's classes must be the checkpoint's class names in order (ToolError otherwise,
+    unless ``allow_class_mismatch``).
 
     Works in one process or under torchrun (the process group is set up here when the launcher's
     variables are present, gloo on CPU, and torn down again). Returns the record on every rank.
@@ -247,6 +260,9 @@ def evaluate_checkpoint(
             validate=validate,
             **settings,
         )
+        names_match = check_class_names(
+            loaded.class_names, val.classes, loaded.path, val_dir, allow_class_mismatch
+        )
         # Counted on the CPU before the move: on CUDA the X-volution forms may run Triton
         # kernels, which FlopCounterMode cannot see.
         ops = count_ops(loaded.model.cpu(), settings["img_size"])
@@ -255,17 +271,23 @@ def evaluate_checkpoint(
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
         start = time.perf_counter()
-        preds, labels = predict(
+        preds, labels, nonfinite = predict(
             model, val.loader, device=dev, precision=precision, channels_last=channels_last
         )
         if preds.shape[0] != val.hi - val.lo:
             raise ToolError(
                 f"rank {rank}: the loader gave {preds.shape[0]} images, expected {val.hi - val.lo}"
             )
-        gathered = all_gather_objects((preds.tolist(), labels.tolist()))
+        gathered = all_gather_objects((preds.tolist(), labels.tolist(), nonfinite))
         seconds = time.perf_counter() - start
-        all_preds = torch.tensor([row for p, _ in gathered for row in p], dtype=torch.int64)
-        all_labels = [y for _, ys in gathered for y in ys]
+        bad = sum(n for _, _, n in gathered)  # every rank raises alike, none waits for another
+        if bad:
+            raise ToolError(
+                f"{loaded.path}: non-finite (NaN/Inf) logits for {bad} of {len(val.samples)} val "
+                f"images at --precision {precision} (NaN/Inf weights, or overflow?): no score"
+            )
+        all_preds = torch.tensor([row for p, _, _ in gathered for row in p], dtype=torch.int64)
+        all_labels = [y for _, ys, _ in gathered for y in ys]
         expected = [y for _, y in val.samples]
         if all_labels != expected:  # the gathered order must be the val list's order
             raise ToolError(f"{val_dir}: gathered labels do not follow the val folder's order")
@@ -300,7 +322,7 @@ def evaluate_checkpoint(
                 "epoch": loaded.source.get("epoch"),
                 "global_step": loaded.source.get("global_step"),
             },
-            "model_config": loaded.model_config,
+            "model_spec": loaded.spec.to_dict(),
             "top1": 100.0 * top1_correct / n,
             "top5": 100.0 * top5_correct / n,
             "top1_correct": top1_correct,
@@ -316,6 +338,7 @@ def evaluate_checkpoint(
                 "val_dir": str(val_dir.resolve()),
                 "backend": backend,
                 "fingerprint": val.fingerprint,
+                "class_names_match": names_match,  # None: the checkpoint stores no names
                 **settings,
             },
             "throughput": throughput,
@@ -396,6 +419,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="up-front image check of the data builders (auto: full decode up to 50k files)",
     )
+    parser.add_argument(
+        "--allow-class-mismatch",
+        action="store_true",
+        help="evaluate even when the val class folders differ from the checkpoint's class names",
+    )
     parser.add_argument("--force", action="store_true", help="overwrite existing outputs")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
@@ -426,6 +454,7 @@ def main(argv: list[str] | None = None) -> int:
             predictions=args.predictions,
             force=args.force,
             validate=args.validate,
+            allow_class_mismatch=args.allow_class_mismatch,
         )
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(record, indent=2))

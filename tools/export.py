@@ -9,9 +9,11 @@ CKPT is a deploy checkpoint (directory, .safetensors or .json from tools/reparam
 training checkpoint, which is re-parameterized first (EMA weights by default when present). The
 graph has a dynamic batch axis (input ``images`` N x 3 x S x S, output ``logits`` N x classes)
 unless --static-batch. The file is written to a temp name, run with onnxruntime (CPU) on random
-batches of 1 and --batch-size images, and renamed into place only if the max |difference| from
-the PyTorch deploy model is <= --atol (default 1e-4); existing files are refused unless --force.
-Prints one JSON record.
+batches of 1 and --batch-size images, and renamed into place only if every output of both is
+finite and the max |difference| from the PyTorch deploy model is <= --atol (default 1e-4);
+existing files are refused unless --force. The model is rebuilt from the checkpoint's validated
+model spec (xvol.models.ModelSpec), never from a ``_target_`` read from the file. Prints one JSON
+record.
 
 Exporter: ``torch.onnx.export(dynamo=True)`` (torch.export + onnxscript, torch's default) is the
 default; it implements opset 18 and newer, so opset 17 needs ``--exporter torchscript`` (the
@@ -105,7 +107,12 @@ def _export(
 
 
 def check_parity(model: nn.Module, onnx_path: Path, inputs: list[torch.Tensor]) -> dict[str, Any]:
-    """Max |ONNX Runtime - PyTorch| over ``inputs``, plus the opset the file declares."""
+    """Max |ONNX Runtime - PyTorch| over ``inputs``, plus the opset the file declares.
+
+    A non-finite output on either side is counted (``nonfinite_pytorch``/``nonfinite_onnx``,
+    output elements) and kept out of the maxima: ``max(0.0, nan)`` is 0.0, so NaN would pass.
+    """
+    import numpy as np
     import onnx
     import onnxruntime as ort
 
@@ -115,6 +122,7 @@ def check_parity(model: nn.Module, onnx_path: Path, inputs: list[torch.Tensor]) 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     input_name = session.get_inputs()[0].name
     max_diff, max_logit = 0.0, 0.0
+    nonfinite_pytorch, nonfinite_onnx = 0, 0
     with torch.no_grad():
         for x in inputs:
             expected = model(x).numpy()
@@ -124,13 +132,20 @@ def check_parity(model: nn.Module, onnx_path: Path, inputs: list[torch.Tensor]) 
                     f"ONNX output shape {got.shape} != PyTorch {expected.shape} for input "
                     f"{tuple(x.shape)}"
                 )
-            max_diff = max(max_diff, float(abs(got - expected).max()))
-            max_logit = max(max_logit, float(abs(expected).max()))
+            ok_expected, ok_got = np.isfinite(expected), np.isfinite(got)
+            nonfinite_pytorch += int((~ok_expected).sum())
+            nonfinite_onnx += int((~ok_got).sum())
+            ok = ok_expected & ok_got
+            if ok.any():
+                max_diff = max(max_diff, float(np.abs(got[ok] - expected[ok]).max()))
+                max_logit = max(max_logit, float(np.abs(expected[ok]).max()))
     return {
         "opset": opset,
         "batch_sizes": [int(x.shape[0]) for x in inputs],
         "max_abs_diff": max_diff,
         "max_abs_logit": max_logit,
+        "nonfinite_pytorch": nonfinite_pytorch,
+        "nonfinite_onnx": nonfinite_onnx,
     }
 
 
@@ -184,6 +199,13 @@ def export_onnx(
         parity = check_parity(deploy, tmp, checks)
         if parity["opset"] != opset:
             raise ToolError(f"the exporter wrote opset {parity['opset']}, not {opset}")
+        for side, name in (("pytorch", "the PyTorch deploy model"), ("onnx", "ONNX Runtime")):
+            bad = parity.get(f"nonfinite_{side}", 0)
+            if bad:
+                raise ToolError(
+                    f"{loaded.path}: parity check failed: {name} gives {bad} non-finite (NaN/Inf) "
+                    "logits (NaN/Inf in the weights or BN statistics?); nothing written"
+                )
         if not parity["max_abs_diff"] <= atol:
             raise ToolError(
                 f"{loaded.path}: ONNX Runtime differs from PyTorch by {parity['max_abs_diff']:.3g} "

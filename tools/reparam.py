@@ -5,12 +5,15 @@ Usage:
     xvol-reparam outputs/demo/best.pt --out outputs/demo/deploy --data ~/.cache/xvol/demo
     xvol-reparam CKPT --out DIR --no-ema --atol 1e-4 --force
 
-Steps: rebuild the model from the config stored in CKPT, load the EMA weights (the default when
-the checkpoint has them; --no-ema for the raw weights) strictly, ``reparameterize_model()``, then
-run both forms in eval mode on a random batch (and, with --data, on real val images): the max
-|logit difference| must be <= --atol; top-1 agreement is reported. Only then are
-DIR/deploy.safetensors and its sidecar DIR/deploy.json written (temp file + os.replace each, the
-sidecar last); existing outputs are refused unless --force. Prints one JSON record.
+Steps: read the model config stored in CKPT as a validated ``xvol.models.ModelSpec`` (nothing
+named by a ``_target_`` in the file is imported or called), build it, load the EMA weights (the
+default when the checkpoint has them; --no-ema for the raw weights) strictly,
+``reparameterize_model()``, then run both forms in eval mode on a random batch (and, with --data,
+on real val images): every logit must be finite and the max |logit difference| <= --atol; top-1
+agreement is reported. Only then are DIR/deploy.safetensors and its sidecar DIR/deploy.json
+written (temp file + os.replace each, the sidecar last, with the model spec, the class names and
+an integrity hash over them and the weights); existing outputs are refused unless --force.
+Prints one JSON record.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -30,12 +34,9 @@ from xvol.engine.checkpoint import git_revision
 from xvol.models import count_params, model_summary
 from xvol.reparam import reparameterize_model
 from xvol.tools_common import (
-    DEPLOY_FORMAT_VERSION,
-    DEPLOY_KIND,
     DEPLOY_SIDECAR,
     DEPLOY_WEIGHTS,
     ToolError,
-    atomic_path,
     build_val_loader,
     count_reparameterizable,
     eval_settings,
@@ -44,10 +45,9 @@ from xvol.tools_common import (
     refuse_existing,
     resolve_val_dir,
     setup_tool_logging,
-    sha256_file,
     tool_errors,
     versions,
-    write_json_atomic,
+    write_deploy_checkpoint,
 )
 
 log = logging.getLogger("xvol.tools.reparam")
@@ -57,22 +57,50 @@ log = logging.getLogger("xvol.tools.reparam")
 def compare_forms(
     train_model: nn.Module, deploy_model: nn.Module, batches: Iterable[torch.Tensor]
 ) -> dict[str, Any]:
-    """Max |logit difference| and top-1 agreement of the two forms, both in eval mode."""
+    """Max |logit difference| and top-1 agreement of the two forms, both in eval mode.
+
+    Images whose logits are not all finite in either form are counted apart (``nonfinite_*``)
+    and left out of the maxima: ``max(0.0, nan)`` is 0.0, so a NaN must never reach them.
+    """
     train_model.eval()
     deploy_model.eval()
     max_diff, max_logit, agree, count = 0.0, 0.0, 0, 0
+    nonfinite_train, nonfinite_deploy = 0, 0
     for images in batches:
         a, b = train_model(images).float(), deploy_model(images).float()
-        max_diff = max(max_diff, (a - b).abs().max().item())
-        max_logit = max(max_logit, a.abs().max().item())
-        agree += int((a.argmax(1) == b.argmax(1)).sum())
+        bad_a, bad_b = ~torch.isfinite(a).all(1), ~torch.isfinite(b).all(1)
+        nonfinite_train += int(bad_a.sum())
+        nonfinite_deploy += int(bad_b.sum())
+        ok = ~(bad_a | bad_b)
+        if ok.any():
+            max_diff = max(max_diff, (a[ok] - b[ok]).abs().max().item())
+            max_logit = max(max_logit, a[ok].abs().max().item())
+        agree += int((a.argmax(1) == b.argmax(1))[ok].sum())
         count += images.shape[0]
     return {
         "num_images": count,
         "max_abs_diff": max_diff,
         "max_abs_logit": max_logit,
         "agreement": agree / max(count, 1),
+        "nonfinite_train": nonfinite_train,
+        "nonfinite_deploy": nonfinite_deploy,
     }
+
+
+def _check_finite(path: Path, checks: dict[str, dict[str, Any] | None]) -> None:
+    """A non-finite logit in either form fails verification (NaN/Inf weights or statistics)."""
+    for name, check in checks.items():
+        if check is None:
+            continue
+        for form in ("train", "deploy"):
+            bad = check[f"nonfinite_{form}"]
+            if bad:
+                what = "training" if form == "train" else "deploy"
+                raise ToolError(
+                    f"{path}: verification failed: the {what} form gives non-finite (NaN/Inf) "
+                    f"logits for {bad} of {check['num_images']} {name} images (NaN/Inf in the "
+                    "weights or BN statistics?); nothing written"
+                )
 
 
 def _val_images(loader: Iterable, limit: int) -> Iterator[torch.Tensor]:
@@ -141,11 +169,12 @@ def reparam_checkpoint(
             "val_dir": str(val_dir),
             **compare_forms(model, deploy, _val_images(val.loader, verify_images)),
         }
+    _check_finite(loaded.path, {"random": verification["random"], "val": verification["data"]})
     worst = max(
         v["max_abs_diff"] for v in (verification["random"], verification["data"]) if v is not None
     )
     verification["max_abs_diff"] = worst
-    verification["passed"] = worst <= atol
+    verification["passed"] = math.isfinite(worst) and worst <= atol
     if not verification["passed"]:
         raise ToolError(
             f"{loaded.path}: verification failed: the deploy form differs from the training form "
@@ -154,14 +183,7 @@ def reparam_checkpoint(
         )
 
     summary = model_summary(model, size, deploy=deploy)
-    sidecar: dict[str, Any] = {
-        "kind": DEPLOY_KIND,
-        "format_version": DEPLOY_FORMAT_VERSION,
-        **loaded.identity,
-        "model_config": loaded.model_config,
-        "weights": loaded.weights,
-        "weights_file": DEPLOY_WEIGHTS,
-        "weights_sha256": None,  # filled in once the file is written
+    extra: dict[str, Any] = {
         "reparameterized_modules": n_swapped,
         "source": {
             "path": str(loaded.path),
@@ -180,7 +202,15 @@ def reparam_checkpoint(
         "git": git_revision(),
         "date": now_iso(),
     }
-    _write_deploy(deploy, sidecar, weights_path, sidecar_path)
+    sidecar = write_deploy_checkpoint(
+        deploy,
+        weights_path,
+        sidecar_path,
+        spec=loaded.spec,
+        class_names=loaded.class_names,
+        weights=loaded.weights,
+        extra=extra,
+    )
     return {**sidecar, "out": {"weights": str(weights_path), "sidecar": str(sidecar_path)}}
 
 
@@ -188,24 +218,6 @@ def _safetensors_version() -> str:
     import safetensors
 
     return str(safetensors.__version__)
-
-
-def _write_deploy(
-    deploy: nn.Module, sidecar: dict[str, Any], weights_path: Path, sidecar_path: Path
-) -> None:
-    """Weights first, then the sidecar naming their sha256: a reader trusts a matching pair."""
-    from safetensors.torch import save_file
-
-    state = {k: v.detach().cpu().contiguous() for k, v in deploy.state_dict().items()}
-    metadata = {
-        "format": "pt",
-        "kind": DEPLOY_KIND,
-        "model_config": json.dumps(sidecar["model_config"]),
-    }
-    with atomic_path(weights_path) as tmp:
-        save_file(state, str(tmp), metadata=metadata)
-        sidecar["weights_sha256"] = sha256_file(tmp)
-    write_json_atomic(sidecar_path, sidecar)
 
 
 def build_parser() -> argparse.ArgumentParser:

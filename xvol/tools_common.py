@@ -1,24 +1,33 @@
 """Shared pieces of the post-training tools (tools/reparam.py, eval.py, leaderboard.py, export.py).
 
 - Loading a model from either checkpoint kind: a training checkpoint (``.pt``, the format of
-  xvol/engine/checkpoint.py; rebuilt from its stored config, loaded strictly, EMA weights by
-  default when present) or a deploy checkpoint (``deploy.safetensors`` + ``deploy.json`` sidecar
-  written by tools/reparam.py; rebuilt as ``reparameterize_model(build_model(cfg))``).
+  xvol/engine/checkpoint.py; EMA weights by default when present) or a deploy checkpoint
+  (``deploy.safetensors`` + ``deploy.json`` sidecar written by tools/reparam.py; rebuilt as
+  ``reparameterize_model(spec.build())``). Both are untrusted files: the network is rebuilt from
+  a validated ``xvol.models.ModelSpec``, never by instantiating a ``_target_`` read from them.
+- The deploy checkpoint format: reader, writer, version and integrity check.
 - The eval record schema (one JSON per evaluated checkpoint) and its validation, shared by the
   writer (tools/eval.py) and the reader (tools/leaderboard.py).
-- A val loader over any ImageNet-layout val folder through the regular data builders.
+- A val loader over any ImageNet-layout val folder through the regular data builders, and the
+  check of its class folders against the class names a checkpoint was trained with.
 - Atomic writes that refuse to overwrite, sha256, versions, and the one-line error wrapper.
 
-Deploy checkpoint layout (``DEPLOY_FORMAT_VERSION`` 1)::
+Deploy checkpoint layout (``DEPLOY_FORMAT_VERSION`` 2)::
 
-    DIR/deploy.safetensors   state_dict of reparameterize_model(build_model(cfg)), fp32
-    DIR/deploy.json          sidecar: kind "xvol.deploy", format_version, model_config,
-                             weights ("ema"|"model"), source checkpoint path + sha256,
-                             weights_sha256 (of the safetensors file), verification, summary,
-                             data (eval transform defaults), versions, git, date
+    DIR/deploy.safetensors   state_dict of reparameterize_model(spec.build()), fp32; metadata
+                             holds the model spec and class names too
+    DIR/deploy.json          sidecar: kind "xvol.deploy", format_version, model/arch/xvolution
+                             (display), model_spec (ModelSpec.to_dict()), class_names (or null),
+                             weights ("ema"|"model"), weights_sha256 (of the safetensors file),
+                             integrity_sha256, source checkpoint path + sha256, verification,
+                             summary, data (eval transform defaults), versions, git, date
 
-The sidecar is written last and names the sha256 of the weights file, so a half-copied or
-modified weights file is refused on load.
+``integrity_sha256`` is the sha256 of the canonical JSON of format_version, weights_sha256,
+model_spec, class_names and weights: the sidecar is written last and a reader refuses a modified
+or half-copied weights file, and an edited spec, class list or weights choice (same weight shapes,
+another network). Format 1 sidecars (``model_config``, the raw Hydra model config) still load:
+their config must read as a ModelSpec and equal the copy in the safetensors metadata, which the
+weights sha256 covers.
 """
 
 from __future__ import annotations
@@ -46,6 +55,7 @@ from xvol.engine.checkpoint import (
     load_checkpoint,
     load_state_dict_strict,
 )
+from xvol.models.spec import ModelSpec, ModelSpecError
 from xvol.reparam import is_reparameterizable, reparameterize_model
 
 __all__ = [
@@ -60,11 +70,13 @@ __all__ = [
     "ToolError",
     "ValData",
     "atomic_path",
+    "build_from_spec",
     "build_val_loader",
+    "check_class_names",
     "count_reparameterizable",
+    "deploy_integrity",
     "deploy_paths",
     "eval_settings",
-    "instantiate_model",
     "is_deploy_path",
     "load_deploy_checkpoint",
     "load_model",
@@ -78,13 +90,14 @@ __all__ = [
     "tool_errors",
     "validate_record",
     "versions",
+    "write_deploy_checkpoint",
     "write_json_atomic",
 ]
 
 log = logging.getLogger(__name__)
 
 DEPLOY_KIND = "xvol.deploy"
-DEPLOY_FORMAT_VERSION = 1
+DEPLOY_FORMAT_VERSION = 2
 DEPLOY_WEIGHTS = "deploy.safetensors"
 DEPLOY_SIDECAR = "deploy.json"
 RECORD_KIND = "xvol.eval"
@@ -108,7 +121,8 @@ def tool_errors(prog: str, debug: bool = False) -> Iterator[None]:
     """Turn any exception into ``prog: error: <one line>`` on stderr and exit status 1.
 
     ``debug`` (or XVOL_DEBUG=1) lets the traceback through instead. Known error types
-    (ToolError, CheckpointError, DataError, FileNotFoundError) show their message alone; others
+    (ToolError, CheckpointError, ModelSpecError, DataError, FileNotFoundError) show their message
+    alone; others
     show their type too, since the message may not make sense without it.
     """
     from xvol.data.folder import DataError
@@ -121,7 +135,9 @@ def tool_errors(prog: str, debug: bool = False) -> Iterator[None]:
     except Exception as err:
         if debug:
             raise
-        known = isinstance(err, ToolError | CheckpointError | DataError | FileNotFoundError)
+        known = isinstance(
+            err, ToolError | CheckpointError | ModelSpecError | DataError | FileNotFoundError
+        )
         text = str(err) if known else f"{type(err).__name__}: {err}"
         text = " ".join(line.strip() for line in text.splitlines() if line.strip())
         hint = "" if known else " (run with --debug or XVOL_DEBUG=1 for the traceback)"
@@ -183,37 +199,23 @@ def versions() -> dict[str, str]:
 # ----------------------------------------------------------------------------- models
 
 
-def instantiate_model(model_cfg: Mapping[str, Any], source: str) -> nn.Module:
-    """``hydra.utils.instantiate(config["model"])``; a broken config names its source file."""
-    from hydra.utils import instantiate
-
-    if not isinstance(model_cfg, Mapping) or "_target_" not in model_cfg:
-        raise CheckpointError(f"{source}: no model config (config['model'] with a _target_)")
+def build_from_spec(spec: ModelSpec, source: str) -> nn.Module:
+    """``spec.build()``; a failure (a spec timm cannot build) names the file it came from."""
     try:
-        return instantiate(dict(model_cfg))
-    except Exception as err:  # Hydra wraps every failure in its own error types
-        raise CheckpointError(f"{source}: cannot build the model from its config: {err}") from err
+        return spec.build()
+    except Exception as err:
+        raise CheckpointError(
+            f"{source}: cannot build {spec.identity()['model']}: {type(err).__name__}: {err}"
+        ) from err
 
 
-def model_identity(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """Display name, backbone arch and whether X-volution is in it, from a stored model config.
+def model_identity(model: ModelSpec | Mapping[str, Any]) -> dict[str, Any]:
+    """Display name, backbone arch and whether X-volution is in it (``ModelSpec.identity``).
 
-    The name follows the timm registry (xresnet50 = resnet50 + X-volution in stage 3, shifts
-    (1,)); other placements get a suffix (xresnet50-s34-L12 for stages [3,4], shifts [1,2]).
+    Takes a spec or a stored model config (read as a spec, so an invalid one is an error).
     """
-    arch = str(model_cfg.get("arch", "unknown"))
-    xconv = model_cfg.get("xconv")
-    if not xconv:
-        return {"model": arch, "arch": arch, "xvolution": False}
-    stages = model_cfg.get("stages", [3])
-    stages = [stages] if isinstance(stages, int) else list(stages)
-    shifts = list(xconv.get("shifts", [1])) if isinstance(xconv, Mapping) else [1]
-    center = bool(xconv.get("center", False)) if isinstance(xconv, Mapping) else False
-    name = f"x{arch}"
-    if sorted(stages) != [3] or shifts != [1] or center:
-        name += f"-s{''.join(map(str, sorted(stages)))}-L{''.join(map(str, shifts))}"
-        name += "-c" if center else ""
-    return {"model": name, "arch": arch, "xvolution": True}
+    spec = model if isinstance(model, ModelSpec) else ModelSpec.from_config(model)
+    return spec.identity()
 
 
 def count_reparameterizable(model: nn.Module) -> int:
@@ -236,26 +238,47 @@ class LoadedModel:
     sha256: str
     deploy: bool
     weights: str  # "ema" or "model": which state_dict of the training checkpoint
-    model_config: dict[str, Any]
+    spec: ModelSpec
+    class_names: list[str] | None  # index = label; None when the file does not say
     data_config: dict[str, Any]
     source: dict[str, Any]  # training checkpoint: path, sha256, epoch, global_step, metrics
 
     @property
     def identity(self) -> dict[str, Any]:
-        return model_identity(self.model_config)
+        return self.spec.identity()
 
     @property
     def num_classes(self) -> int:
-        n = getattr(self.model, "num_classes", None)
-        if n is None:
-            n = self.model_config.get("num_classes")
-        return int(n)
+        return self.spec.num_classes
 
 
-def _data_defaults(data_cfg: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The eval-transform settings and data root a checkpoint was trained with."""
-    data_cfg = dict(data_cfg or {})
-    return {
+def _class_names(value: Any, num_classes: int, source: str | Path, key: str) -> list[str] | None:
+    """A stored class list: None, or one non-empty str per class (index = label)."""
+    if value is None:
+        return None
+    if not isinstance(value, list | tuple) or not all(
+        isinstance(n, str) and 0 < len(n) <= 1024 for n in value
+    ):
+        raise CheckpointError(f"{source}: {key} must be a list of class names (strings)")
+    if len(value) != num_classes:
+        raise CheckpointError(
+            f"{source}: {key} holds {len(value)} names but the model predicts {num_classes} classes"
+        )
+    return list(value)
+
+
+def _data_defaults(data_cfg: Any, source: str | Path) -> dict[str, Any]:
+    """The eval-transform settings and data root a checkpoint was trained with (type-checked)."""
+    data_cfg = data_cfg if isinstance(data_cfg, Mapping) else {}
+    types: dict[str, tuple[type, ...]] = {
+        "name": (str,),
+        "root": (str,),
+        "num_classes": (int,),
+        "img_size": (int,),
+        "crop_pct": (float, int),
+        "interpolation": (str,),
+    }
+    out = {
         "name": data_cfg.get("name"),
         "root": data_cfg.get("root"),
         "num_classes": data_cfg.get("num_classes"),
@@ -263,15 +286,25 @@ def _data_defaults(data_cfg: Mapping[str, Any] | None) -> dict[str, Any]:
         "crop_pct": data_cfg.get("crop_pct"),
         "interpolation": data_cfg.get("interpolation"),
     }
+    for key, value in out.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, types[key])):
+            raise CheckpointError(
+                f"{source}: data.{key} is {type(value).__name__}, expected "
+                f"{' or '.join(t.__name__ for t in types[key])}"
+            )
+    return out
 
 
 def load_train_checkpoint(path: str | Path, ema: bool | None = None) -> LoadedModel:
-    """Rebuild from the stored config and load strictly; ``ema=None``: EMA weights when present."""
+    """Rebuild from the stored model spec and load strictly; ``ema=None``: EMA when present."""
     path = Path(path)
     state = load_checkpoint(path)  # CheckpointError naming the file for any unreadable file
     config = state.get("config")
     if not isinstance(config, Mapping):
         raise CheckpointError(f"{path}: no stored config; cannot rebuild the model")
+    spec = ModelSpec.from_config(config.get("model"), str(path), where="config.model")
+    class_names = _class_names(state.get("class_names"), spec.num_classes, path, "class_names")
+    data_config = _data_defaults(config.get("data"), path)
     has_ema = isinstance(state.get("ema"), Mapping) and len(state["ema"]) > 0
     if ema and not has_ema:
         raise CheckpointError(
@@ -279,7 +312,9 @@ def load_train_checkpoint(path: str | Path, ema: bool | None = None) -> LoadedMo
         )
     use_ema = has_ema if ema is None else ema
     weights = "ema" if use_ema else "model"
-    model = instantiate_model(config.get("model"), str(path))
+    if not isinstance(state.get(weights), Mapping):
+        raise CheckpointError(f"{path}: '{weights}' is not a state_dict")
+    model = build_from_spec(spec, str(path))
     load_state_dict_strict(model, state[weights], source=f"{path} ({weights} weights)")
     model.eval()
     return LoadedModel(
@@ -288,8 +323,9 @@ def load_train_checkpoint(path: str | Path, ema: bool | None = None) -> LoadedMo
         sha256=sha256_file(path),
         deploy=False,
         weights=weights,
-        model_config=dict(config["model"]),
-        data_config=_data_defaults(config.get("data")),
+        spec=spec,
+        class_names=class_names,
+        data_config=data_config,
         source={
             "epoch": state.get("epoch"),
             "global_step": state.get("global_step"),
@@ -311,8 +347,103 @@ def deploy_paths(path: str | Path) -> tuple[Path, Path]:
     return path.with_suffix(".safetensors"), path.with_suffix(".json")
 
 
+def deploy_integrity(sidecar: Mapping[str, Any]) -> str:
+    """sha256 of what decides the deploy network and its labels (canonical JSON).
+
+    Covers the weights file (through its sha256), the model spec, the class names and which
+    weights were taken: an edit of any of them in the sidecar no longer matches.
+    """
+    covered = {key: sidecar.get(key) for key in _INTEGRITY_KEYS}
+    text = json.dumps(covered, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+_INTEGRITY_KEYS = ("format_version", "weights_sha256", "model_spec", "class_names", "weights")
+
+
+def write_deploy_checkpoint(
+    model: nn.Module,
+    weights_path: Path,
+    sidecar_path: Path,
+    *,
+    spec: ModelSpec,
+    class_names: Sequence[str] | None,
+    weights: str,
+    extra: Mapping[str, Any],
+) -> dict[str, Any]:
+    """Weights first, then the sidecar naming their sha256 and the integrity hash; returns it.
+
+    Each file goes to a temp name and is renamed into place, so a reader sees a matching pair
+    or the previous one (or none).
+    """
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    names = list(class_names) if class_names is not None else None
+    metadata = {
+        "format": "pt",
+        "kind": DEPLOY_KIND,
+        "model_spec": json.dumps(spec.to_dict()),
+        "class_names": json.dumps(names),
+    }
+    sidecar: dict[str, Any] = {
+        "kind": DEPLOY_KIND,
+        "format_version": DEPLOY_FORMAT_VERSION,
+        **spec.identity(),
+        "model_spec": spec.to_dict(),
+        "class_names": names,
+        "weights": weights,
+        "weights_file": weights_path.name,
+        "weights_sha256": None,
+        "integrity_sha256": None,
+        **extra,
+    }
+    with atomic_path(weights_path) as tmp:
+        save_file(state, str(tmp), metadata=metadata)
+        sidecar["weights_sha256"] = sha256_file(tmp)
+    sidecar["integrity_sha256"] = deploy_integrity(sidecar)
+    write_json_atomic(sidecar_path, sidecar)
+    return sidecar
+
+
+def _read_sidecar(sidecar_path: Path) -> tuple[dict[str, Any], int]:
+    try:
+        sidecar = json.loads(sidecar_path.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{sidecar_path}: not a readable JSON sidecar: {err}") from err
+    if not isinstance(sidecar, dict) or sidecar.get("kind") != DEPLOY_KIND:
+        raise CheckpointError(f"{sidecar_path}: not an xvol deploy sidecar (kind != {DEPLOY_KIND})")
+    version = sidecar.get("format_version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise CheckpointError(f"{sidecar_path}: format_version {version!r} is not a valid version")
+    if version > DEPLOY_FORMAT_VERSION:
+        raise CheckpointError(
+            f"{sidecar_path}: deploy format {version} is newer than this xvol "
+            f"({DEPLOY_FORMAT_VERSION})"
+        )
+    if sidecar.get("weights", "model") not in WEIGHT_CHOICES:
+        raise CheckpointError(f"{sidecar_path}: weights must be one of {WEIGHT_CHOICES}")
+    return sidecar, version
+
+
+def _weights_metadata(weights_path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights_path), framework="pt") as fh:
+            return dict(fh.metadata() or {})
+    except Exception as err:  # safetensors raises its own error types for corrupt headers
+        raise CheckpointError(f"{weights_path}: cannot read safetensors file: {err}") from err
+
+
 def load_deploy_checkpoint(path: str | Path) -> LoadedModel:
-    """``reparameterize_model(build_model(cfg))`` with the safetensors weights loaded strictly."""
+    """``reparameterize_model(spec.build())`` with the safetensors weights loaded strictly.
+
+    Refused (CheckpointError or ModelSpecError, naming the file and key): a sidecar whose model
+    description is not a valid ModelSpec, a weights file whose sha256 differs from the sidecar's,
+    a format 2 sidecar whose spec, class names or weights choice no longer match its
+    integrity_sha256, a format 1 sidecar whose model_config differs from the weights file's copy.
+    """
     from safetensors.torch import load_file
 
     weights_path, sidecar_path = deploy_paths(path)
@@ -322,39 +453,67 @@ def load_deploy_checkpoint(path: str | Path) -> LoadedModel:
         raise CheckpointError(
             f"{sidecar_path}: missing sidecar of {weights_path} (tools/reparam.py writes both)"
         )
-    try:
-        sidecar = json.loads(sidecar_path.read_text())
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{sidecar_path}: not a readable JSON sidecar: {err}") from err
-    if not isinstance(sidecar, dict) or sidecar.get("kind") != DEPLOY_KIND:
-        raise CheckpointError(f"{sidecar_path}: not an xvol deploy sidecar (kind != {DEPLOY_KIND})")
-    if int(sidecar.get("format_version", 0)) > DEPLOY_FORMAT_VERSION:
-        raise CheckpointError(
-            f"{sidecar_path}: deploy format {sidecar['format_version']} is newer than this xvol"
+    sidecar, version = _read_sidecar(sidecar_path)
+    if version >= 2:
+        if "model_config" in sidecar:
+            raise CheckpointError(
+                f"{sidecar_path}: model_config is not part of deploy format {version} (the "
+                "network is model_spec): remove it, or re-run xvol-reparam"
+            )
+        spec = ModelSpec.from_dict(sidecar.get("model_spec"), str(sidecar_path), "model_spec")
+        class_names = _class_names(
+            sidecar.get("class_names"), spec.num_classes, sidecar_path, "class_names"
         )
+    else:
+        spec = ModelSpec.from_config(sidecar.get("model_config"), str(sidecar_path), "model_config")
+        class_names = None
     sha = sha256_file(weights_path)
     if sidecar.get("weights_sha256") != sha:
         raise CheckpointError(
             f"{weights_path}: sha256 {sha[:12]}... does not match its sidecar "
             f"({str(sidecar.get('weights_sha256'))[:12]}...): truncated or modified file"
         )
+    if version >= 2:
+        if sidecar.get("integrity_sha256") != deploy_integrity(sidecar):
+            raise CheckpointError(
+                f"{sidecar_path}: model_spec, class_names or weights were edited (they no longer "
+                "match integrity_sha256): the network would not be the one verified; re-run "
+                "xvol-reparam instead of editing the sidecar"
+            )
+    else:
+        stored = _weights_metadata(weights_path).get("model_config")
+        if stored is not None and _json_or_none(stored) != sidecar.get("model_config"):
+            raise CheckpointError(
+                f"{sidecar_path}: model_config differs from the copy in {weights_path.name} "
+                "(edited sidecar?): the network would not be the one verified; re-run "
+                "xvol-reparam"
+            )
     try:
         state = load_file(str(weights_path))
     except Exception as err:  # safetensors raises its own error types for corrupt headers
         raise CheckpointError(f"{weights_path}: cannot read safetensors file: {err}") from err
-    model = reparameterize_model(instantiate_model(sidecar.get("model_config"), str(sidecar_path)))
+    model = reparameterize_model(build_from_spec(spec, str(sidecar_path)))
     load_state_dict_strict(model, state, source=f"{weights_path}")
     model.eval()
+    source = sidecar.get("source")
     return LoadedModel(
         model=model,
         path=weights_path,
         sha256=sha,
         deploy=True,
         weights=str(sidecar.get("weights", "model")),
-        model_config=dict(sidecar["model_config"]),
-        data_config=dict(sidecar.get("data") or {}),
-        source=dict(sidecar.get("source") or {}),
+        spec=spec,
+        class_names=class_names,
+        data_config=_data_defaults(sidecar.get("data"), sidecar_path),
+        source=dict(source) if isinstance(source, Mapping) else {},
     )
+
+
+def _json_or_none(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
 
 
 def load_model(path: str | Path, ema: bool | None = None) -> LoadedModel:
@@ -372,6 +531,53 @@ def load_model(path: str | Path, ema: bool | None = None) -> LoadedModel:
             )
         return loaded
     return load_train_checkpoint(path, ema)
+
+
+def check_class_names(
+    expected: Sequence[str] | None,
+    found: Sequence[str],
+    checkpoint: str | Path,
+    val_dir: str | Path,
+    allow_mismatch: bool = False,
+) -> bool | None:
+    """Whether the val class folders are the classes the checkpoint was trained on, in order.
+
+    A renamed, added or removed folder shifts every label after it: the score would be silently
+    wrong, so a mismatch is a ToolError showing the first differing names, unless
+    ``allow_mismatch`` (then a warning). Returns None when the checkpoint stores no names.
+    """
+    if expected is None:
+        log.warning(
+            "%s stores no class names: only the class count of %s is checked", checkpoint, val_dir
+        )
+        return None
+    if list(expected) == list(found):
+        return True
+    differ = [
+        i
+        for i in range(max(len(expected), len(found)))
+        if i >= len(expected) or i >= len(found) or expected[i] != found[i]
+    ]
+
+    def name(names: Sequence[str], i: int) -> str:
+        return repr(names[i]) if i < len(names) else "(none)"
+
+    shown = "; ".join(
+        f"label {i}: {name(found, i)} here, {name(expected, i)} in the checkpoint"
+        for i in differ[:3]
+    )
+    text = (
+        f"{val_dir}: class folders differ from the class names stored in {checkpoint} "
+        f"({len(differ)} of {len(expected)} labels differ; {shown}"
+        f"{'; ...' if len(differ) > 3 else ''})"
+    )
+    if not allow_mismatch:
+        raise ToolError(
+            f"{text}: every label after a renamed folder shifts; pass "
+            "--allow-class-mismatch to evaluate anyway"
+        )
+    log.warning("%s; evaluating anyway (--allow-class-mismatch)", text)
+    return False
 
 
 # ----------------------------------------------------------------------------- data

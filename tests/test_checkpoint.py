@@ -1,7 +1,9 @@
-"""Checkpoint I/O: weights_only round trip, atomic writes, corrupt-file fallback, key checks."""
+"""Checkpoint I/O: weights_only round trip, atomic writes, corrupt-file fallback, key checks,
+full-disk messages, and rotation that never puts an unverified last.pt over prev.pt."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import random
@@ -102,8 +104,45 @@ def test_failed_write_leaves_previous_checkpoint(tmp_path: Path, monkeypatch) ->
         raise OSError("disk full (simulated)")
 
     monkeypatch.setattr(ck.torch, "save", dying_save)
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(CheckpointError, match="simulated") as err:
         save_checkpoint(_full_state(2.0), path)
+    assert str(err.value).startswith(f"{path}: cannot write checkpoint: ")
+    monkeypatch.undo()
+    assert load_checkpoint(path)["metrics"]["val_top1"] == 1.0
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+class _FullFile:
+    """A file whose disk fills after ``room`` bytes (what torch.save sees on a full disk)."""
+
+    def __init__(self, fh, room: int = 4096) -> None:
+        self.fh, self.room = fh, room
+
+    def write(self, data) -> int:
+        self.room -= memoryview(data).nbytes
+        if self.room < 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return self.fh.write(data)
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
+def _fill_disk(monkeypatch) -> None:
+    real_save = torch.save
+    monkeypatch.setattr(ck.torch, "save", lambda obj, fh: real_save(obj, _FullFile(fh)))
+
+
+def test_full_disk_says_so_and_keeps_previous(tmp_path: Path, monkeypatch) -> None:
+    """torch.save turns ENOSPC into "unexpected pos"; the message must still say disk full."""
+    path = save_checkpoint(_full_state(1.0), tmp_path / "last.pt")
+    _fill_disk(monkeypatch)
+    with pytest.raises(CheckpointError) as err:
+        save_checkpoint(_full_state(2.0), path)
+    assert str(err.value) == (
+        f"{path}: cannot write checkpoint: no space left on device (the previous last.pt is "
+        "unchanged)"
+    )
     monkeypatch.undo()
     assert load_checkpoint(path)["metrics"]["val_top1"] == 1.0
     assert not list(tmp_path.glob(".*tmp*"))
@@ -150,11 +189,63 @@ def test_truncated_checkpoint_names_file_and_falls_back(tmp_path: Path, caplog) 
     manager.last.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match=str(manager.last)):
         load_checkpoint(manager.last)
-    with caplog.at_level(logging.ERROR, logger="xvol"):
+    with caplog.at_level(logging.WARNING, logger="xvol"):
         state, used = manager.load_latest()
     assert used == manager.prev
     assert state["metrics"]["val_top1"] == 1.0
-    assert str(manager.last) in caplog.text
+    assert str(manager.last) in caplog.text and "falling back to prev.pt" in caplog.text
+
+
+def test_no_loadable_checkpoint_names_each_file(tmp_path: Path) -> None:
+    manager = CheckpointManager(tmp_path)
+    assert manager.load_latest() is None  # nothing at all: a fresh start is fine
+    manager.save(_full_state(1.0))
+    manager.save(_full_state(2.0))
+    newer = _full_state(2.0)
+    newer["format_version"] = ck.FORMAT_VERSION + 1
+    torch.save(newer, manager.prev)
+    data = manager.last.read_bytes()
+    manager.last.unlink()
+    manager.last.write_bytes(data[:100])
+    with pytest.raises(CheckpointError) as err:
+        CheckpointManager(tmp_path).load_latest()
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"{tmp_path} holds checkpoints but none")
+    assert "last.pt: cannot read checkpoint (truncated or corrupt?)" in message
+    assert f"prev.pt: checkpoint format {ck.FORMAT_VERSION + 1} is newer" in message
+
+
+def test_fallback_never_rotates_an_unverified_last(tmp_path: Path, monkeypatch) -> None:
+    """Resumed from prev.pt because last.pt is corrupt: saves must keep prev.pt until the
+    new last.pt is written, even when that write fails."""
+    manager = CheckpointManager(tmp_path)
+    manager.save(_full_state(1.0))
+    manager.save(_full_state(2.0))  # last 2.0, prev 1.0
+    data = manager.last.read_bytes()
+    manager.last.unlink()
+    manager.last.write_bytes(data[: len(data) // 2])
+    resumed = CheckpointManager(tmp_path)  # a new launch
+    state, used = resumed.load_latest()
+    assert used == resumed.prev and not resumed.last_known_good
+    _fill_disk(monkeypatch)
+    with pytest.raises(CheckpointError, match="no space left on device"):
+        resumed.save(_full_state(3.0))
+    monkeypatch.undo()
+    assert load_checkpoint(resumed.prev)["metrics"]["val_top1"] == 1.0
+    resumed.save(_full_state(3.0))  # replaces the corrupt last.pt, prev.pt untouched
+    assert load_checkpoint(resumed.prev)["metrics"]["val_top1"] == 1.0
+    assert load_checkpoint(resumed.last)["metrics"]["val_top1"] == 3.0
+    resumed.save(_full_state(4.0))  # last.pt is known good now: it rotates
+    assert load_checkpoint(resumed.prev)["metrics"]["val_top1"] == 3.0
+
+
+def test_resume_from_last_rotates(tmp_path: Path) -> None:
+    CheckpointManager(tmp_path).save(_full_state(1.0))
+    manager = CheckpointManager(tmp_path)
+    _, used = manager.load_latest()
+    assert used == manager.last and manager.last_known_good
+    manager.save(_full_state(2.0))
+    assert load_checkpoint(manager.prev)["metrics"]["val_top1"] == 1.0
 
 
 def test_garbage_and_foreign_files_are_rejected(tmp_path: Path) -> None:
@@ -168,6 +259,11 @@ def test_garbage_and_foreign_files_are_rejected(tmp_path: Path) -> None:
         load_checkpoint(foreign)
     with pytest.raises(CheckpointError, match="no such"):
         load_checkpoint(tmp_path / "missing.pt")
+    odd = _full_state()
+    odd["format_version"] = "2"
+    torch.save(odd, tmp_path / "odd.pt")
+    with pytest.raises(CheckpointError, match="format_version '2' is not an integer"):
+        load_checkpoint(tmp_path / "odd.pt")
 
 
 def test_strip_prefixes() -> None:

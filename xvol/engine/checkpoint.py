@@ -41,13 +41,15 @@ time                  float, UNIX time of writing (time.time())
 ====================  =====================================================================
 
 Files in a run directory (``CheckpointManager``): ``last.pt`` (every save), ``prev.pt`` (the
-``last.pt`` before it), ``epoch_NNNN.pt`` (epoch ends, the top-k by the tracked metric are kept),
-``best.pt`` (the best epoch end), ``checkpoints.json`` (index of the epoch files). Files are
-hard links where the filesystem allows, so the extra names cost no space.
+``last.pt`` before it, when that one was known good), ``epoch_NNNN.pt`` (epoch ends, the top-k
+by the tracked metric are kept), ``best.pt`` (the best epoch end), ``checkpoints.json`` (index of
+the epoch files). Files are hard links where the filesystem allows, so the extra names cost no
+space.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -76,6 +78,7 @@ __all__ = [
     "load_state_dict_strict",
     "save_checkpoint",
     "strip_prefixes",
+    "write_error_reason",
 ]
 
 FORMAT_VERSION = 1
@@ -86,7 +89,45 @@ log = get_logger(__name__)
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used; the message names the file."""
+    """A checkpoint that cannot be used (or written); the message names the file.
+
+    ``reason`` is the short cause without the file name, for summaries over several files.
+    """
+
+    def __init__(self, message: str, *, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason if reason is not None else message
+
+
+def _first_line(text: object, limit: int = 200) -> str:
+    """One line of an exception message (torch's unpickler errors span many)."""
+    line = (str(text).strip().splitlines() or [""])[0]
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _no_space(err: BaseException) -> bool:
+    """Did ``err`` (or what it was raised from) come from a full disk or quota?
+
+    torch.save turns the file's OSError(ENOSPC) into ``RuntimeError: ... unexpected pos``,
+    keeping the OSError only as ``__context__``.
+    """
+    seen: set[int] = set()
+    cur: BaseException | None = err
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, OSError) and cur.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
+def write_error_reason(err: BaseException) -> str:
+    """A one-line cause of a failed write: "no space left on device" or the first error line."""
+    if _no_space(err):
+        return "no space left on device"
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    return _first_line(f"{type(err).__name__}: {err}")
 
 
 # ----------------------------------------------------------------------------- state_dict keys
@@ -224,7 +265,8 @@ def save_checkpoint(state: Mapping[str, Any], path: str | Path) -> Path:
     """Write ``state`` to a temp file in the same directory, fsync, then ``os.replace``.
 
     A crash at any point leaves either the old file or the new one at ``path``, never a mix
-    (timm's CheckpointSaver does the same); a failed write removes its temp file.
+    (timm's CheckpointSaver does the same). A failed write removes its temp file and raises
+    CheckpointError naming ``path`` and the cause (a full disk says "no space left on device").
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -235,6 +277,13 @@ def save_checkpoint(state: Mapping[str, Any], path: str | Path) -> Path:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except Exception as err:
+        tmp.unlink(missing_ok=True)
+        reason = write_error_reason(err)
+        kept = f"the previous {path.name} is unchanged" if path.exists() else "nothing written"
+        raise CheckpointError(
+            f"{path}: cannot write checkpoint: {reason} ({kept})", reason=reason
+        ) from err
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -245,21 +294,24 @@ def save_checkpoint(state: Mapping[str, Any], path: str | Path) -> Path:
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """``torch.load(weights_only=True)``; a truncated, corrupt or foreign file: CheckpointError."""
     path = Path(path)
+
+    def refuse(reason: str, detail: str = "") -> CheckpointError:
+        return CheckpointError(f"{path}: {reason}{detail}", reason=reason)
+
     if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
+        raise refuse("no such checkpoint file")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # zip/pickle errors differ by failure; all mean "unusable"
-        raise CheckpointError(
-            f"{path}: cannot read checkpoint (truncated or corrupt?): {type(err).__name__}: {err}"
-        ) from err
+        detail = _first_line(f"{type(err).__name__}: {err}")
+        raise refuse("cannot read checkpoint (truncated or corrupt?)", f": {detail}") from err
     if not isinstance(state, dict) or "model" not in state:
-        raise CheckpointError(f"{path}: not an xvol checkpoint (no 'model' entry)")
+        raise refuse("not an xvol checkpoint (no 'model' entry)")
     version = state.get("format_version")
+    if version is not None and not isinstance(version, int):
+        raise refuse(f"format_version {version!r} is not an integer")
     if version is not None and version > FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path}: checkpoint format {version} is newer than this xvol ({FORMAT_VERSION})"
-        )
+        raise refuse(f"checkpoint format {version} is newer than this xvol ({FORMAT_VERSION})")
     return state
 
 
@@ -279,6 +331,11 @@ class CheckpointManager:
 
     ``metric`` (a key of the checkpoint's ``metrics``) ranks epoch files; ``mode`` is max or min.
     Only rank 0 creates one.
+
+    Rotation keeps one good fallback: ``last.pt`` becomes ``prev.pt`` only while it is known
+    good, i.e. this manager wrote it or loaded it. After a resume from ``prev.pt`` (``last.pt``
+    unreadable) the next save replaces ``last.pt`` and leaves ``prev.pt`` alone, so a crash
+    during that save still leaves a loadable checkpoint.
     """
 
     INDEX = "checkpoints.json"
@@ -295,6 +352,7 @@ class CheckpointManager:
         self.last = self.run_dir / "last.pt"
         self.prev = self.run_dir / "prev.pt"
         self.best = self.run_dir / "best.pt"
+        self.last_known_good = False  # last.pt was written or loaded by this manager
 
     # index of epoch files: [{"file", "epoch", "global_step", "metric"}], plus "best_metric"
     def _read_index(self) -> dict[str, Any]:
@@ -319,10 +377,6 @@ class CheckpointManager:
             return True
         return a > b if self.mode == "max" else a < b
 
-    def forget_index(self) -> None:
-        """Stop tracking earlier epoch files (a run starting over in its directory)."""
-        (self.run_dir / self.INDEX).unlink(missing_ok=True)
-
     def remove_stale_temp_files(self) -> None:
         """Temp files of writes that were killed (kill -9, node loss) are garbage."""
         for tmp in self.run_dir.glob(".*.tmp-*"):
@@ -332,9 +386,33 @@ class CheckpointManager:
         """Write ``last.pt`` (keeping the one before as ``prev.pt``); at an epoch end also
         ``epoch_NNNN.pt``, pruned to the top-k, and ``best.pt`` when it is the best so far."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if self.last.is_file():
+        try:
+            return self._save(state, epoch_end)
+        except OSError as err:  # links, copies and the index (checkpoint writes raise their own)
+            file = err.filename or self.run_dir
+            reason = write_error_reason(err)
+            raise CheckpointError(f"{file}: cannot write: {reason}", reason=reason) from err
+
+    def note_loaded(self, path: str | Path) -> None:
+        """``path`` was just read successfully: if it is this run's last.pt, it may rotate."""
+        try:
+            if Path(path).resolve() == self.last.resolve() or self.last.samefile(path):
+                self.last_known_good = True
+        except OSError:
+            pass
+
+    def _save(self, state: Mapping[str, Any], epoch_end: bool) -> Path:
+        if self.last.is_file() and self.last_known_good:
             _link_or_copy(self.last, self.prev)
+        elif self.last.is_file():
+            log.warning(
+                "%s was not loaded by this run (unreadable or not chosen): it is replaced, and "
+                "%s is kept as the fallback",
+                self.last,
+                self.prev.name,
+            )
         save_checkpoint(state, self.last)
+        self.last_known_good = True
         if not epoch_end:
             return self.last
         index = self._read_index()
@@ -384,13 +462,33 @@ class CheckpointManager:
         return files
 
     def load_latest(self, map_location: str | torch.device = "cpu") -> tuple[dict, Path] | None:
-        """The newest readable checkpoint; unreadable ones are logged by name and skipped."""
+        """The newest readable checkpoint (None when there is none at all).
+
+        Unreadable ones are skipped with a warning naming them. When the directory holds
+        checkpoints and none loads, CheckpointError names each with its reason: starting over
+        would overwrite them (and their metrics), so that is the user's call, not ours.
+        """
+        failed: list[CheckpointError] = []
+        names: list[str] = []
         for path in self.candidates():
             try:
-                return load_checkpoint(path, map_location), path
+                state = load_checkpoint(path, map_location)
             except CheckpointError as err:
-                log.error("%s; falling back to the previous kept checkpoint", err)
-        return None
+                failed.append(err)
+                names.append(path.name)
+                continue
+            for err in failed:
+                log.warning("%s; falling back to %s", err, path.name)
+            self.note_loaded(path)
+            return state, path
+        if not failed:
+            return None
+        listing = "; ".join(f"{n}: {e.reason}" for n, e in zip(names, failed))
+        raise CheckpointError(
+            f"{self.run_dir} holds checkpoints but none loads ({listing}); nothing was changed. "
+            "Restore a readable checkpoint, pass resume=PATH, or pick another run_name",
+            reason="no readable checkpoint",
+        )
 
 
 def checkpoint_versions() -> dict[str, str]:

@@ -17,6 +17,7 @@ from xvol.engine.log import get_logger, setup_logging
 from xvol.engine.loop import NonFiniteLossError, TrainOptions, TrainState, evaluate, train_one_epoch
 from xvol.engine.metrics import JsonlMetrics, MetricsLogger, WandbSink
 from xvol.engine.optim import build_optimizer, build_scheduler, updates_per_epoch
+from xvol.engine.rundir import RunDirError, RunDirLock, lock_run_dir
 from xvol.engine.signals import EXIT_NON_FINITE, EXIT_OK, EXIT_PREEMPTED, PreemptionGuard
 from xvol.engine.trainer import CheckpointOptions, Trainer, prepare_model
 
@@ -33,6 +34,8 @@ __all__ = [
     "MetricsLogger",
     "NonFiniteLossError",
     "PreemptionGuard",
+    "RunDirError",
+    "RunDirLock",
     "TrainOptions",
     "TrainState",
     "Trainer",
@@ -44,6 +47,7 @@ __all__ = [
     "get_logger",
     "load_checkpoint",
     "load_state_dict_strict",
+    "lock_run_dir",
     "prepare_model",
     "read_dist_env",
     "save_checkpoint",

@@ -3,8 +3,10 @@ and the Trainer's stop/resume cycle in-process (tiny model, fake data, one proce
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
+import logging
 import math
 import signal
 from pathlib import Path
@@ -397,3 +399,41 @@ def test_trainer_resume_choices(tmp_path: Path) -> None:
     # an explicit file from another run starts this run from its position
     trainer, code = _fit(tmp_path / "other", resume=str(tmp_path / "run" / "last.pt"))
     assert code == EXIT_OK and trainer.state.global_step == 16
+
+
+def test_trainer_refuses_other_class_names(tmp_path: Path, caplog) -> None:
+    """Labels are indices into class_names: a renamed class must not resume silently."""
+    _, code = _fit(tmp_path, debug_signal_at_step=5)
+    assert code == EXIT_PREEMPTED
+    for resume in ("auto", str(tmp_path / "last.pt")):
+        trainer = _trainer(tmp_path)
+        trainer.data.class_names = ["0", "one", "2", "3"]
+        with pytest.raises(CheckpointError) as err:
+            trainer.resume(resume)
+        message = str(err.value)
+        assert "first difference at index 1: checkpoint '1', data 'one'" in message
+        assert "trainer.allow_class_mismatch=true" in message and "\n" not in message
+        assert trainer.state.global_step == 0
+    trainer = _trainer(tmp_path)
+    trainer.data.class_names = ["0", "1", "2"]
+    with pytest.raises(CheckpointError, match=r"index 3: checkpoint '3', data \(none\)"):
+        trainer.resume("auto")
+    trainer = _trainer(tmp_path)
+    trainer.data.class_names = ["0", "one", "2", "3"]
+    trainer.allow_class_mismatch = True
+    with caplog.at_level(logging.WARNING, logger="xvol"):
+        trainer.resume("auto")
+    assert trainer.state.global_step == 5 and "allow_class_mismatch=true" in caplog.text
+
+
+def test_trainer_failed_save_raises_on_every_rank(tmp_path: Path, monkeypatch) -> None:
+    trainer = _trainer(tmp_path)
+    trainer.resume("auto")
+
+    def full_disk(obj: object, fh) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(CheckpointError, match="last.pt: cannot write checkpoint: no space left"):
+        trainer.save(epoch_end=False)
+    assert not (tmp_path / "last.pt").exists() and not list(tmp_path.glob(".*tmp*"))

@@ -8,7 +8,18 @@ import random
 import numpy as np
 import torch
 
-__all__ = ["seed_everything", "configure_determinism", "amp_dtype"]
+__all__ = ["AMP_DTYPES", "seed_everything", "configure_determinism", "amp_dtype"]
+
+# trainer.amp values besides "auto" (case-insensitive) and the autocast dtype each one means
+AMP_DTYPES: dict[str, torch.dtype | None] = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "none": None,
+    "fp32": None,
+    "false": None,
+}
 
 
 def seed_everything(seed: int) -> None:
@@ -38,15 +49,6 @@ def amp_dtype(amp: str | None, device: torch.device) -> torch.dtype | None:
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
             return torch.bfloat16
         return None
-    table = {
-        "bf16": torch.bfloat16,
-        "bfloat16": torch.bfloat16,
-        "fp16": torch.float16,
-        "float16": torch.float16,
-        "none": None,
-        "fp32": None,
-        "false": None,
-    }
-    if choice not in table:
+    if choice not in AMP_DTYPES:
         raise ValueError(f"trainer.amp must be one of auto, bf16, fp16, none; got {amp!r}")
-    return table[choice]
+    return AMP_DTYPES[choice]

@@ -30,22 +30,38 @@ from xvol.engine.checkpoint import (
     load_state_dict_strict,
     restore_rng_state,
 )
-from xvol.engine.dist import DistEnv, all_gather_objects, all_reduce_sum, barrier
+from xvol.engine.dist import DistEnv, all_gather_objects, all_reduce_sum
 from xvol.engine.log import get_logger
 from xvol.engine.loop import NonFiniteLossError, TrainOptions, TrainState, evaluate, train_one_epoch
 from xvol.engine.metrics import MetricsLogger
 from xvol.engine.signals import EXIT_NON_FINITE, EXIT_OK, EXIT_PREEMPTED, PreemptionGuard
 
-__all__ = ["CheckpointOptions", "Trainer", "prepare_model"]
+__all__ = ["EPOCH_METRICS", "CheckpointOptions", "Trainer", "prepare_model"]
 
 log = get_logger(__name__)
+
+# the numbers of an epoch record (Trainer._end_epoch), any of which can rank checkpoints;
+# the ema_* ones exist only with an EMA
+EPOCH_METRICS = (
+    "val_top1",
+    "val_top5",
+    "val_loss",
+    "ema_top1",
+    "ema_top5",
+    "ema_loss",
+    "train_loss",
+    "lr",
+    "img_s",
+    "epoch_time",
+    "eval_time",
+)
 
 
 @dataclass
 class CheckpointOptions:
     every_steps: int = 0  # also checkpoint every N optimizer updates (0: epoch ends only)
     keep_top_k: int = 3  # epoch checkpoints kept, ranked by `metric`
-    metric: str = "val_top1"  # a key of the epoch record (val_top1, ema_top1, val_loss, ...)
+    metric: str = "val_top1"  # one of EPOCH_METRICS (val_top1, ema_top1, val_loss, ...)
     mode: str = "max"
 
 
@@ -96,6 +112,7 @@ class Trainer:
         dist_bn: str = "reduce",
         guard: PreemptionGuard | None = None,
         git: dict[str, Any] | None = None,
+        allow_class_mismatch: bool = False,
     ) -> None:
         self.raw = model
         self.optimizer, self.loss_fn, self.data = optimizer, loss_fn, data
@@ -105,6 +122,7 @@ class Trainer:
         self.scheduler, self.scaler, self.mixup = scheduler, scaler, mixup
         self.guard = guard or PreemptionGuard(signals=())
         self.git = git or {"revision": None, "dirty": None}
+        self.allow_class_mismatch = allow_class_mismatch
         self.train_model: nn.Module = model
         if denv.distributed:
             self.train_model = DistributedDataParallel(
@@ -136,13 +154,15 @@ class Trainer:
         """``auto``: this run's newest readable checkpoint (or start fresh); a path: that file;
         None: start fresh, which a run directory that already holds checkpoints refuses.
 
+        Refused, on every rank and before anything in the run directory changes: checkpoints
+        that exist but none loads (``auto``), an unreadable file (a path), and a checkpoint
+        trained on other class names than the data's (unless ``allow_class_mismatch``).
         Rank 0 picks the file and tells the others, so all ranks load the same one.
         """
         fresh = resume in (None, "", "none", "null", False)
         choice: tuple[str | None, str | None] = (None, None)  # (path, error)
         loaded: dict[str, Any] | None = None
         if self.manager is not None:
-            self.manager.remove_stale_temp_files()
             try:
                 if fresh:
                     if self.manager.candidates():
@@ -151,15 +171,18 @@ class Trainer:
                             "continue it with resume=auto, or pick another run_name"
                         )
                 elif resume == "auto":
-                    found = self.manager.load_latest()
+                    found = self.manager.load_latest()  # raises when none of several loads
                     if found is not None:
                         loaded, path = found
                         choice = (str(path), None)
-                    elif self.manager.candidates():  # all unreadable: start over, logged above
-                        self.manager.forget_index()
                 else:
                     loaded = load_checkpoint(resume)
+                    self.manager.note_loaded(resume)
                     choice = (str(Path(resume)), None)
+                if loaded is not None:
+                    self._check_class_names(loaded.get("class_names"), choice[0])
+                # under the run-directory lock, so no live writer owns them
+                self.manager.remove_stale_temp_files()
             except CheckpointError as err:
                 choice = (None, str(err))
         path, error = all_gather_objects(choice)[0]  # type: ignore[misc]
@@ -171,6 +194,35 @@ class Trainer:
             return None
         self._restore(loaded if loaded is not None else load_checkpoint(path), path)
         return Path(path)
+
+    def _check_class_names(self, saved: Any, source: str | None) -> None:
+        """Labels are indices into class_names: other names (a renamed or added folder) would
+        train every later class on a shifted label."""
+        ours = list(self.data.class_names)
+        if not saved or not ours:  # old checkpoints, or data without names
+            return
+        saved = [str(n) for n in saved]
+        if saved == ours:
+            return
+        pairs = list(zip(saved, ours))
+        i = next((k for k, (a, b) in enumerate(pairs) if a != b), len(pairs))
+
+        def at(names: list[str]) -> str:
+            return repr(names[i]) if i < len(names) else "(none)"
+
+        differ = sum(a != b for a, b in pairs) + abs(len(saved) - len(ours))
+        message = (
+            f"{source}: trained on other class names than the data: first difference at index "
+            f"{i}: checkpoint {at(saved)}, data {at(ours)} ({differ} differ; {len(saved)} vs "
+            f"{len(ours)} classes)"
+        )
+        if not self.allow_class_mismatch:
+            raise CheckpointError(
+                message + ". Labels would shift; pass trainer.allow_class_mismatch=true to "
+                "continue anyway",
+                reason="class names differ",
+            )
+        log.warning("%s; continuing (trainer.allow_class_mismatch=true)", message)
 
     def _restore(self, ckpt: dict[str, Any], source: str) -> None:
         load_state_dict_strict(self.raw, ckpt["model"], source)
@@ -303,8 +355,15 @@ class Trainer:
         the file is on disk on every rank, so no rank exits (and gets the others signalled by
         torchrun) while rank 0 is still writing.
         """
-        path = self._save(epoch_end)
-        barrier()
+        error = None
+        try:
+            path = self._save(epoch_end)
+        except CheckpointError as err:  # rank 0's write failed (disk full, ...)
+            path, error = None, str(err)
+        # every rank learns of a failed write and stops with the same message
+        errors = [e for e in all_gather_objects(error) if e]
+        if errors:
+            raise CheckpointError(str(errors[0]))
         return path
 
     # ------------------------------------------------------------------------------ loop

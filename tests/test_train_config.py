@@ -1,5 +1,6 @@
 """Config composition of scripts/train.py: every option of the groups and every experiment
-composes and instantiates; an override typo fails with Hydra's own message."""
+composes, validates and instantiates; an override typo fails with Hydra's own message; a bad
+value fails validation with one line naming the key."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 import xvol  # noqa: F401  (registers ${xvol_run_id:})
+from xvol.config import ConfigError, config_diff, validate_train_config
 from xvol.engine import build_optimizer, build_scheduler
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,11 +34,18 @@ def _compose(overrides: list[str]):
         return compose("train", overrides=overrides, return_hydra_config=True)
 
 
-def _resolve(cfg) -> dict:
-    """The job config fully resolved (the hydra node has runtime-only fields; it is not)."""
+def _job(cfg):
+    """The job config (the hydra node has runtime-only fields), as scripts/train.py sees it."""
     plain = OmegaConf.to_container(cfg, resolve=False)
     plain.pop("hydra")
-    return OmegaConf.to_container(OmegaConf.create(plain), resolve=True, throw_on_missing=True)
+    return OmegaConf.create(plain)
+
+
+def _resolve(cfg) -> dict:
+    """The job config fully resolved, after the validation scripts/train.py runs first."""
+    job = _job(cfg)
+    validate_train_config(job)
+    return OmegaConf.to_container(job, resolve=True, throw_on_missing=True)
 
 
 def _check_buildable(cfg) -> None:
@@ -91,3 +100,51 @@ def test_override_typo_fails_with_hydra_message(tmp_path: Path) -> None:
     assert "Could not override 'trainer.epoks'" in proc.stderr
     assert "Key 'epoks' is not in struct" in proc.stderr
     assert not any(tmp_path.iterdir())  # nothing was created
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("trainer.epochs=abc", "trainer.epochs: expected a positive integer, got 'abc'"),
+        ("trainer.epochs=0", "trainer.epochs: expected a positive integer, got 0"),
+        ("trainer.epochs=2.5", "trainer.epochs: expected a positive integer, got 2.5"),
+        ("data.batch_size=0", "data.batch_size: expected a positive integer, got 0"),
+        ("data.batch_size=-4", "data.batch_size: expected a positive integer, got -4"),
+        ("data.img_size=0", "data.img_size: expected a positive integer, got 0"),
+        ("data.workers=-1", "data.workers: expected an integer >= 0, got -1"),
+        ("optim.lr=-0.1", "optim.lr: expected a positive number, got -0.1"),
+        ("trainer.amp=fp8", "trainer.amp: expected auto, bf16, fp16 or none, got 'fp8'"),
+        ("trainer.device=gpu", "trainer.device: expected auto, cpu, cuda or cuda:N, got 'gpu'"),
+        ("trainer.compile=yes", "trainer.compile: expected true or false, got 'yes'"),
+        ("trainer.checkpoint.mode=maximum", "trainer.checkpoint.mode: expected one of max, min"),
+        (
+            "trainer.checkpoint.metric=val_acc",
+            "trainer.checkpoint.metric: expected a metric of the epoch record (val_top1, ",
+        ),
+        ("trainer.label_smoothing=1.0", "trainer.label_smoothing: expected a number in [0, 1)"),
+        ("model.arch=???", "model.arch: Missing mandatory value"),
+    ],
+)
+def test_bad_value_names_the_key(override: str, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        validate_train_config(_job(_compose([override])))
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_ema_metric_needs_ema() -> None:
+    ok = _job(_compose(["trainer.checkpoint.metric=ema_top1"]))
+    validate_train_config(ok)
+    with pytest.raises(ConfigError, match="trainer.checkpoint.metric: .* trainer.ema is null"):
+        validate_train_config(
+            _job(_compose(["trainer.checkpoint.metric=ema_top1", "trainer.ema=null"]))
+        )
+
+
+def test_config_diff_lists_changed_leaves() -> None:
+    old = {"optim": {"lr": 0.1, "wd": 0.0}, "trainer": {"epochs": 2}, "gone": 1}
+    new = {"optim": {"lr": 5.0, "wd": 0.0}, "trainer": {"epochs": 2}, "added": [1]}
+    assert config_diff(old, new) == [
+        "added ('(absent)' -> [1])",
+        "gone (1 -> '(absent)')",
+        "optim.lr (0.1 -> 5.0)",
+    ]

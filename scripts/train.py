@@ -6,15 +6,20 @@ Usage:
     torchrun --standalone --nproc_per_node=8 scripts/train.py experiment=NAME data.root=/imagenet
     python scripts/train.py run_name=NAME                      # resume=auto continues NAME
 
-The run directory is ${paths.output_dir}/${run_name} (one for all ranks). Exit codes: 0 done,
-3 non-finite loss, 143 preempted after checkpointing (xvol/engine/signals.py), 1 other errors.
+The run directory is ${paths.output_dir}/${run_name} (one for all ranks); one launch at a time
+holds it. Exit codes: 0 done, 3 non-finite loss, 143 preempted after checkpointing
+(xvol/engine/signals.py), 1 other errors. A bad value, bad data, an unusable checkpoint, a
+busy run directory or a failed write ends in one line, ``error: <key, file or cause>: ...``,
+printed by rank 0 and appended to train.log.
 """
 
 from __future__ import annotations
 
+import logging
 import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import hydra
 import torch
@@ -25,7 +30,11 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 import xvol  # noqa: F401  (registers the ${xvol_run_id:} resolver)
 from xvol import engine
+from xvol.config import ConfigError, validate_train_config, write_run_snapshot
+from xvol.data import DataError
 from xvol.engine.checkpoint import git_revision
+from xvol.engine.dist import report_to_launcher
+from xvol.engine.log import log_to_files
 from xvol.engine.runtime import amp_dtype, configure_determinism, seed_everything
 from xvol.models import count_params
 
@@ -34,18 +43,13 @@ def _auto(value: Any, default: bool) -> bool:
     return default if value == "auto" else bool(value)
 
 
-def _write_snapshot(run_dir: Path, cfg: DictConfig) -> None:
-    """Rank 0's copy of what Hydra's .hydra/ would hold (only one rank may write it)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    overrides = list(HydraConfig.get().overrides.task)
-    (run_dir / "overrides.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(overrides)))
+# failures whose message names the key, file or cause: one line, no traceback
+USER_ERRORS = (ConfigError, DataError, engine.CheckpointError, engine.RunDirError)
 
 
-def train(cfg: DictConfig, denv: engine.DistEnv, device: torch.device) -> int:
+def train(cfg: DictConfig, denv: engine.DistEnv, device: torch.device, run_dir: Path) -> int:
     tcfg = cfg.trainer
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    log = engine.setup_logging(denv.rank, run_dir / cfg.logger.log_file)
+    log = engine.get_logger("xvol")
     config = OmegaConf.to_container(cfg, resolve=True)
     configure_determinism(tcfg.deterministic)
     seed_everything(cfg.seed)  # same initial weights on every rank
@@ -108,12 +112,21 @@ def train(cfg: DictConfig, denv: engine.DistEnv, device: torch.device) -> int:
         dist_bn=tcfg.dist_bn,
         guard=engine.PreemptionGuard(),  # SIGTERM/SIGUSR1, armed while Trainer.fit runs
         git=git_revision() if denv.is_main else None,
+        allow_class_mismatch=tcfg.allow_class_mismatch,
     )
-    trainer.resume(cfg.resume)
+    resumed = trainer.resume(cfg.resume)
 
     metrics = None
     if denv.is_main:
-        _write_snapshot(run_dir, cfg)
+        overrides = list(HydraConfig.get().overrides.task)
+        differ = write_run_snapshot(run_dir, cfg, overrides, resumed is not None)
+        if differ:
+            log.warning(
+                "config.yaml and overrides.yaml keep the values this run was started with; "
+                "this launch differs in %s (each checkpoint's config holds the values it was "
+                "written with)",
+                ", ".join(differ[:8]) + (f", ... ({len(differ)} keys)" if len(differ) > 8 else ""),
+            )
         wandb = None
         if cfg.logger.wandb.enabled:
             wcfg = {
@@ -163,13 +176,46 @@ def train(cfg: DictConfig, denv: engine.DistEnv, device: torch.device) -> int:
     return code
 
 
+def _fail(denv: engine.DistEnv, err: Exception) -> NoReturn:
+    """One line on rank 0's stderr and in train.log; every rank tells torchrun its cause."""
+    text = str(err)
+    if isinstance(err, OSError):  # a write elsewhere than a checkpoint: names the file
+        text = f"{err.filename}: {err.strerror or err}"
+    line = "error: " + "; ".join(part.strip() for part in text.strip().splitlines())
+    report_to_launcher(line)
+    if denv.is_main:
+        log_to_files(logging.ERROR, line)
+        print(line, file=sys.stderr, flush=True)
+    elif denv.distributed:
+        # torchrun SIGTERMs the other ranks as soon as one exits: give rank 0, which usually
+        # meets the same error at the same point, time to print it and write train.log
+        time.sleep(3.0)
+    sys.exit(1)
+
+
 @hydra.main(config_path="../configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    denv, device = engine.setup_distributed(cfg.trainer.device)
+    denv = engine.read_dist_env()
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    engine.setup_logging(denv.rank, run_dir / cfg.logger.log_file)
     try:
-        code = train(cfg, denv, device)
-    finally:
-        engine.cleanup_distributed()
+        validate_train_config(cfg)  # every rank, before anything is built
+        denv, device = engine.setup_distributed(cfg.trainer.device)
+        try:
+            lock = engine.lock_run_dir(run_dir, denv.is_main)  # rank 0's; None elsewhere
+            try:
+                code = train(cfg, denv, device, run_dir)
+            finally:
+                if lock is not None:
+                    lock.release()
+        finally:
+            engine.cleanup_distributed()
+    except USER_ERRORS as err:
+        _fail(denv, err)
+    except OSError as err:
+        if err.filename is None:
+            raise
+        _fail(denv, err)
     if code != engine.EXIT_OK:
         sys.exit(code)
 

@@ -8,7 +8,9 @@ WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT in the environment) and Slurm tasks sta
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -25,6 +27,7 @@ __all__ = [
     "all_reduce_sum",
     "all_gather_objects",
     "barrier",
+    "report_to_launcher",
 ]
 
 
@@ -180,3 +183,20 @@ def all_gather_objects(obj: object) -> list[object]:
 def barrier() -> None:
     if _active():
         dist.barrier()
+
+
+def report_to_launcher(message: str) -> None:
+    """Hand torchrun this rank's cause of failure (its TORCHELASTIC_ERROR_FILE), so that the
+    ChildFailedError summary shows ``message`` instead of "To enable traceback see ..."."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    stamp = str(int(time.time()))
+    data = {
+        "message": {"message": message, "extraInfo": {"py_callstack": message, "timestamp": stamp}}
+    }
+    try:
+        with open(path, "w") as fh:
+            json.dump(data, fh)
+    except OSError:
+        pass

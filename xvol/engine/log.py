@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-__all__ = ["get_logger", "setup_logging"]
+__all__ = ["get_logger", "log_to_files", "setup_logging"]
 
 _FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
 
@@ -52,3 +52,13 @@ def setup_logging(rank: int, log_file: str | Path | None = None) -> logging.Logg
             handler.setFormatter(logging.Formatter(_FORMAT))
             logger.addHandler(handler)
     return logger
+
+
+def log_to_files(level: int, message: str) -> None:
+    """Write one record to the log files only (train.log): for a line the launcher prints to
+    the console itself, such as the final ``error: ...``."""
+    logger = logging.getLogger("xvol")
+    record = logger.makeRecord(logger.name, level, __file__, 0, message, None, None)
+    for handler in logger.handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)

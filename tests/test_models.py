@@ -217,6 +217,26 @@ def test_whole_model_reparameterization(arch: str) -> None:
         assert torch.equal(skeleton(x), out)
 
 
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_timm_reparameterize_model_converts_an_xresnet(mode: str) -> None:
+    """timm's own helper (timm validate.py/benchmark.py --reparam) leaves no XConv2d and gives
+    xvol's deploy form exactly; in train mode too, as validate.py calls it before eval()."""
+    from timm.utils import reparameterize_model as timm_reparameterize_model
+
+    torch.manual_seed(0)
+    model = timm.create_model("xresnet18", num_classes=10)
+    randomize_and_calibrate(model, [3], calibration=torch.randn(4, 3, 64, 64))
+    model.train(mode == "train")
+    ours = reparameterize_model(model)
+    theirs = timm_reparameterize_model(model)
+    assert not any(isinstance(m, XConv2d) for m in theirs.modules())
+    assert sum(isinstance(m, XConv2dDeploy) for m in theirs.modules()) == 2
+    assert any(isinstance(m, XConv2d) for m in model.modules())  # inplace=False: a copy
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs.eval()(x), ours(x), rtol=0, atol=0)
+
+
 def randomize_and_calibrate(model: nn.Module, stages: list[int], calibration: torch.Tensor) -> None:
     """Random BN affine everywhere and random running stats in the X-volution slots (the BNs
     reparameterization folds); every other BN then takes the statistics of the activations

@@ -334,9 +334,15 @@ def test_unequal_pairs_rejected() -> None:
 # ------------------------------------------------------------------------- reparameterize contract
 
 
-def test_reparameterize_in_training_mode_asks_for_eval() -> None:
-    with pytest.raises(RuntimeError, match=r"\.eval\(\)"):
-        XConv2d(4, 6, 3, padding=1).reparameterize()
+def test_fuse_in_training_mode_folds_running_statistics(generator: torch.Generator) -> None:
+    """timm's validate.py re-parameterizes before model.eval(): fuse() must fold the running
+    statistics (what eval computes with) in training mode too, and leave the mode alone."""
+    xconv = _randomized(XConv2d(4, 6, 3, padding=1), generator, torch.float32).train()
+    deploy = xconv.fuse()
+    assert xconv.training and not deploy.training
+    x = torch.randn(2, 4, 7, 7, generator=generator)
+    with torch.no_grad():
+        torch.testing.assert_close(deploy(x), xconv.eval()(x), rtol=1e-5, atol=1e-5)
 
 
 def test_reparameterize_leaves_self_untouched(generator: torch.Generator) -> None:

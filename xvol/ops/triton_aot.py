@@ -11,6 +11,7 @@ an H100. ``python scripts/triton_smem.py`` prints the table; tests/test_kernels.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -133,5 +134,6 @@ def compile_all(
     workers = workers or min(len(jobs), os.cpu_count() or 1)
     if workers == 1:
         return [_job(j) for j in jobs]
-    with ProcessPoolExecutor(workers) as pool:
+    # spawn, not fork: the parent holds torch/Triton threads, and a forked child can deadlock.
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         return list(pool.map(_job, jobs))

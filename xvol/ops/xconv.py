@@ -9,10 +9,11 @@ S_d shifts the map by d = (iL, jL), i, j in {-1, 0, 1} minus (0, 0), zero outsid
 1x1 convolution shares the slot's stride and groups and reads T at the centre of each kxk window
 (position p*s + dilation*(k-1)/2 - padding). ``center=True`` adds the x * x tap.
 
-Deploy form (``XConv2d.reparameterize()``): each BN folded into its branch, one module holding
-(W_c', W_A', b) and computing ``Conv_kxk(x; W_c') + Conv1x1(T; W_A') + b``: a convolution whose
-kernel at each pixel is a static part plus a content-dependent part, or equivalently one
-convolution over concat(x, T) (``fuse.transformed_kernel``). With no PSSA taps it is nn.Conv2d.
+Deploy form (``XConv2d.fuse()``, timm's protocol; ``reparameterize()`` is the same): each BN
+folded into its branch, one module holding (W_c', W_A', b) and computing
+``Conv_kxk(x; W_c') + Conv1x1(T; W_A') + b``: a convolution whose kernel at each pixel is a
+static part plus a content-dependent part, or equivalently one convolution over concat(x, T)
+(``fuse.transformed_kernel``). With no PSSA taps it is nn.Conv2d.
 
 This file is the readable ground truth (``impl="reference"``). The tap layout, read positions
 and padding live in ``geometry``; which backend computes a call is decided in ``dispatch``.
@@ -255,13 +256,14 @@ class XConv2d(_XConvBase):
         return w_c, w_a, b
 
     @torch.no_grad()
-    def reparameterize(self) -> nn.Module:
-        """The deploy operator (BN folded, one module); ``self`` is left untouched."""
-        if self.training:
-            raise RuntimeError(
-                "XConv2d.reparameterize() folds BN running statistics and needs eval mode: "
-                "call model.eval() first (xvol.reparam.reparameterize_model does this on a copy)"
-            )
+    def fuse(self) -> nn.Module:
+        """The deploy operator (BN folded, one module, in eval mode); ``self`` is left untouched.
+
+        timm's re-parameterization protocol: ``timm.utils.reparameterize_model`` (what timm's
+        validate.py / benchmark.py ``--reparam`` call) replaces every child that has ``fuse()``
+        with its result. BN is folded with its running statistics, what eval mode computes
+        with, in either mode (timm's validate.py re-parameterizes before ``model.eval()``).
+        """
         w_c, w_a, b = self.fused_weights()
         if w_a is None:
             conv = nn.Conv2d(
@@ -293,6 +295,10 @@ class XConv2d(_XConvBase):
         conv.weight.copy_(w_c)
         conv.bias.copy_(b)
         return conv.eval()
+
+    def reparameterize(self) -> nn.Module:
+        """xvol's name for ``fuse()`` (returns the deploy module; ``self`` is untouched)."""
+        return self.fuse()
 
 
 @register_notrace_module
@@ -359,6 +365,10 @@ class XConv2dDeploy(_XConvBase):
         """K over X~ = concat(x, T) per group (see ``fuse.transformed_kernel``)."""
         return fuse.transformed_kernel(self.weight, self.pssa_weight)
 
+    def fuse(self) -> nn.Module:
+        """Already in deploy form: a copy, so fusing is idempotent (timm's protocol)."""
+        return copy.deepcopy(self).eval()
+
     def reparameterize(self) -> nn.Module:
-        """Already in deploy form: a copy, so reparameterize() is idempotent."""
-        return copy.deepcopy(self)
+        """xvol's name for ``fuse()``."""
+        return self.fuse()

@@ -437,3 +437,22 @@ def test_trainer_failed_save_raises_on_every_rank(tmp_path: Path, monkeypatch) -
     with pytest.raises(CheckpointError, match="last.pt: cannot write checkpoint: no space left"):
         trainer.save(epoch_end=False)
     assert not (tmp_path / "last.pt").exists() and not list(tmp_path.glob(".*tmp*"))
+
+
+def test_metrics_write_failure_names_the_file(tmp_path: Path) -> None:
+    class FullDisk:
+        def write(self, text: str) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def flush(self) -> None: ...
+
+        def close(self) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    metrics = JsonlMetrics(tmp_path / "metrics.jsonl")
+    metrics._fh = FullDisk()
+    with pytest.raises(OSError) as err:
+        metrics.write({"kind": "train", "global_step": 1})
+    assert err.value.filename == str(tmp_path / "metrics.jsonl")
+    assert err.value.strerror == "cannot append a metrics record: No space left on device"
+    metrics.close()  # nothing left to fail

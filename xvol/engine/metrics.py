@@ -76,15 +76,25 @@ class JsonlMetrics:
         return len(records) - len(kept)
 
     def write(self, record: dict[str, Any]) -> None:
-        if self._fh is None:
-            self._fh = open(self.path, "a")  # noqa: SIM115 - kept open for the run
-        self._fh.write(json.dumps({k: _plain(v) for k, v in record.items()}) + "\n")
-        self._fh.flush()
+        """Append one record; a failed write (full disk) raises OSError naming the file."""
+        line = json.dumps({k: _plain(v) for k, v in record.items()}) + "\n"
+        try:
+            if self._fh is None:
+                self._fh = open(self.path, "a")  # noqa: SIM115 - kept open for the run
+            self._fh.write(line)
+            self._fh.flush()
+        except OSError as err:
+            self.close()
+            reason = f"cannot append a metrics record: {err.strerror or err}"
+            raise OSError(err.errno, reason, str(self.path)) from err
 
     def close(self) -> None:
         if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+            fh, self._fh = self._fh, None
+            try:
+                fh.close()
+            except OSError:  # what a failed write left in the buffer: already reported
+                pass
 
 
 class WandbSink:

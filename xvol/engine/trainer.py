@@ -201,6 +201,8 @@ class Trainer:
         ours = list(self.data.class_names)
         if not saved or not ours:  # old checkpoints, or data without names
             return
+        if not isinstance(saved, list | tuple):
+            raise CheckpointError(f"{source}: class_names is not a list of names")
         saved = [str(n) for n in saved]
         if saved == ours:
             return

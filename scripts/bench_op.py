@@ -17,7 +17,9 @@ Two ResNet-50 slots (3x3 conv, stride 1, C -> C): stage 3 (N x 256 x 14 x 14) an
 
 are timed on forward (under no_grad) and forward+backward (grad w.r.t. input and weights), the
 operators' calls interleaved round by round, and measured for memory in a separate, untimed
-pass. Every number is also given as a ratio to conv2d. The table is printed; one JSON record
+pass. Every number is also given as a ratio to conv2d. On CPU the default is one thread
+(``--threads``) timed by process CPU time, as in bench.py: a shared machine's wall clock counts
+other processes' time slices. The table is printed; one JSON record
 (environment, config, rows) goes to --out.
 ``--impl`` sets the X-volution operators' PSSA path (xvol.ops.dispatch.set_impl); with several,
 each gets its own rows (same weights), and a path that raises (a backend that does not run here or
@@ -128,8 +130,9 @@ def time_ms(
     warmup: int,
     device: torch.device,
     failed: dict[str, str] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, tuple[float, float]]:
-    """{name: (min, median) wall time in ms}, the device synchronized around each call.
+    """{name: (min, median) time in ms by ``clock``}, the device synchronized around each call.
 
     The calls are interleaved (one of each per round), so load from other processes falls on
     every operator alike and the ratios stay fair. The table reports the min, as timeit advises:
@@ -158,12 +161,12 @@ def time_ms(
     for _ in range(iters):
         for name in list(times):
             sync(device)
-            t0 = time.perf_counter()
+            t0 = clock()
             if not attempt(name, fns[name]):
                 del times[name]
                 continue
             sync(device)
-            times[name].append((time.perf_counter() - t0) * 1e3)
+            times[name].append((clock() - t0) * 1e3)
     return {name: (min(t), statistics.median(t)) for name, t in times.items()}
 
 
@@ -194,6 +197,7 @@ def bench_slot(
     device: torch.device,
     dtype: torch.dtype,
     impls: Sequence[str] = ("auto",),
+    clock: Callable[[], float] = time.perf_counter,
 ) -> list[dict]:
     """One row per operator: conv2d once, the X-volution operators once per PSSA path."""
     if isinstance(impls, str):
@@ -238,8 +242,8 @@ def bench_slot(
 
     fwd_failed: dict = {}
     bwd_failed: dict = {}
-    fwd_times = time_ms(forwards, iters, warmup, device, fwd_failed)
-    fwd_bwd_times = time_ms(forward_backwards, iters, warmup, device, bwd_failed)
+    fwd_times = time_ms(forwards, iters, warmup, device, fwd_failed, clock)
+    fwd_bwd_times = time_ms(forward_backwards, iters, warmup, device, bwd_failed, clock)
     rows = []
     for key, module in ops.items():
         name, impl = key
@@ -312,6 +316,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="XConv2d PSSA path(s), each its own rows (default auto: the module's choice per "
         "call); a path that raises is reported as failed",
     )
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default 1 on cpu)")
     p.add_argument("--out", type=Path, default=Path("bench_results/bench_op.json"))
     return p.parse_args(argv)
 
@@ -330,13 +335,24 @@ def main(argv: list[str] | None = None) -> dict:
     dtype = DTYPES[args.dtype]
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    if args.threads or device.type == "cpu":
+        torch.set_num_threads(args.threads or 1)
+    # One CPU thread is timed by process CPU time, which other processes sharing the cores do not
+    # inflate (as in bench.py); otherwise wall time.
+    one_cpu_thread = device.type == "cpu" and torch.get_num_threads() == 1
+    clock, clock_name = (
+        (time.process_time, "process CPU time (1 thread)")
+        if one_cpu_thread
+        else (time.perf_counter, "wall time")
+    )
 
     rows = []
     for slot in args.slots:
-        rows += bench_slot(slot, args.batch, iters, warmup, device, dtype, args.impl)
+        rows += bench_slot(slot, args.batch, iters, warmup, device, dtype, args.impl, clock)
     print(
         f"bench_op: device={device.type} dtype={args.dtype} batch={args.batch} iters={iters} "
         f"warmup={warmup} impl={' '.join(args.impl)} threads={torch.get_num_threads()} "
+        f"clock={clock_name} "
         f"torch={torch.__version__}"
     )
     print(format_table(rows, device))
@@ -358,6 +374,7 @@ def main(argv: list[str] | None = None) -> dict:
             "iters": iters,
             "warmup": warmup,
             "impl": args.impl,
+            "clock": clock_name,
             "slots": {s: {"channels": SLOTS[s][0], "size": SLOTS[s][1]} for s in args.slots},
         },
         "memory_meaning": MEMORY_MEANING[device.type],

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One-command GPU check: the GPU tests, a short bench.py (img/s, ratios, peak memory per model),
 # a 1-GPU torchrun training of xresnet50 and of resnet50 on synthetic data (60 steps + evaluation),
-# then tools/reparam.py and tools/eval.py of the xresnet50 checkpoint (eval on the GPU; reparam
-# verifies on the CPU, the tool has no device option). Prints one table, writes one JSON record.
+# then tools/reparam.py (verification on the GPU, fp32 without TF32) and tools/eval.py of the
+# xresnet50 checkpoint on the GPU. Prints one table, writes one JSON record.
 #
 # Usage:
 #   bash scripts/gpu_check.sh             # one H100/H200: about 4-6 minutes (steps share a 330 s budget)
@@ -143,7 +143,7 @@ EOF
 
 CKPT=$WORK/runs/gpu_check_xresnet50/last.pt
 step reparam 60 "$PY" tools/reparam.py "$CKPT" --out "$WORK/deploy" --data "$WORK/val" \
-    --verify-images 16
+    --verify-images 16 --device "$DEVICE"
 step eval_train 45 "$PY" tools/eval.py "$CKPT" --data "$WORK/val" "${EVAL_ARGS[@]}" \
     --results-dir "$WORK/results"
 step eval_deploy 45 "$PY" tools/eval.py "$WORK/deploy" --data "$WORK/val" "${EVAL_ARGS[@]}" \

@@ -66,7 +66,9 @@ def compare_forms(
     deploy_model.eval()
     max_diff, max_logit, agree, count = 0.0, 0.0, 0, 0
     nonfinite_train, nonfinite_deploy = 0, 0
+    device = next(train_model.parameters()).device
     for images in batches:
+        images = images.to(device)
         a, b = train_model(images).float(), deploy_model(images).float()
         bad_a, bad_b = ~torch.isfinite(a).all(1), ~torch.isfinite(b).all(1)
         nonfinite_train += int(bad_a.sum())
@@ -125,8 +127,12 @@ def reparam_checkpoint(
     img_size: int | None = None,
     workers: int = 0,
     seed: int = 0,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Deploy weights + sidecar for ``checkpoint`` in ``out``; returns the sidecar record.
+
+    ``device``: where both forms run for verification ("cpu", "cuda", "cuda:1", ...), in fp32
+    with TF32 off (a TF32 convolution alone differs by more than the default ``atol``).
 
     Raises (and writes nothing) when the checkpoint is unusable, the outputs exist (without
     ``force``), or the two forms differ by more than ``atol`` on any verification input.
@@ -148,11 +154,14 @@ def reparam_checkpoint(
         )
     deploy = reparameterize_model(model)
     log.info("%s: %s weights, %d modules re-parameterized", loaded.path, loaded.weights, n_swapped)
+    run_on = _device(device)
+    model, deploy = model.to(run_on), deploy.to(run_on)
 
     gen = torch.Generator().manual_seed(seed)
     random_batch = torch.randn(verify_batch, 3, size, size, generator=gen)
     verification: dict[str, Any] = {
         "atol": atol,
+        "device": str(run_on),
         "random": compare_forms(model, deploy, [random_batch]),
         "data": None,
     }
@@ -182,6 +191,7 @@ def reparam_checkpoint(
             f"{verification['data']}); nothing written"
         )
 
+    model, deploy = model.cpu(), deploy.cpu()
     summary = model_summary(model, size, deploy=deploy)
     extra: dict[str, Any] = {
         "reparameterized_modules": n_swapped,
@@ -212,6 +222,20 @@ def reparam_checkpoint(
         extra=extra,
     )
     return {**sidecar, "out": {"weights": str(weights_path), "sidecar": str(sidecar_path)}}
+
+
+def _device(name: str) -> torch.device:
+    """The verification device; fp32 math in full precision there (no TF32)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ToolError(f"--device {name!r}: {err}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ToolError(f"--device {name}: CUDA is not available on this machine")
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+    return device
 
 
 def _safetensors_version() -> str:
@@ -256,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--atol", type=float, default=1e-3, help="max |logit difference| allowed (default 1e-3)"
     )
+    parser.add_argument(
+        "--device", default="cpu", help="where to verify: cpu (default), cuda, cuda:N"
+    )
     parser.add_argument("--force", action="store_true", help="overwrite existing outputs")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
@@ -275,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
             verify_batch=args.verify_batch,
             verify_images=args.verify_images,
             img_size=args.img_size,
+            device=args.device,
         )
     print(json.dumps(record, indent=2))
     return 0

@@ -74,3 +74,16 @@ def test_readme_command_composes(command: str, monkeypatch: pytest.MonkeyPatch) 
         for overrides in _overrides(command):
             cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
             assert cfg.model.arch and cfg.data.name and cfg.trainer.epochs > 0, overrides
+
+
+def _python_blocks() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+
+
+def test_readme_python_examples_run() -> None:
+    """The README's Python examples run as written (and their asserts hold)."""
+    blocks = _python_blocks()
+    assert blocks
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), {"__name__": "readme"})

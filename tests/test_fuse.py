@@ -85,39 +85,6 @@ def test_embed_center_errors() -> None:
         fuse.embed_center(torch.zeros(2, 2, 1, 1), 0)
 
 
-# ----------------------------------------------------------------------------------- add_branches
-
-
-def test_add_branches_equals_sum_of_convs(generator: torch.Generator) -> None:
-    x = torch.randn(2, 4, 6, 6, generator=generator, dtype=DTYPE)
-    branches = [
-        (
-            torch.randn(4, 2, 3, 3, generator=generator, dtype=DTYPE),
-            torch.randn(4, generator=generator, dtype=DTYPE),
-        )
-        for _ in range(3)
-    ]
-    w, b = fuse.add_branches(*branches)
-    expected = sum(F.conv2d(x, wi, bi, padding=1, groups=2) for wi, bi in branches)
-    _assert_close(F.conv2d(x, w, b, padding=1, groups=2), expected)
-
-
-def test_add_branches_single_branch_is_identity(generator: torch.Generator) -> None:
-    w = torch.randn(3, 2, 3, 3, generator=generator)
-    b = torch.randn(3, generator=generator)
-    w2, b2 = fuse.add_branches((w, b))
-    assert torch.equal(w2, w) and torch.equal(b2, b)
-
-
-def test_add_branches_errors() -> None:
-    with pytest.raises(ValueError, match="at least one branch"):
-        fuse.add_branches()
-    with pytest.raises(ValueError, match=r"share one kernel shape.*\(3, 2, 1, 1\).*\(3, 2, 3, 3\)"):
-        fuse.add_branches(
-            (torch.zeros(3, 2, 3, 3), torch.zeros(3)), (torch.zeros(3, 2, 1, 1), torch.zeros(3))
-        )
-
-
 # ------------------------------------------------------------------------------ interleave_groups
 
 

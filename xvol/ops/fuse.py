@@ -9,11 +9,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 __all__ = [
     "fuse_bn",
     "embed_center",
-    "add_branches",
     "interleave_groups",
     "transformed_kernel",
 ]
@@ -31,14 +31,11 @@ def fuse_bn(
     """Fold an eval-mode BatchNorm that follows a convolution into the convolution.
 
     BN(conv(x) + b) = conv(x; W * s) + (b - mean) * s + beta,  s = gamma / sqrt(var + eps).
+    PyTorch's own ``fuse_conv_bn_weights`` (argument order of this signature kept for callers),
+    returned as plain tensors.
     """
-    std = torch.sqrt(running_var + eps)
-    scale = (gamma if gamma is not None else torch.ones_like(std)) / std
-    shift = beta if beta is not None else torch.zeros_like(std)
-    b = bias if bias is not None else torch.zeros_like(running_mean)
-    fused_w = weight * scale.reshape(-1, *([1] * (weight.dim() - 1)))
-    fused_b = (b - running_mean) * scale + shift
-    return fused_w, fused_b
+    w, b = fuse_conv_bn_weights(weight, bias, running_mean, running_var, eps, gamma, beta)
+    return w.detach(), b.detach()
 
 
 def embed_center(weight: Tensor, kernel_size: int) -> Tensor:
@@ -50,18 +47,6 @@ def embed_center(weight: Tensor, kernel_size: int) -> Tensor:
         raise ValueError(f"embed_center needs an odd kernel size, got {kernel_size}")
     p = kernel_size // 2
     return F.pad(weight, (p, p, p, p))
-
-
-def add_branches(*branches: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-    """Sum parallel (weight, bias) branches of equal kernel shape into one."""
-    if not branches:
-        raise ValueError("add_branches needs at least one branch")
-    shapes = {tuple(w.shape) for w, _ in branches}
-    if len(shapes) != 1:
-        raise ValueError(f"branches must share one kernel shape to be added, got {sorted(shapes)}")
-    weight = torch.stack([w for w, _ in branches]).sum(0)
-    bias = torch.stack([b for _, b in branches]).sum(0)
-    return weight, bias
 
 
 def interleave_groups(parts: list[Tensor], groups: int, dim: int = 1) -> Tensor:
@@ -85,8 +70,10 @@ def transformed_kernel(conv_weight: Tensor, pssa_weight: Tensor) -> Tensor:
     K = [W_c (k x k) | W_A placed on the centre tap]. A kernel's input dim is already per group,
     so K is a plain concatenation; the input is the one interleaved per group:
     ``F.conv2d(interleave_groups([x, T_full], groups), K, b, stride, padding, dilation, groups)``
-    equals the deploy operator. This is the "one operator" of the paper, written out; the deploy
-    module computes the same sum without multiplying the zero taps.
+    equals the deploy operator (tests/test_fuse.py checks it). This is the paper's "one
+    operator" written out as math; ``XConv2dDeploy`` computes the same sum as
+    ``Conv_kxk(x; W) + Conv1x1(T; W_A) + b`` (or one fused Triton kernel) without forming
+    concat(x, T) or multiplying K's zero taps.
     """
     k = conv_weight.shape[-1]
     return torch.cat([conv_weight, embed_center(pssa_weight, k)], dim=1)

@@ -170,7 +170,6 @@ def test_full_disk_names_file_and_keeps_checkpoint(base_run: Path) -> None:
     assert line in (run_dir / "train.log").read_text()
 
 
-@pytest.mark.slow  # several launches
 def test_fallback_to_prev_never_rotates_the_corrupt_last(base_run: Path) -> None:
     """last.pt corrupt, resume from prev.pt, then the next save fails: prev.pt must survive."""
     run_dir = _copy(base_run, "fallback")
@@ -205,7 +204,6 @@ def test_relaunch_keeps_config_snapshot(base_run: Path) -> None:
     assert (run_dir / "overrides.yaml").read_text() == overrides
 
 
-@pytest.mark.slow  # two launches at once
 def test_second_launch_into_a_busy_run_dir_is_refused(out_dir: Path) -> None:
     run_dir = out_dir / "busy"
     holder = subprocess.Popen(
@@ -255,7 +253,7 @@ def _image_folder(root: Path, classes: list[str]) -> None:
                 Image.new("RGB", (8, 8), (60 * c, 7 * i, 90)).save(folder / f"{i}.jpg")
 
 
-@pytest.mark.slow  # several launches
+@pytest.mark.slow  # three launches on folder data: ~20 s
 def test_resume_into_renamed_classes_is_refused(out_dir: Path) -> None:
     data = out_dir / "folder"
     _image_folder(data, ["ant", "bee", "cat"])
@@ -298,7 +296,7 @@ def test_bad_value_is_one_line_naming_the_key(out_dir: Path) -> None:
     assert not list((out_dir / "bad").glob("*.pt"))
 
 
-@pytest.mark.slow  # torchrun start-up
+@pytest.mark.slow  # torchrun, two processes
 def test_data_error_under_torchrun_is_printed_once(out_dir: Path) -> None:
     proc = subprocess.run(
         [

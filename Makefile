@@ -26,7 +26,7 @@ $(VENV)/bin/python:
 # Re-install only when the package metadata changes.
 $(VENV)/.installed: $(VENV)/bin/python setup.cfg pyproject.toml
 	$(PIP) install -q $(TORCH_PINS)
-	$(PIP) install -q -e ".[dev,dali]"
+	$(PIP) install -q -e ".[dev,all]"
 	touch $@
 
 venv: $(VENV)/.installed

@@ -28,7 +28,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
-import xvol  # noqa: F401  (registers the ${xvol_run_id:} resolver)
+import xvol.config  # noqa: F401  (registers the ${xvol_run_id:} resolver)
 from xvol import engine
 from xvol.config import ConfigError, validate_train_config, write_run_snapshot
 from xvol.data import DataError
@@ -36,6 +36,7 @@ from xvol.engine.checkpoint import git_revision
 from xvol.engine.dist import report_to_launcher
 from xvol.engine.log import log_to_files
 from xvol.engine.runtime import amp_dtype, configure_determinism, seed_everything
+from xvol.extras import MissingExtra
 from xvol.models import count_params
 
 
@@ -44,7 +45,7 @@ def _auto(value: Any, default: bool) -> bool:
 
 
 # failures whose message names the key, file or cause: one line, no traceback
-USER_ERRORS = (ConfigError, DataError, engine.CheckpointError, engine.RunDirError)
+USER_ERRORS = (ConfigError, DataError, engine.CheckpointError, engine.RunDirError, MissingExtra)
 
 
 def train(cfg: DictConfig, denv: engine.DistEnv, device: torch.device, run_dir: Path) -> int:

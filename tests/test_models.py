@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 from timm.models.resnet import BasicBlock, Bottleneck
 from torch import nn
 
-import xvol  # noqa: F401  (registers xresnet* with timm)
+import xvol.config  # noqa: F401  (resolvers; xvol registers xresnet* with timm)
 from xvol.models import (
     SUPPORTED_ARCHS,
     build_model,

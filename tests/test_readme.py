@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-import xvol  # noqa: F401  (resolvers)
+import xvol.config  # noqa: F401  (resolvers)
 
 ROOT = Path(__file__).resolve().parent.parent
 FLAGS = {"--multirun", "-m", "--cfg", "--help"}

@@ -15,7 +15,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-import xvol  # noqa: F401  (registers ${xvol_run_id:})
+import xvol.config  # noqa: F401  (registers ${xvol_run_id:})
 from xvol.config import ConfigError, config_diff, validate_train_config
 from xvol.engine import build_optimizer, build_scheduler
 

@@ -54,6 +54,9 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("xvol_linear_lr", linear_lr)
 
 
+register_resolvers()  # importing this module is what makes configs/ composable
+
+
 # ----------------------------------------------------------------------------- validation
 
 

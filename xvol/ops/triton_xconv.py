@@ -265,6 +265,8 @@ def _kernels() -> SimpleNamespace:
 
 
 def _define_kernels(triton, tl, interpret: bool) -> SimpleNamespace:  # noqa: C901
+    # The pixel counts (M, its bucket, the dW split) are not specialized on (divisibility by 16,
+    # == 1): a partial last batch must not compile a second variant of every kernel.
     def tuned(name: str, key: list[str]):
         # Autotuning compiles every config: worth it on a GPU, minutes in the interpreter.
         if interpret:
@@ -299,7 +301,7 @@ def _define_kernels(triton, tl, interpret: bool) -> SimpleNamespace:  # noqa: C9
         )
 
     @tuned("xconv_fwd", key=["M_BUCKET", "C", "COUT", "KS", "NT"])
-    @triton.jit
+    @triton.jit(do_not_specialize=["M", "M_BUCKET"])
     def xconv_fwd_kernel(
         x_ptr, ws_ptr, wp_ptr, bias_ptr, init_ptr, out_ptr,
         M, M_BUCKET, C, COUT, H, W, HO, WO,
@@ -432,7 +434,7 @@ def _define_kernels(triton, tl, interpret: bool) -> SimpleNamespace:  # noqa: C9
         )
 
     @tuned("pssa_bwd_w", key=["M_BUCKET", "C", "COUT", "NT"])
-    @triton.jit
+    @triton.jit(do_not_specialize=["M", "M_BUCKET", "M_PER_SPLIT"])
     def pssa_bwd_w_kernel(
         x_ptr, gy_ptr, taps_ptr, part_ptr,
         M, M_BUCKET, C, COUT, H, W, HO, WO, M_PER_SPLIT,
@@ -500,7 +502,7 @@ def _define_kernels(triton, tl, interpret: bool) -> SimpleNamespace:  # noqa: C9
         tl.store(part, acc, mask=c_ok[:, None] & o_ok[None, :])
 
     @tuned("pssa_bwd_x", key=["M_BUCKET", "C", "NT"])
-    @triton.jit
+    @triton.jit(do_not_specialize=["MX", "M_BUCKET"])
     def pssa_bwd_x_kernel(
         x_ptr, g_ptr, taps_ptr, dx_ptr,
         MX, M_BUCKET, C, H, W, HO, WO,

@@ -11,6 +11,9 @@ torchvision backend (xvol.data.folder), so switching backends changes speed, not
   the first k batches; the cost is k batches of decoding once per resume.
 - Eval: the sorted val list, contiguous shards, ``pad_last_batch`` + ``reader_name`` and
   ``LastBatchPolicy.PARTIAL`` so the padded samples are trimmed and every image counts once.
+  The eval transform is timm's (torchvision Resize + CenterCrop on PIL) reproduced step for step
+  (_dali_pipelines._eval_resize_crop): the same images give the same tensors up to rounding, so
+  a checkpoint scores the same under either backend (bound measured in the README).
 - DALI cannot skip an undecodable file mid-epoch; the up-front scan (data.validate) is what keeps
   bad files out, so keep it on (auto/fast/full) with this backend. What slips past it (damage in
   the compressed data: ``fast`` reads headers only, and nvJPEG rejects data libjpeg tolerates)
@@ -302,6 +305,62 @@ class DaliEvalLoader(_DaliLoader):
         yield from self._current
 
 
+def _check_eval_settings(crop_pct: float, interpolation: str) -> None:
+    if interpolation not in _pipelines().INTERPOLATIONS:
+        raise ValueError(
+            f"data.interpolation={interpolation!r} not in {list(_pipelines().INTERPOLATIONS)}"
+        )
+    if not 0 < crop_pct <= 1:
+        raise ValueError(
+            f"data.crop_pct={crop_pct}: the DALI backend takes 0 < crop_pct <= 1 (above 1, "
+            "torchvision's CenterCrop pads with black, which its eval graph does not reproduce)"
+        )
+
+
+def _eval_loader(
+    split: Split,
+    *,
+    img_size: int,
+    crop_pct: float,
+    interpolation: str,
+    **common: Any,
+) -> DaliEvalLoader:
+    _check_eval_settings(crop_pct, interpolation)
+    graph = {"size": img_size, "crop_pct": crop_pct, "interpolation": interpolation}
+    return DaliEvalLoader(split, graph=graph, **common)
+
+
+def eval_loader(
+    split: Split,
+    *,
+    rank: int,
+    world_size: int,
+    device: torch.device | str,
+    batch_size: int,
+    workers: int,
+    img_size: int,
+    crop_pct: float,
+    interpolation: str,
+    dali: dict | None = None,
+) -> DaliEvalLoader:
+    """This rank's shard of ``split`` through the eval graph (what ``build`` uses for val; the
+    eval tool calls it on a val folder it has already checked). ``dali`` as in ``build``."""
+    dali = dict(dali or {})
+    device = torch.device(device)
+    opts = _DaliOptions(device, dali.get("device", "auto"), dali.get("threads") or workers)
+    return _eval_loader(
+        split,
+        rank=rank,
+        world_size=world_size,
+        batch_size=batch_size,
+        device=device,
+        opts=opts,
+        img_size=img_size,
+        crop_pct=crop_pct,
+        interpolation=interpolation,
+    )
+
+
 def build(
     *,
     rank: int,
@@ -333,13 +392,9 @@ def build(
     """Same keys as xvol.data.imagenet.build plus ``dali: {device: auto|gpu|cpu, threads}``
     (threads null: ``workers``). Random erasing supports timm's ``remode=const`` only."""
     del name
-    pipes = _pipelines()
     if remode != "const" and reprob > 0:
         raise ValueError(f"data.remode={remode!r}: the DALI backend erases with const fill only")
-    if interpolation not in pipes.INTERPOLATIONS:
-        raise ValueError(
-            f"data.interpolation={interpolation!r} not in {list(pipes.INTERPOLATIONS)}"
-        )
+    _check_eval_settings(crop_pct, interpolation)
     dali = dict(dali or {})
     device = torch.device(device)
     threads = dali.get("threads") or workers
@@ -363,11 +418,6 @@ def build(
         "auto_augment": auto_augment,
         "reprob": reprob,
     }
-    eval_graph = {
-        "size": eval_img_size or img_size,
-        "crop_pct": crop_pct,
-        "interpolation": interpolation,
-    }
     train_loader = DaliTrainLoader(
         train,
         rank=rank,
@@ -378,14 +428,16 @@ def build(
         opts=opts,
         graph=train_graph,
     )
-    val_loader = DaliEvalLoader(
+    val_loader = _eval_loader(
         val,
         rank=rank,
         world_size=world_size,
         batch_size=eval_batch_size or batch_size,
         device=device,
         opts=opts,
-        graph=eval_graph,
+        img_size=eval_img_size or img_size,
+        crop_pct=crop_pct,
+        interpolation=interpolation,
     )
     if rank == 0:
         logger.info(

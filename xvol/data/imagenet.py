@@ -25,6 +25,7 @@ from xvol.data.folder import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     DataError,
+    Split,
     epoch_order,
     eval_bounds,
     load_folder,
@@ -196,6 +197,39 @@ class TorchEvalLoader:
         return _on_device(self.loader, self.device)
 
 
+def eval_transform(img_size: int, crop_pct: float, interpolation: str) -> Callable:
+    """timm's eval transform: the reference the DALI eval graph reproduces (xvol.data.dali)."""
+    return create_transform(
+        img_size,
+        is_training=False,
+        crop_pct=crop_pct,
+        interpolation=interpolation,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+    )
+
+
+def eval_loader(
+    split: Split,
+    *,
+    rank: int,
+    world_size: int,
+    device: torch.device | str,
+    batch_size: int,
+    workers: int,
+    img_size: int,
+    crop_pct: float,
+    interpolation: str,
+    on_bad_image: str = "error",
+) -> TorchEvalLoader:
+    """This rank's contiguous slice of ``split`` through the eval transform (what ``build``
+    uses for val; the eval tool calls it on a val folder it has already checked)."""
+    lo, hi = eval_bounds(len(split.samples), rank, world_size)
+    transform = eval_transform(img_size, crop_pct, interpolation)
+    dataset = FolderDataset(split.samples[lo:hi], transform, on_bad_image=on_bad_image)
+    return TorchEvalLoader(dataset, batch_size, workers, torch.device(device))
+
+
 def build(
     *,
     rank: int,
@@ -251,21 +285,23 @@ def build(
         re_prob=reprob,
         re_mode=remode,
     )
-    eval_tf = create_transform(
-        eval_img_size or img_size,
-        is_training=False,
-        crop_pct=crop_pct,
-        interpolation=interpolation,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-    )
     sampler = ShardSampler(len(train.samples), rank, world_size, batch_size, seed)
     train_ds = FolderDataset(train.samples, train_tf, seed=seed, on_bad_image=on_bad_image)
-    lo, hi = eval_bounds(len(val.samples), rank, world_size)
-    val_ds = FolderDataset(val.samples[lo:hi], eval_tf, seed=seed, on_bad_image=on_bad_image)
+    val_loader = eval_loader(
+        val,
+        rank=rank,
+        world_size=world_size,
+        device=device,
+        batch_size=eval_batch_size or batch_size,
+        workers=workers,
+        img_size=eval_img_size or img_size,
+        crop_pct=crop_pct,
+        interpolation=interpolation,
+        on_bad_image=on_bad_image,
+    )
     return DataBundle(
         train=TorchTrainLoader(train_ds, sampler, batch_size, workers, device),
-        val=TorchEvalLoader(val_ds, eval_batch_size or batch_size, workers, device),
+        val=val_loader,
         steps_per_epoch=sampler.steps,
         num_classes=num_classes,
         class_names=train.classes,

@@ -343,7 +343,7 @@ def test_format_1_sidecars_still_load(tiny: dict[str, Path], capsys: pytest.Capt
         torch.testing.assert_close(old.model(x), new.model(x), atol=0, rtol=0)
     records = {}
     for name in ("deploy", "v1"):
-        argv = [str(tiny[name]), "--data", str(tiny["data"]), "--no-record", *EVAL_ARGS]
+        argv = [str(tiny[name]), "--data", str(tiny["data"]), "--no-record", "--json", *EVAL_ARGS]
         assert eval_tool.main(argv) == 0
         records[name] = json.loads(capsys.readouterr().out)
     assert records["v1"]["predictions_sha256"] == records["deploy"]["predictions_sha256"]
@@ -391,7 +391,7 @@ def test_eval_allow_class_mismatch_evaluates_and_says_so(
 ) -> None:
     data = _renamed(tiny["data"], tmp_path, "class_1", "class_1_renamed")
     results = tmp_path / "results"
-    argv = [*_tool_argv("eval", tiny["ckpt"], results, data), "--allow-class-mismatch"]
+    argv = [*_tool_argv("eval", tiny["ckpt"], results, data), "--allow-class-mismatch", "--json"]
     assert eval_tool.main(argv) == 0
     record = json.loads(capsys.readouterr().out)
     assert record["data"]["class_names_match"] is False and record["num_images"] == 12

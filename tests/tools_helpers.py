@@ -109,12 +109,14 @@ def make_checkpoint(
     img_size: int = 32,
     weights_cfg: dict | None = None,
     names: list[str] | None = None,
+    run_config: dict | None = None,
 ) -> Path:
     """A training-format checkpoint of ``cfg`` with random weights and BN statistics.
 
     ``weights_cfg`` stores the weights of another model under ``cfg`` (a checkpoint whose
     weights do not belong to its stated architecture, or whose config is crafted). The class
-    names default to make_val_folder's folders (``class_0``, ...).
+    names default to make_val_folder's folders (``class_0``, ...). ``run_config`` adds keys to
+    the stored config, as scripts/train.py stores them (``seed``, ``optim``, ...).
     """
     cfg = cfg or model_config()
     model = _random_model(weights_cfg or cfg, seed)
@@ -146,6 +148,7 @@ def make_checkpoint(
                 "crop_pct": 1.0,
                 "interpolation": "bilinear",
             },
+            **(run_config or {}),
         },
         "class_names": names if names is not None else class_names(num_classes),
         "metrics": {},

@@ -1,24 +1,32 @@
 """Evaluate a training or deploy checkpoint on an ImageNet-layout val folder; write one record.
 
 Usage:
-    python tools/eval.py outputs/demo/best.pt --data ~/.cache/xvol/demo
+    python tools/eval.py outputs/demo --data ~/.cache/xvol/demo      # a run dir: its best.pt
     xvol-eval outputs/demo/deploy --data ~/.cache/xvol/demo --predictions preds.csv
-    xvol-eval CKPT --data /imagenet --batch-size 256 --precision bf16 --device cuda
+    xvol-eval CKPT --data /imagenet --batch-size 256 --precision bf16 --device cuda --json
+    xvol-eval CKPT --data photos/ --on-bad-image skip        # leave unreadable files out
     torchrun --standalone --nproc_per_node=2 tools/eval.py CKPT --data /imagenet --device cpu
 
 CKPT is a training checkpoint (.pt: EMA weights by default when present, --no-ema for the raw
-ones) or a deploy checkpoint (the directory, .safetensors or .json written by tools/reparam.py).
---data is ROOT with val/ or the val folder itself (default: the training data root stored in the
-checkpoint). Its class folders must be the class names stored in the checkpoint, in order (a
-renamed folder shifts every label after it); --allow-class-mismatch evaluates anyway. The model
+ones), a run directory (its best.pt) or a deploy checkpoint (the directory, .safetensors or .json
+written by tools/reparam.py). --data is ROOT with val/ or the val folder itself (default: the
+training data root stored in the checkpoint). Its class folders must be the class names stored
+in the checkpoint, in order (a renamed folder shifts every label after it);
+--allow-class-mismatch evaluates anyway. A file in it that is not a readable image stops the
+evaluation (--on-bad-image error, the default: a top-1 over fewer images is another number);
+--on-bad-image skip leaves such files out and the record counts them. The model
 is rebuilt from the checkpoint's validated model spec (xvol.models.ModelSpec), never from a
 ``_target_`` read from the file; non-finite logits are an error. Top-1/top-5 are exact counts
 over every val image (each rank evaluates a contiguous slice, rank 0 gathers all predictions);
 throughput is measured on rank 0 with a random batch of --bench-batch-size images at --precision
 (--bench-iters 0 skips it). The record (schema
 ``RECORD_SCHEMA_VERSION``, see xvol/tools_common.py and the README) goes to
-RESULTS_DIR/<model>_<train|deploy>_<weights>_<sha12>.json and to stdout; existing files are refused
-unless --force, and nothing is written when anything fails.
+RESULTS_DIR/<model>_<train|deploy>_<weights>_<backend>_<sha12>_val-<val8>.json (val8: the val
+set's fingerprint): the data backend is part of its name, since the two backends are two
+preprocessing implementations (equal up to rounding, see xvol/data/dali.py) and their records
+coexist; so is the val set. Existing files are refused unless --force, and
+nothing is written when anything fails. stdout gets one line, ``top-1 / top-5 / images`` (the
+whole record with --json); a progress bar goes to stderr (rank 0).
 """
 
 from __future__ import annotations
@@ -88,12 +96,19 @@ def predict(
     precision: str = "fp32",
     topk: int = 5,
     channels_last: bool = False,
+    progress: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(top-k class indices N x k, labels N) on the CPU in loader order, and the number of
-    images whose logits are not all finite (their top-k would be meaningless)."""
+    images whose logits are not all finite (their top-k would be meaningless). ``progress``:
+    a tqdm bar on stderr, in batches."""
     model.eval()
     preds, labels, nonfinite = [], [], 0
-    for images, target in loader:
+    batches = loader
+    if progress:
+        from tqdm import tqdm
+
+        batches = tqdm(loader, desc="eval", unit="batch", file=sys.stderr, dynamic_ncols=True)
+    for images, target in batches:
         images = images.to(device, non_blocking=True)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -174,6 +189,26 @@ def predictions_sha256(top1: list[int]) -> str:
     return hashlib.sha256(",".join(map(str, top1)).encode()).hexdigest()
 
 
+def record_name(
+    model: str, form: str, weights: str, backend: str, sha256: str, val_fingerprint: str
+) -> str:
+    """The default record file name: what identifies an evaluation, so that records of one
+    checkpoint with other weights, another backend or on another val set sit side by side."""
+    return f"{model}_{form}_{weights}_{backend}_{sha256[:12]}_val-{val_fingerprint[:8]}.json"
+
+
+def summary_line(record: dict[str, Any]) -> str:
+    """``top-1 / top-5 / images``, plus what was evaluated: the line xvol-eval prints."""
+    form = "deploy" if record["deploy"] else "train"
+    skipped = record["data"].get("skipped_files") or 0
+    return (
+        f"top-1 {record['top1']:.2f}%  top-5 {record['top5']:.2f}%  images {record['num_images']}"
+        f"{f' ({skipped} skipped)' if skipped else ''}  |  {record['model']} {form} "
+        f"{record['weights']} weights, {record['data']['backend']}, "
+        f"{record['data']['img_size']} px"
+    )
+
+
 def _write_predictions(path: Path, samples: list[tuple[str, int]], preds: torch.Tensor) -> None:
     """One CSV row per val image, in val order: index, file, label, pred, correct, top5."""
     with atomic_path(path) as tmp:
@@ -209,11 +244,14 @@ def evaluate_checkpoint(
     force: bool = False,
     validate: str = "auto",
     allow_class_mismatch: bool = False,
+    on_bad_image: str = "error",
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Evaluate ``checkpoint``; write the record (rank 0) unless ``results_dir`` is None.
 
     The val folder's classes must be the checkpoint's class names in order (ToolError otherwise,
-    unless ``allow_class_mismatch``).
+    unless ``allow_class_mismatch``). ``on_bad_image``: ``error`` or ``skip`` for val files that
+    are not readable images. ``progress``: a progress bar on stderr (rank 0 only).
 
     Works in one process or under torchrun (the process group is set up here when the launcher's
     variables are present, gloo on CPU, and torn down again). Returns the record on every rank.
@@ -233,13 +271,6 @@ def evaluate_checkpoint(
         identity = loaded.identity
         settings = eval_settings(loaded, img_size, crop_pct, interpolation)
         form = "deploy" if loaded.deploy else "train"
-        name = (
-            record_file or f"{identity['model']}_{form}_{loaded.weights}_{loaded.sha256[:12]}.json"
-        )
-        record_path = Path(results_dir) / name if results_dir is not None else None
-        if record_path is not None:
-            refuse_existing([record_path], force, "record")
-
         if data is None:
             root = loaded.data_config.get("root")
             if not root:
@@ -258,8 +289,15 @@ def evaluate_checkpoint(
             world_size=world_size,
             device=dev,
             validate=validate,
+            on_bad_image=on_bad_image,
             **settings,
         )
+        name = record_file or record_name(
+            identity["model"], form, loaded.weights, backend, loaded.sha256, val.fingerprint
+        )
+        record_path = Path(results_dir) / name if results_dir is not None else None
+        if record_path is not None:  # before the evaluation, and again before the write
+            refuse_existing([record_path], force, "record")
         names_match = check_class_names(
             loaded.class_names, val.classes, loaded.path, val_dir, allow_class_mismatch
         )
@@ -272,7 +310,12 @@ def evaluate_checkpoint(
             model = model.to(memory_format=torch.channels_last)
         start = time.perf_counter()
         preds, labels, nonfinite = predict(
-            model, val.loader, device=dev, precision=precision, channels_last=channels_last
+            model,
+            val.loader,
+            device=dev,
+            precision=precision,
+            channels_last=channels_last,
+            progress=progress and rank == 0,
         )
         if preds.shape[0] != val.hi - val.lo:
             raise ToolError(
@@ -323,6 +366,8 @@ def evaluate_checkpoint(
                 "global_step": loaded.source.get("global_step"),
             },
             "model_spec": loaded.spec.to_dict(),
+            "seed": loaded.source.get("seed"),
+            "recipe": loaded.source.get("recipe"),
             "top1": 100.0 * top1_correct / n,
             "top5": 100.0 * top5_correct / n,
             "top1_correct": top1_correct,
@@ -338,6 +383,7 @@ def evaluate_checkpoint(
                 "val_dir": str(val_dir.resolve()),
                 "backend": backend,
                 "fingerprint": val.fingerprint,
+                "skipped_files": val.skipped,
                 "class_names_match": names_match,  # None: the checkpoint stores no names
                 **settings,
             },
@@ -373,12 +419,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="xvol-eval",
         description=(
             "Top-1/top-5 over every image of an ImageNet-layout val folder plus inference "
-            "throughput, for a training checkpoint (.pt) or a deploy checkpoint (from "
-            "xvol-reparam). Writes one JSON record to --results-dir and prints it."
+            "throughput, for a training checkpoint (.pt or its run directory) or a deploy "
+            "checkpoint (from xvol-reparam). Writes one JSON record to --results-dir and prints "
+            "a top-1 / top-5 / images line (the record with --json)."
         ),
         epilog=(
             "examples:\n"
-            "  xvol-eval outputs/demo/best.pt --data ~/.cache/xvol/demo\n"
+            "  xvol-eval outputs/demo --data ~/.cache/xvol/demo\n"
             "  xvol-eval outputs/demo/deploy --data ~/.cache/xvol/demo --predictions p.csv\n"
             "  xvol-eval run/best.pt --data /imagenet --batch-size 256 --precision bf16 "
             "--device cuda\n"
@@ -387,7 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("checkpoint", help="training .pt, or deploy dir/.safetensors/.json")
+    parser.add_argument(
+        "checkpoint", help="training .pt, run dir (its best.pt), deploy dir/.safetensors/.json"
+    )
     parser.add_argument(
         "--data", help="ROOT with val/, or the val folder (default: the checkpoint's data root)"
     )
@@ -419,6 +468,17 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="up-front image check of the data builders (auto: full decode up to 50k files)",
     )
+    parser.add_argument(
+        "--on-bad-image",
+        choices=("error", "skip"),
+        default="error",
+        help="a val file that is not a readable image: stop (error) or leave it out (skip; the "
+        "record counts it)",
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print the whole record instead of the summary line"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     parser.add_argument(
         "--allow-class-mismatch",
         action="store_true",
@@ -455,9 +515,13 @@ def main(argv: list[str] | None = None) -> int:
             force=args.force,
             validate=args.validate,
             allow_class_mismatch=args.allow_class_mismatch,
+            on_bad_image=args.on_bad_image,
+            progress=not args.no_progress,
         )
     if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps(record, indent=2))
+        print(json.dumps(record, indent=2) if args.json else summary_line(record))
+        if not args.json and record.get("record_file"):
+            log.info("record: %s", record["record_file"])
     return 0
 
 

@@ -83,7 +83,9 @@ __all__ = [
     "load_train_checkpoint",
     "model_identity",
     "now_iso",
+    "recipe_fingerprint",
     "refuse_existing",
+    "resolve_checkpoint",
     "resolve_val_dir",
     "setup_tool_logging",
     "sha256_file",
@@ -295,6 +297,62 @@ def _data_defaults(data_cfg: Any, source: str | Path) -> dict[str, Any]:
     return out
 
 
+# Stored config keys that say where, how fast or under which name a run happened, not what it
+# trained: runs that differ only here (and in the model and seed) follow the same recipe.
+_NOT_RECIPE = (
+    "seed",
+    "run_name",
+    "resume",
+    "paths",
+    "logger",
+    "model",
+    "data.root",
+    "data.workers",
+    "data.validate",
+    "data.on_bad_image",
+    "data.eval_batch_size",
+    "data.backend",
+    "data.dali",
+    "trainer.device",
+    "trainer.compile",
+    "trainer.channels_last",
+    "trainer.deterministic",
+    "trainer.checkpoint",
+    "trainer.log_interval",
+    "trainer.progress_bar",
+    "trainer.max_skipped_steps",
+    "trainer.allow_class_mismatch",
+    "trainer.debug_nan_at_step",
+    "trainer.debug_signal_at_step",
+)
+
+
+def recipe_fingerprint(config: Mapping[str, Any]) -> str | None:
+    """sha256 (16 hex) of the training recipe a stored config describes, model and seed aside.
+
+    Records of one model with equal fingerprints are seeds of one recipe (the leaderboard
+    averages them); an X-volution model and its baseline with equal fingerprints were trained
+    alike (the leaderboard pairs them by seed). None when the config has nothing beyond the
+    model and data root (as in hand-made checkpoints).
+    """
+    recipe = json.loads(json.dumps(dict(config), default=str))  # a deep, plain copy
+    for dotted in _NOT_RECIPE:
+        *parents, leaf = dotted.split(".")
+        node: Any = recipe
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    if set(recipe) <= {"data"}:
+        return None
+    text = json.dumps(recipe, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _seed(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def load_train_checkpoint(path: str | Path, ema: bool | None = None) -> LoadedModel:
     """Rebuild from the stored model spec and load strictly; ``ema=None``: EMA when present."""
     path = Path(path)
@@ -330,13 +388,44 @@ def load_train_checkpoint(path: str | Path, ema: bool | None = None) -> LoadedMo
             "epoch": state.get("epoch"),
             "global_step": state.get("global_step"),
             "metrics": dict(state.get("metrics") or {}),
+            "seed": _seed(config.get("seed")),
+            "recipe": recipe_fingerprint(config),
         },
     )
 
 
 def is_deploy_path(path: str | Path) -> bool:
     path = Path(path)
-    return path.is_dir() or path.suffix in (".safetensors", ".json")
+    if path.is_dir():
+        return (path / DEPLOY_SIDECAR).exists() or (path / DEPLOY_WEIGHTS).exists()
+    return path.suffix in (".safetensors", ".json")
+
+
+RUN_DIR_CHECKPOINT = "best.pt"
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file or deploy directory as given; a run directory as its ``best.pt``.
+
+    A directory holding ``deploy.json``/``deploy.safetensors`` is a deploy checkpoint; one
+    holding ``best.pt`` is a training run directory. Anything else is refused, naming the
+    checkpoints that are there.
+    """
+    path = Path(path).expanduser()
+    if not path.is_dir() or is_deploy_path(path):
+        return path
+    best = path / RUN_DIR_CHECKPOINT
+    if best.is_file():
+        log.info("%s is a run directory: evaluating %s", path, best)
+        return best
+    found = sorted(p.name for p in path.glob("*.pt"))
+    if (path / "deploy").is_dir() and is_deploy_path(path / "deploy"):
+        found.append("deploy/")
+    hint = f"found {', '.join(found)}: pass one of them" if found else "it holds no checkpoint"
+    raise CheckpointError(
+        f"{path}: neither a run directory with {RUN_DIR_CHECKPOINT} nor a deploy directory "
+        f"({DEPLOY_SIDECAR} + {DEPLOY_WEIGHTS}); {hint}"
+    )
 
 
 def deploy_paths(path: str | Path) -> tuple[Path, Path]:
@@ -517,11 +606,13 @@ def _json_or_none(text: str) -> Any:
 
 
 def load_model(path: str | Path, ema: bool | None = None) -> LoadedModel:
-    """Any checkpoint kind: a deploy DIR/.safetensors/.json, else a training checkpoint.
+    """Any checkpoint kind: a deploy DIR/.safetensors/.json, a run directory (its best.pt), else
+    a training checkpoint.
 
     ``ema`` picks the weights of a training checkpoint; for a deploy checkpoint the weights were
     fixed by tools/reparam.py, so an explicit choice that contradicts them is an error.
     """
+    path = resolve_checkpoint(path)
     if is_deploy_path(path):
         loaded = load_deploy_checkpoint(path)
         if ema is not None and loaded.weights != ("ema" if ema else "model"):
@@ -594,6 +685,7 @@ class ValData:
     lo: int  # this rank's contiguous slice of ``samples``
     hi: int
     fingerprint: str  # sha256 over classes and (file, label): same images, same labels
+    skipped: int = 0  # bad files left out (--on-bad-image skip)
 
 
 def resolve_val_dir(path: str | Path) -> Path:
@@ -628,6 +720,9 @@ def eval_settings(
     }
 
 
+BAD_IMAGE_POLICIES = ("error", "skip")
+
+
 def build_val_loader(
     val_dir: str | Path,
     *,
@@ -642,56 +737,77 @@ def build_val_loader(
     world_size: int = 1,
     device: torch.device | str = "cpu",
     validate: str = "auto",
+    on_bad_image: str = "error",
 ) -> ValData:
-    """The data builders' eval loader over one val folder (every image exactly once over ranks).
+    """The data backends' eval loader over one val folder (every image exactly once over ranks).
 
-    The builders take ``<root>/<train split>`` and ``<root>/<val split>``; passing the val folder
-    as both splits gives a val-only bundle (the train loader is never iterated; its batch size of
-    1 only has to fit). Unreadable images are an error here (``on_bad_image=error``): a score over
-    a silently reduced set is not a top-1 over all images.
+    The folder is scanned and its images checked once (``validate``: the data builders' modes).
+    Files that are not readable images stop the evaluation (``on_bad_image="error"``: a score
+    over a silently reduced set is not a top-1 over all images), or are left out
+    (``"skip"``, with one warning; the record counts them in ``data.skipped_files``, and the
+    fingerprint covers the images scored). Each bad file is named and counted once.
     """
-    from xvol.data.folder import DataError, eval_bounds, scan_split
+    from xvol.data.folder import DataError, Split, eval_bounds, find_bad_images, scan_split
 
+    if on_bad_image not in BAD_IMAGE_POLICIES:
+        raise ToolError(f"--on-bad-image must be one of {BAD_IMAGE_POLICIES}, got {on_bad_image!r}")
+    if backend not in ("torchvision", "dali"):
+        raise ToolError(f"unknown data backend {backend!r} (torchvision or dali)")
     val_dir = Path(val_dir)
     if not val_dir.is_dir():
         raise DataError(f"missing val folder {val_dir}")
-    classes, samples, _ = scan_split(val_dir)
+    classes, samples, rejected = scan_split(val_dir, log=rank == 0)
     if len(classes) != num_classes:
         raise ToolError(
             f"class count mismatch: the model predicts {num_classes} classes but {val_dir} has "
             f"{len(classes)} class folders"
         )
+    paths = [p for p, _ in samples]
+    bad = sorted(set(rejected + find_bad_images(paths, validate, max(4, 2 * workers))))
+    if bad:
+        shown = "; ".join(f"{os.path.relpath(p, val_dir)} ({why})" for p, why in bad[:5])
+        more = f"; and {len(bad) - 5} more" if len(bad) > 5 else ""
+        text = f"{len(bad)} file(s) in {val_dir} are not readable images: {shown}{more}"
+        if on_bad_image == "error":
+            raise ToolError(
+                f"{text}. Remove them, or pass --on-bad-image skip to score the other images "
+                "(the record counts the skipped files)"
+            )
+        if rank == 0:
+            log.warning("%s; skipped (--on-bad-image skip)", text)
+    skip = {p for p, _ in bad}
+    kept = [(p, y) for p, y in samples if p not in skip]
+    missing = sorted(set(range(num_classes)) - {y for _, y in kept})
+    if missing:
+        raise ToolError(
+            f"{val_dir}: no readable image left in class folder(s) "
+            f"{', '.join(classes[y] for y in missing[:5])}"
+        )
+    split = Split(val_dir, classes, kept)
+    common = {
+        "rank": rank,
+        "world_size": world_size,
+        "device": device,
+        "batch_size": batch_size,
+        "workers": workers,
+        "img_size": img_size,
+        "crop_pct": crop_pct,
+        "interpolation": interpolation,
+    }
     if backend == "torchvision":
-        from xvol.data.imagenet import build
-    elif backend == "dali":
-        from xvol.data.dali import build
+        from xvol.data.imagenet import eval_loader
+
+        loader = eval_loader(split, on_bad_image="error", **common)
     else:
-        raise ToolError(f"unknown data backend {backend!r} (torchvision or dali)")
-    bundle = build(
-        rank=rank,
-        world_size=world_size,
-        device=device,
-        seed=0,
-        root=str(val_dir.parent),
-        num_classes=num_classes,
-        img_size=img_size,
-        batch_size=1,
-        eval_batch_size=batch_size,
-        workers=workers,
-        crop_pct=crop_pct,
-        interpolation=interpolation,
-        on_bad_image="error",
-        validate=validate,
-        splits=(val_dir.name, val_dir.name),
-    )
-    if bundle.num_val != len(samples):
-        raise ToolError(f"{val_dir}: loader holds {bundle.num_val} images, scan {len(samples)}")
-    rel = [(os.path.relpath(p, val_dir), y) for p, y in samples]
+        from xvol.data.dali import eval_loader
+
+        loader = eval_loader(split, **common)
+    rel = [(os.path.relpath(p, val_dir), y) for p, y in kept]
     digest = hashlib.sha256("\n".join(classes).encode() + b"\0")
     for file, label in rel:
         digest.update(f"{file}\t{label}\n".encode())
     lo, hi = eval_bounds(len(rel), rank, world_size)
-    return ValData(bundle.val, val_dir, classes, rel, lo, hi, digest.hexdigest())
+    return ValData(loader, val_dir, classes, rel, lo, hi, digest.hexdigest(), len(bad))
 
 
 # ----------------------------------------------------------------------------- records
@@ -726,6 +842,16 @@ _RECORD_FIELDS: dict[str, tuple[type, ...]] = {
     "date": (str,),
 }
 _NULLABLE = {"throughput.img_s"}
+# Keys added after schema 1 was first written: checked when present, absent in older records.
+# seed and recipe (recipe_fingerprint) come from the training checkpoint's stored config (null
+# when it has none); data.backend decides the preprocessing and so is part of the record's
+# identity; data.skipped_files counts the bad files --on-bad-image skip left out.
+_OPTIONAL_FIELDS: dict[str, tuple[type, ...]] = {
+    "seed": (int, type(None)),
+    "recipe": (str, type(None)),
+    "data.backend": (str,),
+    "data.skipped_files": (int,),
+}
 
 
 def _get(record: Mapping[str, Any], dotted: str) -> Any:
@@ -766,6 +892,16 @@ def validate_record(record: Any, source: str | Path) -> dict[str, Any]:
             raise RecordError(f"{source}: malformed record: {key}={record[key]} outside [0, 100]")
     if record["weights"] not in WEIGHT_CHOICES:
         raise RecordError(f"{source}: malformed record: weights={record['weights']!r}")
+    for key, types in _OPTIONAL_FIELDS.items():
+        try:
+            value = _get(record, key)
+        except KeyError:
+            continue
+        if not isinstance(value, types) or isinstance(value, bool):
+            raise RecordError(
+                f"{source}: malformed record: {key!r} is {type(value).__name__}, "
+                f"expected {' or '.join(t.__name__ for t in types)}"
+            )
     for key in _NULLABLE:
         try:
             value = _get(record, key)

@@ -267,14 +267,17 @@ def randomize_and_calibrate(model: nn.Module, stages: list[int], calibration: to
 # ---------------------------------------------------------------- configs
 
 
-@pytest.mark.parametrize("option", MODEL_OPTIONS)
+@pytest.mark.parametrize(
+    "option",  # the 152-layer options take ~1 min each on a shared CPU: slow
+    [pytest.param(o, marks=pytest.mark.slow) if "152" in o else o for o in MODEL_OPTIONS],
+)
 def test_config_option_instantiates_and_trains(option: str) -> None:
     cfg = compose_model(f"+model={option}")
     assert cfg.model._target_ == "xvol.models.build_model"
     torch.manual_seed(0)
     model = instantiate(cfg.model)
     n_slots = sum(isinstance(m, XConv2d) for m in model.modules())
-    stage3_blocks = {"resnet18": 2, "resnet34": 6, "resnet50": 6, "resnet101": 23}
+    stage3_blocks = {"resnet18": 2, "resnet34": 6, "resnet50": 6, "resnet101": 23, "resnet152": 36}
     expected = stage3_blocks[cfg.model.arch] if option.startswith("x") else 0
     assert n_slots == expected, option
 

@@ -88,3 +88,21 @@ def test_extras_in_setup_cfg_match_the_dockerfile_and_torch() -> None:
     core = cfg.split("install_requires =")[1].split("\n\n")[0]
     for heavy in ("wandb", "onnx", "mlxtend", "matplotlib", "submitit", "dali"):
         assert heavy not in core, f"{heavy} must be an extra, not a core dependency"
+
+
+def test_tools_name_their_missing_extra(tmp_path: Path) -> None:
+    """xvol-export without onnx: one line naming the extra, nothing written (the leaderboard
+    without matplotlib: tests/test_tools_compare.py)."""
+    export = _run(
+        f"""
+        sys.argv = ["xvol-export", "missing.pt", "--out", "{tmp_path / "m.onnx"}"]
+        sys.path.insert(0, "tools")
+        import runpy
+        runpy.run_path("tools/export.py", run_name="__main__")
+        """,
+        ["onnx", "onnxruntime", "onnxscript"],
+    )
+    assert export.returncode == 1 and not (tmp_path / "m.onnx").exists()
+    assert export.stderr.strip().splitlines()[-1].startswith(
+        "xvol-export: error: xvol-export needs onnx: pip install 'xvol[onnx]'"
+    ), export.stderr[-2000:]

@@ -195,6 +195,21 @@ def test_seed_aggregation_gives_the_paired_mean_and_interval(
     assert "[-0.24, +2.24]" in md and "contains zero" in md
 
 
+def test_leaderboard_without_matplotlib_writes_tables_and_names_the_extra(
+    template: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog
+) -> None:
+    results = tmp_path / "results"
+    results.mkdir()
+    _seed_records(template, results, {"xresnet18": [70.0, 71.0], "resnet18": [69.0, 70.5]})
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    with caplog.at_level("WARNING"):
+        result = leaderboard_tool.build_leaderboard(results)
+    assert Path(result["files"]["md"]).is_file() and result["files"]["png"] == []
+    assert not list(results.glob("*.png"))
+    (warning,) = [r.getMessage() for r in caplog.records if "xvol[plot]" in r.getMessage()]
+    assert "writing the tables without plots" in warning
+
+
 def test_a_clear_paired_difference_is_stated(template: dict[str, Any], tmp_path: Path) -> None:
     """Differences 1.0, 1.2, 0.8 (std 0.2): [0.503, 1.497], all above zero."""
     results = tmp_path / "results"

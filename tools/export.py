@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from xvol.extras import require
 from xvol.ops import XConv2d, XConv2dDeploy
 from xvol.reparam import reparameterize_model
 from xvol.tools_common import (
@@ -175,6 +176,8 @@ def export_onnx(
             "silently keep 18); use --exporter torchscript for opset 17"
         )
     refuse_existing([out], force, "ONNX file")
+    for module in ("onnx", "onnxruntime", *(("onnxscript",) if exporter == "dynamo" else ())):
+        require(module, "onnx", "xvol-export")
     loaded = load_model(checkpoint, ema)
     deploy = loaded.model if loaded.deploy else reparameterize_model(loaded.model)
     deploy = prepare_for_export(deploy)

@@ -46,6 +46,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from xvol.extras import MissingExtra, require
 from xvol.tools_common import (
     RecordError,
     ToolError,
@@ -761,6 +762,11 @@ def build_leaderboard(
     markdown = to_markdown(sets)
     paths = {name.rsplit(".", 1)[1]: out / name for name in OUTPUT_NAMES}
     pngs = [out / vs["png_name"] for vs in sets]
+    try:
+        require("matplotlib", "plot", "the leaderboard's PNG plots")
+    except MissingExtra as err:  # the tables are the result; the plots are a view of them
+        log.warning("%s; writing the tables without plots", err)
+        pngs = []
     for vs, png in zip(sets, pngs):
         plot(vs, png)
     for stale in out.glob("leaderboard_*.png"):  # val sets no longer in the results

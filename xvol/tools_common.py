@@ -123,11 +123,12 @@ def tool_errors(prog: str, debug: bool = False) -> Iterator[None]:
     """Turn any exception into ``prog: error: <one line>`` on stderr and exit status 1.
 
     ``debug`` (or XVOL_DEBUG=1) lets the traceback through instead. Known error types
-    (ToolError, CheckpointError, ModelSpecError, DataError, FileNotFoundError) show their message
-    alone; others
-    show their type too, since the message may not make sense without it.
+    (ToolError, CheckpointError, ModelSpecError, DataError, FileNotFoundError, MissingExtra) show
+    their message alone; others show their type too, since the message may not make sense
+    without it.
     """
     from xvol.data.folder import DataError
+    from xvol.extras import MissingExtra
 
     debug = debug or os.environ.get("XVOL_DEBUG", "") not in ("", "0")
     try:
@@ -138,7 +139,13 @@ def tool_errors(prog: str, debug: bool = False) -> Iterator[None]:
         if debug:
             raise
         known = isinstance(
-            err, ToolError | CheckpointError | ModelSpecError | DataError | FileNotFoundError
+            err,
+            ToolError
+            | CheckpointError
+            | ModelSpecError
+            | DataError
+            | FileNotFoundError
+            | MissingExtra,
         )
         text = str(err) if known else f"{type(err).__name__}: {err}"
         text = " ".join(line.strip() for line in text.splitlines() if line.strip())

@@ -51,10 +51,7 @@ DALI_DEVICES = ("auto", "gpu", "cpu")
 # batches a DALI iterator may have in flight past the last one it returned (prefetch depth 2,
 # plus one being scheduled), searched for the file behind a decode failure
 _INFLIGHT_BATCHES = 4
-_INSTALL_HINT = (
-    "the DALI data backend needs NVIDIA DALI: pip install nvidia-dali-cuda120 "
-    "(or pip install -e .[dali])"
-)
+_INSTALL_HINT = "the DALI data backend needs NVIDIA DALI: pip install 'xvol[dali]'"
 
 
 def _pipelines() -> Any:

@@ -34,7 +34,7 @@ import sys
 records = [json.loads(line) for line in open(sys.argv[1])]
 last = [r for r in records if r["kind"] == "epoch"][-1]
 print(
-    f"{sys.argv[3]}: {last['epoch'] + 1} epochs in {sys.argv[2]} s: "
+    f"{sys.argv[3]}: {last['epoch']} epochs in {sys.argv[2]} s: "
     f"val top-1 {last['val_top1']:.2f}%  top-5 {last['val_top5']:.2f}%  "
     f"EMA top-1 {last.get('ema_top1', float('nan')):.2f}%"
 )

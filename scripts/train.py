@@ -5,6 +5,7 @@ Usage:
     python scripts/train.py model=xresnet18 data=demo data.img_size=32 trainer.epochs=2
     torchrun --standalone --nproc_per_node=8 scripts/train.py experiment=NAME data.root=/imagenet
     python scripts/train.py run_name=NAME                      # resume=auto continues NAME
+    python scripts/train.py data.root=/flowers data.num_classes=102 trainer.init_from=RUN/best.pt
 
 The run directory is ${paths.output_dir}/${run_name} (one for all ranks); one launch at a time
 holds it. Exit codes: 0 done, 3 non-finite loss, 143 preempted after checkpointing
@@ -116,6 +117,15 @@ def train(cfg: DictConfig, denv: engine.DistEnv, device: torch.device, run_dir: 
         allow_class_mismatch=tcfg.allow_class_mismatch,
     )
     resumed = trainer.resume(cfg.resume)
+    if tcfg.init_from and resumed is not None:
+        log.info(
+            "trainer.init_from=%s not used: this run continues its own checkpoint %s (resume "
+            "wins once a run has checkpoints)",
+            tcfg.init_from,
+            resumed,
+        )
+    elif tcfg.init_from:
+        trainer.init_from(tcfg.init_from, ema=tcfg.init_from_ema)
 
     metrics = None
     if denv.is_main:
@@ -167,11 +177,18 @@ def train(cfg: DictConfig, denv: engine.DistEnv, device: torch.device, run_dir: 
     engine.dist.barrier()  # ranks leave together: torchrun signals the rest when one exits
     if code == engine.EXIT_OK and trainer.state.metrics:
         m = trainer.state.metrics
+        best = ""
+        if trainer.manager is not None:
+            epoch, value = trainer.manager.best_epoch()
+            if epoch is not None:
+                shown = f" {value:.2f}" if value is not None else ""
+                best = f"; best.pt: epoch {epoch} by {trainer.metric}{shown}"
         log.info(
-            "final: val top-1 %.2f, top-5 %.2f%s; checkpoints in %s",
+            "final: val top-1 %.2f, top-5 %.2f%s%s; checkpoints in %s",
             m["val_top1"],
             m["val_top5"],
             f", EMA top-1 {m['ema_top1']:.2f}" if "ema_top1" in m else "",
+            best,
             run_dir,
         )
     return code

@@ -4,6 +4,7 @@ full-disk messages, and rotation that never puts an unverified last.pt over prev
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import random
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import timm
 import torch
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
@@ -303,13 +305,67 @@ def test_top_k_and_best(tmp_path: Path) -> None:
         state["epoch"], state["global_step"] = epoch + 1, (epoch + 1) * 10
         manager.save(state, epoch_end=True)
     kept = sorted(p.name for p in tmp_path.glob("epoch_*.pt"))
-    assert kept == ["epoch_0001.pt", "epoch_0002.pt"]  # top-1 30 and 20
+    assert kept == ["epoch_0002.pt", "epoch_0003.pt"]  # epochs 2 and 3 (1-based): 30 and 20
     assert load_checkpoint(manager.best)["metrics"]["val_top1"] == 30.0
     assert load_checkpoint(manager.last)["metrics"]["val_top1"] == 5.0
     assert load_checkpoint(manager.prev)["metrics"]["val_top1"] == 20.0
     assert [p.name for p in manager.candidates()] == [
         "last.pt",
         "prev.pt",
+        "epoch_0003.pt",
         "epoch_0002.pt",
-        "epoch_0001.pt",
     ]
+
+
+def _epoch_end(manager: CheckpointManager, epoch: int, **metrics: float) -> None:
+    state = _full_state()
+    state["epoch"], state["step"], state["global_step"] = epoch, 0, epoch * 10
+    state["metrics"] = dict(metrics)
+    manager.save(state, epoch_end=True)
+
+
+def test_index_names_the_metric_and_the_best_epoch(tmp_path: Path) -> None:
+    """Epoch files and the index use 1-based epochs; the index says what picked best.pt."""
+    manager = CheckpointManager(tmp_path, keep_top_k=3, metric="ema_top1", mode="max")
+    for epoch, (raw, ema) in enumerate([(50.0, 40.0), (70.0, 35.0), (60.0, 55.0)], start=1):
+        _epoch_end(manager, epoch, val_top1=raw, ema_top1=ema)
+        assert manager.best_updated == (epoch != 2)
+    index = json.loads((tmp_path / "checkpoints.json").read_text())
+    assert (index["metric"], index["mode"], index["best_epoch"]) == ("ema_top1", "max", 3)
+    assert sorted(e["file"] for e in index["epochs"]) == [
+        "epoch_0001.pt",
+        "epoch_0002.pt",
+        "epoch_0003.pt",
+    ]
+    assert load_checkpoint(manager.best)["metrics"]["ema_top1"] == 55.0  # not the best raw one
+    assert manager.best_epoch() == (3, 55.0)
+
+
+def test_another_metric_reranks_the_kept_epochs(tmp_path: Path, caplog) -> None:
+    """A relaunch that ranks by another metric (EMA turned on, metric changed) re-ranks the
+    kept epochs from the numbers the index keeps and points best.pt at the best of them."""
+    manager = CheckpointManager(tmp_path, keep_top_k=3, metric="val_top1", mode="max")
+    _epoch_end(manager, 1, val_top1=70.0, ema_top1=40.0)
+    _epoch_end(manager, 2, val_top1=60.0, ema_top1=65.0)
+    assert load_checkpoint(manager.best)["metrics"]["val_top1"] == 70.0
+    relaunched = CheckpointManager(tmp_path, keep_top_k=3, metric="ema_top1", mode="max")
+    with caplog.at_level(logging.WARNING, logger="xvol"):
+        _epoch_end(relaunched, 3, val_top1=80.0, ema_top1=50.0)
+    assert "ranked checkpoints by val_top1 (max); this run ranks them by ema_top1" in caplog.text
+    assert load_checkpoint(relaunched.best)["metrics"]["ema_top1"] == 65.0  # epoch 2
+    assert relaunched.best_epoch() == (2, 65.0) and not relaunched.best_updated
+    # an index written before metric names were kept, ranked by a metric it lacks
+    index = json.loads((tmp_path / "checkpoints.json").read_text())
+    for e in index["epochs"]:
+        e.pop("metrics")
+    del index["metric"], index["mode"]
+    (tmp_path / "checkpoints.json").write_text(json.dumps(index))
+    fresh = CheckpointManager(tmp_path, keep_top_k=3, metric="val_loss", mode="min")
+    _epoch_end(fresh, 4, val_top1=1.0, val_loss=0.5)
+    assert fresh.best_epoch() == (4, 0.5) and fresh.best_updated
+
+
+def test_classifier_keys_of_a_timm_resnet() -> None:
+    model = timm.create_model("resnet18", num_classes=3)
+    assert ck.classifier_keys(model) == {"fc.weight", "fc.bias"}
+    assert ck.classifier_keys(nn.Linear(2, 2)) == set()

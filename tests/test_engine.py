@@ -43,6 +43,7 @@ from xvol.engine import (
 )
 from xvol.engine.dist import DistEnv
 from xvol.engine.metrics import topk_correct
+from xvol.engine.trainer import checkpoint_metric
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -196,7 +197,7 @@ def test_nan_loss_stops_before_the_update() -> None:
     def snapshot(s: TrainState, info: dict) -> None:
         seen.append(model[0].weight.detach().clone())
 
-    with pytest.raises(NonFiniteLossError, match="non-finite loss at epoch 0, batch 2, update 3"):
+    with pytest.raises(NonFiniteLossError, match="non-finite loss at epoch 1, batch 3, update 3"):
         train_one_epoch(
             model,
             data.train,
@@ -263,13 +264,13 @@ def test_metrics_truncate_drops_records_past_checkpoint(tmp_path: Path) -> None:
     jsonl = JsonlMetrics(tmp_path / "m.jsonl")
     logger = MetricsLogger(jsonl)
     for g in range(1, 7):
-        logger.write({"kind": "train", "epoch": (g - 1) // 3, "step": g, "global_step": g})
-        if g % 3 == 0:
-            logger.write({"kind": "epoch", "epoch": g // 3 - 1, "global_step": g, "x": math.nan})
+        logger.write({"kind": "train", "epoch": (g - 1) // 3 + 1, "step": g, "global_step": g})
+        if g % 3 == 0:  # 1-based: the epoch that just finished
+            logger.write({"kind": "epoch", "epoch": g // 3, "global_step": g, "x": math.nan})
     logger.close()
     with open(jsonl.path, "a") as fh:
         fh.write('{"kind": "train", "glob')  # a write cut by kill -9
-    logger.truncate_after(epoch=1, global_step=4)  # resumed at epoch 1 after update 4
+    logger.truncate_after(epochs_done=1, global_step=4)  # resumed in epoch 2 after update 4
     records = jsonl.read()
     assert [(r["kind"], r["global_step"]) for r in records] == [
         ("train", 1),
@@ -364,6 +365,30 @@ def test_trainer_stop_and_resume_is_exact(tmp_path: Path) -> None:
             assert ra.get(key) == rb.get(key), (key, ra, rb)
     again, code_c = _fit(tmp_path / "b")  # a finished run is left alone
     assert code_c == EXIT_OK and again.state.global_step == 16
+
+
+def test_trainer_numbers_epochs_from_one_and_ranks_by_ema(tmp_path: Path) -> None:
+    """What a user reads agrees: 1-based epochs in metrics.jsonl, file names and the index;
+    with an EMA, metric auto ranks by ema_top1, and the records and checkpoints say so."""
+    trainer, code = _fit(tmp_path)
+    assert code == EXIT_OK and trainer.metric == "ema_top1"
+    records = JsonlMetrics(tmp_path / "metrics.jsonl").read()
+    assert [r["epoch"] for r in records if r["kind"] == "epoch"] == [1, 2]
+    assert {r["epoch"] for r in records if r["kind"] == "train"} == {1, 2}
+    assert {r["best_by"] for r in records if r["kind"] == "epoch"} == {"ema_top1"}
+    index = json.loads((tmp_path / "checkpoints.json").read_text())
+    assert index["metric"] == "ema_top1" and [e["file"] for e in index["epochs"]] == [
+        f"epoch_{index['best_epoch']:04d}.pt"  # keep_top_k=1: the best one
+    ]
+    best = load_checkpoint(tmp_path / "best.pt")
+    assert best["best_metric_name"] == "ema_top1"
+    assert best["epoch"] == index["best_epoch"] and best["step"] == 0
+
+
+def test_checkpoint_metric_auto() -> None:
+    assert checkpoint_metric("auto", ema=True) == "ema_top1"
+    assert checkpoint_metric("auto", ema=False) == "val_top1"
+    assert checkpoint_metric("val_loss", ema=True) == "val_loss"
 
 
 def _tensors(obj: object) -> list[torch.Tensor]:

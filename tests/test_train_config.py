@@ -119,7 +119,7 @@ def test_override_typo_fails_with_hydra_message(tmp_path: Path) -> None:
         ("trainer.checkpoint.mode=maximum", "trainer.checkpoint.mode: expected one of max, min"),
         (
             "trainer.checkpoint.metric=val_acc",
-            "trainer.checkpoint.metric: expected a metric of the epoch record (val_top1, ",
+            "trainer.checkpoint.metric: expected auto or a metric of the epoch record (",
         ),
         ("trainer.label_smoothing=1.0", "trainer.label_smoothing: expected a number in [0, 1)"),
         ("model.arch=???", "model.arch: Missing mandatory value"),
@@ -148,3 +148,28 @@ def test_config_diff_lists_changed_leaves() -> None:
         "gone (1 -> '(absent)')",
         "optim.lr (0.1 -> 5.0)",
     ]
+
+
+def test_checkpoint_metric_auto_follows_ema() -> None:
+    """auto is the default and valid with or without EMA (the engine picks ema_top1 or
+    val_top1); the EMA rule stays the one rule for explicit ema_* metrics."""
+    cfg = _job(_compose([]))
+    assert cfg.trainer.checkpoint.metric == "auto"
+    validate_train_config(cfg)
+    validate_train_config(_job(_compose(["trainer.ema=null"])))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["trainer.init_from=''"], "trainer.init_from: expected a checkpoint path or null"),
+        (["trainer.init_from_ema=yes"], "trainer.init_from_ema: expected true or false"),
+        (["trainer.init_from_ema=true"], "trainer.init_from_ema: true needs trainer.init_from"),
+    ],
+)
+def test_init_from_values(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        validate_train_config(_job(_compose(overrides)))
+    assert str(err.value).startswith(message)
+    ok = ["trainer.init_from=/runs/a/best.pt", "trainer.init_from_ema=true"]
+    validate_train_config(_job(_compose(ok)))

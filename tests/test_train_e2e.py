@@ -130,15 +130,16 @@ def test_torchrun_two_epochs(run_a: Path, out_dir: Path) -> None:
     assert {
         "last.pt",
         "best.pt",
-        "epoch_0000.pt",
         "epoch_0001.pt",
+        "epoch_0002.pt",
         "metrics.jsonl",
         "config.yaml",
         "train.log",
     } <= names
     assert ".hydra" not in names and not any(n.endswith(".tmp") for n in names)
     epochs = _records(run_a, "epoch")
-    assert [r["epoch"] for r in epochs] == [0, 1]
+    assert [r["epoch"] for r in epochs] == [1, 2]  # 1-based, as the logs and file names
+    assert {r["best_by"] for r in epochs} == {"ema_top1"}  # trainer.ema on: metric auto
     assert epochs[-1]["val_top1"] > 60.0, epochs  # chance is 10%
     for key in ("train_loss", "val_top5", "ema_top1", "lr", "img_s", "epoch_time"):
         assert key in epochs[-1]
@@ -154,7 +155,7 @@ def test_torchrun_two_epochs(run_a: Path, out_dir: Path) -> None:
 
 
 def test_sigterm_then_torchrun_restart_resumes_exactly(run_a: Path, out_dir: Path) -> None:
-    """Rank 0 gets SIGTERM after update 40 (epoch 1, batch 9): both ranks stop after that step,
+    """Rank 0 gets SIGTERM after update 40 (epoch 2, batch 9): both ranks stop after that step,
     checkpoint, exit 143; torchrun --max-restarts brings them back and resume=auto continues."""
     proc = _run(
         _torchrun(
@@ -167,7 +168,9 @@ def test_sigterm_then_torchrun_restart_resumes_exactly(run_a: Path, out_dir: Pat
     )
     assert proc.returncode == 0, proc.output[-4000:]
     assert "exitcode: 143" in proc.output or "exitcode  : 143" in proc.output, proc.output[-4000:]
-    assert re.search(r"resumed from \S*/B/last.pt: epoch 1, batch 9, update 40", proc.output)
+    assert re.search(
+        r"resumed from \S*/B/last.pt: in epoch 2/2 after batch 9/31, update 40", proc.output
+    )
     run_b = out_dir / "B"
     assert _max_weight_diff(run_a / "last.pt", run_b / "last.pt") <= 1e-6
     assert _max_weight_diff(run_a / "last.pt", run_b / "last.pt", "ema") <= 1e-6
@@ -240,7 +243,7 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(out_dir: Path) -> None:
     ]
     proc = _run(cmd)
     assert proc.returncode == EXIT_NON_FINITE, proc.output[-4000:]
-    assert "non-finite loss at epoch 0, batch 7, update 8" in proc.output
+    assert "non-finite loss at epoch 1/1, batch 8, update 8" in proc.output
     assert re.search(r"the last good checkpoint is \S*/N/last.pt", proc.output)
     ckpt = load_checkpoint(out_dir / "N" / "last.pt")
     assert ckpt["global_step"] == 5

@@ -115,7 +115,7 @@ def out_dir():
 
 @pytest.fixture(scope="module")
 def base_run(out_dir: Path) -> Path:
-    """One finished epoch: last.pt (update 3, epoch end), prev.pt (update 2), epoch_0000.pt."""
+    """One finished epoch: last.pt (update 3, epoch end), prev.pt (update 2), epoch_0001.pt."""
     proc = _run("run_name=base", f"paths.output_dir={out_dir}")
     assert proc.returncode == 0, proc.output[-3000:]
     return out_dir / "base"
@@ -139,13 +139,13 @@ def test_no_loadable_checkpoint_refuses_and_changes_nothing(base_run: Path) -> N
     newer = torch.load(run_dir / "prev.pt", weights_only=True)
     newer["format_version"] = 99
     torch.save(newer, run_dir / "prev.pt")
-    for name in ("epoch_0000.pt", "best.pt"):
+    for name in ("epoch_0001.pt", "best.pt"):
         _truncate(run_dir / name)
     before = _digests(run_dir)
     proc = _run("run_name=unreadable", f"paths.output_dir={run_dir.parent}")
     line = _error_line(proc)
     assert "holds checkpoints but none loads" in line and "nothing was changed" in line
-    assert "last.pt: cannot read checkpoint" in line and "epoch_0000.pt: cannot read" in line
+    assert "last.pt: cannot read checkpoint" in line and "epoch_0001.pt: cannot read" in line
     assert "prev.pt: checkpoint format 99 is newer" in line
     assert _digests(run_dir) == before  # checkpoints, index, metrics and snapshot untouched
     assert line in (run_dir / "train.log").read_text()
@@ -186,7 +186,9 @@ def test_fallback_to_prev_never_rotates_the_corrupt_last(base_run: Path) -> None
     assert _digests(run_dir)["prev.pt"] == prev  # the corrupt last.pt was not linked over it
     again = _run("run_name=fallback", f"paths.output_dir={run_dir.parent}", "trainer.epochs=2")
     assert again.returncode == 0, again.output[-3000:]
-    assert f"resumed from {run_dir / 'prev.pt'}: epoch 0, batch 2, update 2" in again.output
+    assert f"resumed from {run_dir / 'prev.pt'}: in epoch 1/2 after batch 2/3, update 2" in (
+        again.output
+    )
     assert load_checkpoint(run_dir / "last.pt")["global_step"] == 6
     assert load_checkpoint(run_dir / "prev.pt")["global_step"] == 5
 

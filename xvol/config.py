@@ -115,9 +115,9 @@ def _amp(v: Any) -> bool:
 
 
 def _epoch_metric(v: Any) -> bool:
-    from xvol.engine.trainer import EPOCH_METRICS
+    from xvol.engine.trainer import AUTO_METRIC, EPOCH_METRICS
 
-    return v in EPOCH_METRICS
+    return v == AUTO_METRIC or v in EPOCH_METRICS
 
 
 # The keys users set on the command line, each with what it accepts. Keys absent from the
@@ -152,8 +152,8 @@ TRAIN_CHECKS: dict[str, Check] = {
     "trainer.checkpoint.every_steps": NON_NEGATIVE_INT,
     "trainer.checkpoint.keep_top_k": NON_NEGATIVE_INT,
     "trainer.checkpoint.metric": Check(
-        "a metric of the epoch record (val_top1, val_top5, val_loss, ema_top1, ema_top5, "
-        "ema_loss, train_loss, lr, img_s, epoch_time, eval_time)",
+        "auto or a metric of the epoch record (val_top1, val_top5, val_loss, ema_top1, "
+        "ema_top5, ema_loss, train_loss, lr, img_s, epoch_time, eval_time)",
         _epoch_metric,
     ),
     "trainer.checkpoint.mode": one_of("max", "min"),
@@ -161,6 +161,10 @@ TRAIN_CHECKS: dict[str, Check] = {
     "trainer.progress_bar": BOOL,
     "trainer.max_skipped_steps": POSITIVE_INT,
     "trainer.allow_class_mismatch": BOOL,
+    "trainer.init_from": optional(
+        Check("a checkpoint path", lambda v: isinstance(v, str) and v.strip() != "")
+    ),
+    "trainer.init_from_ema": BOOL,
     "trainer.debug_nan_at_step": optional(POSITIVE_INT),
     "trainer.debug_signal_at_step": optional(POSITIVE_INT),
 }
@@ -173,6 +177,11 @@ TRAIN_RULES: list[tuple[str, Callable[[DictConfig], bool], str]] = [
             str(cfg.trainer.checkpoint.metric).startswith("ema_") and cfg.trainer.get("ema") is None
         ),
         "ranks checkpoints by an EMA metric, but trainer.ema is null (no EMA is evaluated)",
+    ),
+    (
+        "trainer.init_from_ema",
+        lambda cfg: bool(cfg.trainer.get("init_from_ema")) and not cfg.trainer.get("init_from"),
+        "true needs trainer.init_from (the checkpoint to take EMA weights from)",
     ),
 ]
 

@@ -13,7 +13,9 @@ ema                   state_dict of the EMA model (timm ModelEmaV3 ``.module``) 
 optimizer             optimizer.state_dict()
 scheduler             timm scheduler.state_dict() or None
 scaler                torch.amp.GradScaler.state_dict() (fp16) or None
-epoch                 int, the epoch training continues in (0-based)
+epoch                 int, epochs finished (0-based index of the epoch training continues in):
+                      an epoch-end checkpoint of epoch N (1-based, as logs, metrics.jsonl and
+                      ``epoch_NNNN.pt`` number it) holds ``epoch == N`` and ``step == 0``
 step                  int, the next batch of that epoch (data position for
                       ``train.set_epoch(epoch, start_step=step)``); 0 after an epoch end
 global_step           int, optimizer updates done so far (what the scheduler and EMA count)
@@ -34,6 +36,8 @@ metrics               dict of floats from the last evaluation: val_top1, val_top
                       ema_top1, ema_top5, ema_loss (with EMA), train_loss, lr, img_s,
                       epoch_time, eval_time (empty before the first evaluation)
 best_metric           float or None, the best value of the tracked metric so far
+best_metric_name      str, that metric (the one that ranks epoch files and picks best.pt);
+                      absent in checkpoints written before it was recorded
 wandb_id              str or None, the wandb run a resumed run continues
 git                   {"revision": str or None, "dirty": bool or None}
 versions              {"torch": str, "timm": str, "xvol": str}
@@ -41,10 +45,10 @@ time                  float, UNIX time of writing (time.time())
 ====================  =====================================================================
 
 Files in a run directory (``CheckpointManager``): ``last.pt`` (every save), ``prev.pt`` (the
-``last.pt`` before it, when that one was known good), ``epoch_NNNN.pt`` (epoch ends, the top-k
-by the tracked metric are kept), ``best.pt`` (the best epoch end), ``checkpoints.json`` (index of
-the epoch files). Files are hard links where the filesystem allows, so the extra names cost no
-space.
+``last.pt`` before it, when that one was known good), ``epoch_NNNN.pt`` (the end of epoch NNNN,
+1-based; the top-k by the tracked metric are kept), ``best.pt`` (the best epoch end by that
+metric), ``checkpoints.json`` (index of the epoch files, the metric's name and the best epoch).
+Files are hard links where the filesystem allows, so the extra names cost no space.
 """
 
 from __future__ import annotations
@@ -70,10 +74,13 @@ __all__ = [
     "FORMAT_VERSION",
     "CheckpointError",
     "CheckpointManager",
+    "better",
     "capture_rng_state",
     "checkpoint_versions",
     "restore_rng_state",
+    "classifier_keys",
     "git_revision",
+    "init_weights_from",
     "load_checkpoint",
     "load_state_dict_strict",
     "save_checkpoint",
@@ -130,6 +137,16 @@ def write_error_reason(err: BaseException) -> str:
     return _first_line(f"{type(err).__name__}: {err}")
 
 
+def better(a: float | None, b: float | None, mode: str) -> bool:
+    """Is ``a`` better than ``b`` under ``mode`` (max/min)? A missing or non-finite value is
+    never better, and anything finite beats one."""
+    if a is None or not math.isfinite(a):
+        return False
+    if b is None or not math.isfinite(b):
+        return True
+    return a > b if mode == "max" else a < b
+
+
 # ----------------------------------------------------------------------------- state_dict keys
 
 
@@ -171,6 +188,93 @@ def load_state_dict_strict(
         module.load_state_dict(state, strict=True)
     except RuntimeError as err:  # shape mismatches
         raise CheckpointError(f"{source}: {err}") from err
+
+
+def classifier_keys(module: nn.Module) -> set[str]:
+    """The state_dict keys of the classifier head (timm's ``get_classifier()``), or none."""
+    get = getattr(module, "get_classifier", None)
+    head = get() if callable(get) else None
+    if not isinstance(head, nn.Module):
+        return set()
+    for name, child in module.named_modules():
+        if child is head and name:
+            return {k for k in module.state_dict() if k.startswith(name + ".")}
+    return set()
+
+
+def _num_classes(state: Mapping[str, Any], head: set[str]) -> int | None:
+    weights = [state[k] for k in sorted(head) if k.endswith("weight") and k in state]
+    return int(weights[0].shape[0]) if weights and weights[0].dim() >= 1 else None
+
+
+def _trained_as(state: Mapping[str, Any]) -> str:
+    """`` (trained as resnet18 with X-volution in stages [3])``, from the stored config."""
+    config = state.get("config")
+    model = config.get("model") if isinstance(config, Mapping) else None
+    if not isinstance(model, Mapping):
+        return ""
+    xconv = f" with X-volution in stages {model.get('stages')}" if model.get("xconv") else ""
+    return f" (trained as {model.get('arch')}{xconv})"
+
+
+def init_weights_from(module: nn.Module, path: str | Path, *, ema: bool = False) -> str:
+    """Start ``module`` from the weights of a training checkpoint (fine-tuning; timm's
+    ``--initial-checkpoint``): weights only, read by :func:`load_checkpoint` (weights_only,
+    nothing in the file is instantiated).
+
+    Strict except the classifier head: when its shape differs (another class count) the
+    module keeps its own freshly initialized head. Missing or unexpected keys, or any other
+    shape difference, mean another architecture: CheckpointError. ``ema`` takes the
+    checkpoint's EMA weights. Returns one line saying what was loaded.
+    """
+    state = load_checkpoint(path)
+    which = "ema" if ema else "model"
+    weights = state.get(which)
+    if ema and not (isinstance(weights, Mapping) and weights):
+        raise CheckpointError(
+            f"{path}: has no EMA weights (trained with trainer.ema=null); "
+            "set trainer.init_from_ema=false to start from its model weights"
+        )
+    if not isinstance(weights, Mapping):
+        raise CheckpointError(f"{path}: '{which}' is not a state_dict")
+    weights = strip_prefixes(weights)
+    ours = module.state_dict()
+
+    def show(keys: list[str]) -> str:
+        return ", ".join(keys[:4]) + (f", ... ({len(keys)} in all)" if len(keys) > 4 else "")
+
+    missing = sorted(ours.keys() - weights.keys())
+    unexpected = sorted(weights.keys() - ours.keys())
+    trained = _trained_as(state)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: another architecture{trained} than this run's model: "
+            f"missing keys [{show(missing)}]; unexpected keys [{show(unexpected)}]"
+        )
+    bad = [k for k, v in weights.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"{path}: '{which}' holds non-tensor values ({show(bad)})")
+    head = classifier_keys(module)
+    differ = sorted(k for k in ours if tuple(weights[k].shape) != tuple(ours[k].shape))
+    body = [k for k in differ if k not in head]
+    if body:
+        k = body[0]
+        raise CheckpointError(
+            f"{path}: another architecture{trained} than this run's model: "
+            f"{k} is {tuple(weights[k].shape)} there, {tuple(ours[k].shape)} here"
+            + (f" ({len(body)} tensors differ)" if len(body) > 1 else "")
+        )
+    note = f"{which} weights"
+    if differ:  # the head only: another class count
+        theirs_n, ours_n = _num_classes(weights, head), _num_classes(ours, head)
+        for k in head:
+            weights[k] = ours[k]
+        note += (
+            f"; classifier head ({', '.join(sorted(head))}) re-initialized: the checkpoint has "
+            f"{theirs_n} classes, this run {ours_n}"
+        )
+    load_state_dict_strict(module, weights, f"{path} ({which} weights)")
+    return f"initialized from {path}: {note}"
 
 
 # ----------------------------------------------------------------------------- RNG states
@@ -353,15 +457,55 @@ class CheckpointManager:
         self.prev = self.run_dir / "prev.pt"
         self.best = self.run_dir / "best.pt"
         self.last_known_good = False  # last.pt was written or loaded by this manager
+        self.best_updated = False  # the last save replaced best.pt
 
-    # index of epoch files: [{"file", "epoch", "global_step", "metric"}], plus "best_metric"
+    # checkpoints.json: {"metric": name, "mode", "best_metric", "best_epoch", "epochs": [{"file",
+    # "epoch" (1-based), "global_step", "metric" (value), "metrics" (the epoch's numbers)}]}
     def _read_index(self) -> dict[str, Any]:
         try:
             index = json.loads((self.run_dir / self.INDEX).read_text())
         except (OSError, ValueError):
             index = {}
         entries = [e for e in index.get("epochs", []) if (self.run_dir / e["file"]).is_file()]
-        return {"epochs": entries, "best_metric": index.get("best_metric")}
+        out = {
+            "metric": index.get("metric"),
+            "mode": index.get("mode", self.mode),
+            "best_metric": index.get("best_metric"),
+            "best_epoch": index.get("best_epoch"),
+            "epochs": entries,
+        }
+        if entries and out["metric"] is None:
+            out["metric"] = "val_top1"  # indexes written before the name was kept: the default
+        return out
+
+    def _rerank(self, index: dict[str, Any]) -> None:
+        """The index ranked epochs by another metric (a relaunch changed
+        trainer.checkpoint.metric or EMA): rank the kept epochs by this one, from the numbers
+        each entry keeps, and point best.pt at the best of them."""
+        old = f"{index['metric']} ({index['mode']})"
+        for e in index["epochs"]:
+            value = (e.get("metrics") or {}).get(self.metric)
+            e["metric"] = float(value) if value is not None else None
+        best = None
+        for e in index["epochs"]:
+            if better(e["metric"], best["metric"] if best else None, self.mode):
+                best = e
+        if best is not None:
+            _link_or_copy(self.run_dir / best["file"], self.best)
+            index["best_metric"], index["best_epoch"] = best["metric"], best["epoch"]
+            note = f"best.pt is now {best['file']}"
+        else:
+            index["best_metric"], index["best_epoch"] = None, None
+            note = "the kept epochs lack it: the next epoch end replaces best.pt"
+        log.warning(
+            "%s ranked checkpoints by %s; this run ranks them by %s (%s): %s",
+            self.INDEX,
+            old,
+            self.metric,
+            self.mode,
+            note,
+        )
+        index["metric"], index["mode"] = self.metric, self.mode
 
     def _write_index(self, index: dict[str, Any]) -> None:
         path = self.run_dir / self.INDEX
@@ -370,12 +514,7 @@ class CheckpointManager:
         os.replace(tmp, path)
 
     def _better(self, a: float | None, b: float | None) -> bool:
-        """Is ``a`` better than ``b``? A missing or non-finite value is never better."""
-        if a is None or not math.isfinite(a):
-            return False
-        if b is None or not math.isfinite(b):
-            return True
-        return a > b if self.mode == "max" else a < b
+        return better(a, b, self.mode)
 
     def remove_stale_temp_files(self) -> None:
         """Temp files of writes that were killed (kill -9, node loss) are garbage."""
@@ -413,12 +552,20 @@ class CheckpointManager:
             )
         save_checkpoint(state, self.last)
         self.last_known_good = True
+        self.best_updated = False
         if not epoch_end:
             return self.last
         index = self._read_index()
-        value = state.get("metrics", {}).get(self.metric)
+        if index["metric"] is not None and (index["metric"], index["mode"]) != (
+            self.metric,
+            self.mode,
+        ):
+            self._rerank(index)
+        index["metric"], index["mode"] = self.metric, self.mode
+        metrics = dict(state.get("metrics") or {})
+        value = metrics.get(self.metric)
         value = float(value) if value is not None else None
-        finished_epoch = int(state["epoch"]) - 1  # state points at the next epoch
+        finished_epoch = int(state["epoch"])  # epochs done = the 1-based number of this one
         name = f"epoch_{finished_epoch:04d}.pt"
         _link_or_copy(self.last, self.run_dir / name)
         entries = [e for e in index["epochs"] if e["file"] != name]
@@ -428,20 +575,23 @@ class CheckpointManager:
                 "epoch": finished_epoch,
                 "global_step": state["global_step"],
                 "metric": value,
+                "metrics": {k: float(v) for k, v in metrics.items()},
             }
         )
         no_metric_yet = index["best_metric"] is None and (value is None or not math.isfinite(value))
-        if self._better(value, index["best_metric"]) or no_metric_yet:
+        self.best_updated = self._better(value, index["best_metric"]) or no_metric_yet
+        if self.best_updated:
             _link_or_copy(self.last, self.best)
+            index["best_epoch"] = finished_epoch
             if value is not None and math.isfinite(value):
                 index["best_metric"] = value
-        # keep the top-k by metric (ties and missing values: the newest first)
+        # keep the top-k by metric (ties: best.pt's epoch, then the newest; missing values last)
         sign = -1.0 if self.mode == "max" else 1.0
 
-        def rank(e: dict[str, Any]) -> tuple[float, int]:
+        def rank(e: dict[str, Any]) -> tuple[float, bool, int]:
             m = e["metric"]
             m = sign * m if m is not None and math.isfinite(m) else math.inf
-            return (m, -e["global_step"])
+            return (m, e["epoch"] != index["best_epoch"], -e["global_step"])
 
         entries.sort(key=rank)
         keep, drop = entries[: max(self.keep_top_k, 0)], entries[max(self.keep_top_k, 0) :]
@@ -450,6 +600,13 @@ class CheckpointManager:
         index["epochs"] = keep
         self._write_index(index)
         return self.last
+
+    def best_epoch(self) -> tuple[int | None, float | None]:
+        """(1-based epoch, value of ``metric``) that best.pt holds, per checkpoints.json."""
+        index = self._read_index()
+        if index["metric"] != self.metric:
+            return None, None
+        return index["best_epoch"], index["best_metric"]
 
     def candidates(self) -> list[Path]:
         """Files to resume from, newest first: last, prev, then the kept epoch files."""

@@ -119,6 +119,9 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
     return dev
 
 
+_GROUPS_STARTED = 0  # process groups this process has joined (one per sweep job)
+
+
 def setup_distributed(
     device: str = "auto", timeout_min: float = 30.0
 ) -> tuple[DistEnv, torch.device]:
@@ -134,8 +137,12 @@ def setup_distributed(
             # torchrun keeps one agent TCPStore across --max-restarts attempts: without a
             # per-attempt namespace, the new ranks read the dead ranks' gloo/nccl addresses
             # ("Gloo connectFullMesh failed ... Connection refused") and the restart fails.
+            # Likewise each job of a --multirun sweep (one process, one group per job) gets its
+            # own: every rank runs the same jobs in the same order, so the counts agree.
+            global _GROUPS_STARTED
+            _GROUPS_STARTED += 1
             store = dist.PrefixStore(
-                f"/xvol/attempt_{denv.restart_count}",
+                f"/xvol/attempt_{denv.restart_count}/group_{_GROUPS_STARTED}",
                 dist.TCPStore(denv.master_addr, denv.master_port, is_master=False, timeout=timeout),
             )
         else:

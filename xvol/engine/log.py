@@ -45,7 +45,14 @@ def setup_logging(rank: int, log_file: str | Path | None = None) -> logging.Logg
                 handler.addFilter(_RankFilter(rank))
     if rank == 0 and log_file is not None:
         path = Path(log_file).resolve()
-        known = {getattr(h, "baseFilename", None) for h in logger.handlers}
+        known = set()
+        for handler in list(logger.handlers):  # a --multirun sweep: the last job's train.log
+            name = getattr(handler, "baseFilename", None)
+            if isinstance(handler, logging.FileHandler) and name != str(path):
+                logger.removeHandler(handler)
+                handler.close()
+            else:
+                known.add(name)
         if str(path) not in known:
             path.parent.mkdir(parents=True, exist_ok=True)
             handler = logging.FileHandler(path, mode="a")

@@ -46,6 +46,7 @@ class TrainOptions:
     progress_bar: bool = True
     debug_nan_at_step: int | None = None  # testing: make the loss of this update NaN
     debug_signal_at_step: int | None = None  # testing: rank 0 sends itself SIGTERM at this update
+    epochs: int | None = None  # the run's length, for "epoch 3/90" in the progress bar
 
 
 @dataclass
@@ -134,7 +135,8 @@ def train_one_epoch(
     accum = max(1, opts.grad_accum)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     show = is_main and opts.progress_bar
-    bar = _progress(steps_per_epoch, state.step, f"epoch {state.epoch}", show)
+    of = f"/{opts.epochs}" if opts.epochs else ""
+    bar = _progress(steps_per_epoch, state.step, f"epoch {state.epoch + 1}{of}", show)
     loss_acc = torch.zeros((), device=device)
     tic = time.perf_counter()
     update_images = 0
@@ -186,7 +188,7 @@ def train_one_epoch(
             loss_value, bad_ranks, stop = flags.tolist()
             loss_value /= world_size
             loss_acc.zero_()
-            where = f"epoch {state.epoch}, batch {step - 1}, update {state.global_step + 1}"
+            where = f"epoch {state.epoch + 1}{of}, batch {step}, update {state.global_step + 1}"
             if bad_ranks and scaler is None:
                 optimizer.zero_grad(set_to_none=True)
                 raise NonFiniteLossError(
@@ -260,7 +262,7 @@ def train_one_epoch(
             bar.close()
     if state.step < steps_per_epoch:
         raise RuntimeError(
-            f"the train loader of epoch {state.epoch} ended after batch {step} but "
+            f"the train loader of epoch {state.epoch + 1} ended after batch {step} but "
             f"steps_per_epoch is {steps_per_epoch} (every rank must yield the same full batches)"
         )
     return True

@@ -1,8 +1,10 @@
 """Metrics: top-k counts, the per-run JSONL file, and the optional wandb sink (rank 0 only).
 
 Every record is a flat dict with ``kind`` ("train": one optimizer step, "epoch": one finished
-epoch with its evaluation), ``epoch`` and ``global_step``. On resume the file is cut back to what
-the checkpoint has seen, so a run that was stopped and resumed logs each step exactly once.
+epoch with its evaluation), ``epoch`` (1-based, as in the logs and ``epoch_NNNN.pt``: the epoch
+the step belongs to, or the epoch finished) and ``global_step``. On resume the file is cut back
+to what the checkpoint has seen, so a run that was stopped and resumed logs each step exactly
+once.
 """
 
 from __future__ import annotations
@@ -168,14 +170,15 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.write(record)
 
-    def truncate_after(self, epoch: int, global_step: int) -> None:
-        """Drop records a resumed run will write again (those past the checkpoint)."""
+    def truncate_after(self, epochs_done: int, global_step: int) -> None:
+        """Drop records a resumed run will write again (those past the checkpoint, which has
+        finished ``epochs_done`` epochs and ``global_step`` updates)."""
         if self.jsonl is None:
             return
 
         def keep(r: dict[str, Any]) -> bool:
             if r.get("kind") == "epoch":
-                return int(r["epoch"]) < epoch
+                return int(r["epoch"]) <= epochs_done
             return int(r.get("global_step", 0)) <= global_step
 
         dropped = self.jsonl.truncate(keep)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +24,10 @@ from xvol.engine.checkpoint import (
     KIND,
     CheckpointError,
     CheckpointManager,
+    better,
     capture_rng_state,
     checkpoint_versions,
+    init_weights_from,
     load_checkpoint,
     load_state_dict_strict,
     restore_rng_state,
@@ -36,7 +38,14 @@ from xvol.engine.loop import NonFiniteLossError, TrainOptions, TrainState, evalu
 from xvol.engine.metrics import MetricsLogger
 from xvol.engine.signals import EXIT_NON_FINITE, EXIT_OK, EXIT_PREEMPTED, PreemptionGuard
 
-__all__ = ["EPOCH_METRICS", "CheckpointOptions", "Trainer", "prepare_model"]
+__all__ = [
+    "AUTO_METRIC",
+    "EPOCH_METRICS",
+    "CheckpointOptions",
+    "Trainer",
+    "checkpoint_metric",
+    "prepare_model",
+]
 
 log = get_logger(__name__)
 
@@ -57,11 +66,26 @@ EPOCH_METRICS = (
 )
 
 
+AUTO_METRIC = "auto"
+
+
+def checkpoint_metric(metric: str, ema: bool) -> str:
+    """The metric that ranks epoch checkpoints and picks ``best.pt``.
+
+    ``auto`` follows the weights the tools read: xvol-reparam and xvol-eval take a checkpoint's
+    EMA weights when it has them, so with an EMA best.pt is the best EMA epoch (``ema_top1``),
+    else the best raw one (``val_top1``).
+    """
+    if metric == AUTO_METRIC:
+        return "ema_top1" if ema else "val_top1"
+    return metric
+
+
 @dataclass
 class CheckpointOptions:
     every_steps: int = 0  # also checkpoint every N optimizer updates (0: epoch ends only)
     keep_top_k: int = 3  # epoch checkpoints kept, ranked by `metric`
-    metric: str = "val_top1"  # one of EPOCH_METRICS (val_top1, ema_top1, val_loss, ...)
+    metric: str = AUTO_METRIC  # auto (ema_top1 with an EMA, else val_top1) or an EPOCH_METRICS
     mode: str = "max"
 
 
@@ -118,6 +142,8 @@ class Trainer:
         self.optimizer, self.loss_fn, self.data = optimizer, loss_fn, data
         self.denv, self.device, self.epochs = denv, device, epochs
         self.run_dir = Path(run_dir)
+        if opts.epochs is None:  # the progress bar's "epoch 3/90"
+            opts = replace(opts, epochs=epochs)
         self.opts, self.ckpt, self.config = opts, ckpt, config
         self.scheduler, self.scaler, self.mixup = scheduler, scaler, mixup
         self.guard = guard or PreemptionGuard(signals=())
@@ -138,11 +164,20 @@ class Trainer:
         self.average_bn = denv.distributed and not sync_bn and dist_bn == "reduce"
         self.broadcast_bn = denv.distributed and not sync_bn and dist_bn == "broadcast"
         self.state = TrainState()
+        self.metric = checkpoint_metric(ckpt.metric, self.ema is not None)
         self.manager = (
-            CheckpointManager(run_dir, ckpt.keep_top_k, ckpt.metric, ckpt.mode)
+            CheckpointManager(run_dir, ckpt.keep_top_k, self.metric, ckpt.mode)
             if denv.is_main
             else None
         )
+        if ckpt.metric == AUTO_METRIC:
+            why = "auto: " + ("EMA on, the weights the tools read" if self.ema else "no EMA")
+        elif self.ema is not None and not self.metric.startswith("ema_"):
+            why = "trainer.checkpoint.metric; the tools read EMA weights unless given --no-ema"
+        else:
+            why = "trainer.checkpoint.metric"
+        order = "highest" if ckpt.mode == "max" else "lowest"
+        log.info("best.pt: the epoch with the %s %s (%s)", order, self.metric, why)
         self.metrics: MetricsLogger | None = None  # rank 0 only; attach after resume()
         self.wandb_id: str | None = None
         self.last_checkpoint: Path | None = None
@@ -194,6 +229,23 @@ class Trainer:
             return None
         self._restore(loaded if loaded is not None else load_checkpoint(path), path)
         return Path(path)
+
+    def init_from(self, path: str | Path, *, ema: bool = False) -> str:
+        """Start a fresh run from a checkpoint's weights (fine-tuning): see
+        :func:`~xvol.engine.checkpoint.init_weights_from`. Every rank reads the file; when any
+        rank cannot use it, all raise the same CheckpointError. The EMA restarts from them."""
+        note, error = "", None
+        try:
+            note = init_weights_from(self.raw, path, ema=ema)
+        except CheckpointError as err:
+            error = str(err)
+        errors = [e for e in all_gather_objects(error) if e]
+        if errors:
+            raise CheckpointError(str(errors[0]))
+        if self.ema is not None:
+            self.ema.set(self.raw)
+        log.info("%s", note)
+        return note
 
     def _check_class_names(self, saved: Any, source: str | None) -> None:
         """Labels are indices into class_names: other names (a renamed or added folder) would
@@ -249,6 +301,8 @@ class Trainer:
         s.loss_sum, s.loss_count = float(es.get("loss_sum", 0.0)), int(es.get("loss_count", 0))
         s.images, s.elapsed = int(es.get("images", 0)), float(es.get("elapsed", 0.0))
         s.best_metric = ckpt.get("best_metric")
+        if ckpt.get("best_metric_name", "val_top1") != self.metric:  # a relaunch changed it
+            s.best_metric = None
         s.metrics = dict(ckpt.get("metrics") or {})
         self.wandb_id = ckpt.get("wandb_id")
         rng = ckpt.get("rng") or []
@@ -274,9 +328,7 @@ class Trainer:
         if self.scheduler is not None:
             self.scheduler.step_update(num_updates=s.global_step)
         self.last_checkpoint = Path(source)
-        log.info(
-            "resumed from %s: epoch %d, batch %d, update %d", source, s.epoch, s.step, s.global_step
-        )
+        log.info("resumed from %s: %s", source, self._position())
 
     @staticmethod
     @torch.no_grad()
@@ -284,6 +336,16 @@ class Trainer:
         state = module.state_dict()
         for key, value in buffers.items():
             state[key].copy_(value)
+
+    def _position(self) -> str:
+        """Where the state is, in the 1-based numbers of the logs: the last batch done."""
+        s = self.state
+        if s.step == 0:
+            return f"after epoch {s.epoch}/{self.epochs}, update {s.global_step}"
+        return (
+            f"in epoch {s.epoch + 1}/{self.epochs} after batch {s.step}/"
+            f"{self.data.steps_per_epoch}, update {s.global_step}"
+        )
 
     # ------------------------------------------------------------------------------ saving
     def _state_dict(self, module: nn.Module, average_bn: bool) -> dict[str, torch.Tensor]:
@@ -340,6 +402,7 @@ class Trainer:
             "class_names": list(self.data.class_names),
             "metrics": dict(s.metrics),
             "best_metric": s.best_metric,
+            "best_metric_name": self.metric,
             "wandb_id": self.metrics.wandb_id if self.metrics is not None else self.wandb_id,
             "git": self.git,
             "versions": checkpoint_versions(),
@@ -379,7 +442,7 @@ class Trainer:
                 self.metrics.write(
                     {
                         "kind": "train",
-                        "epoch": s.epoch,
+                        "epoch": s.epoch + 1,  # 1-based, the epoch this update belongs to
                         "step": s.step,
                         "global_step": s.global_step,
                         "loss": info["loss"],
@@ -389,8 +452,9 @@ class Trainer:
                 )
             if not self.opts.progress_bar:
                 log.info(
-                    "epoch %d batch %d/%d update %d: loss %.4f lr %.4g %.0f img/s",
-                    s.epoch,
+                    "epoch %d/%d batch %d/%d update %d: loss %.4f lr %.4g %.0f img/s",
+                    s.epoch + 1,
+                    self.epochs,
                     s.step,
                     self.data.steps_per_epoch,
                     s.global_step,
@@ -423,7 +487,7 @@ class Trainer:
         val = evaluate(self.eval_model, self.data.val, **kw)
         record: dict[str, Any] = {
             "kind": "epoch",
-            "epoch": epoch,
+            "epoch": epoch + 1,  # 1-based, as in the logs and epoch_NNNN.pt
             "global_step": s.global_step,
             "train_loss": s.loss_sum / max(s.loss_count, 1),
             "val_top1": val["top1"],
@@ -439,15 +503,13 @@ class Trainer:
             epoch_time=s.elapsed,
             eval_time=time.perf_counter() - tic,
         )
-        value = record.get(self.ckpt.metric)
-        if value is not None and (
-            s.best_metric is None
-            or (value > s.best_metric if self.ckpt.mode == "max" else value < s.best_metric)
-        ):
+        value = record.get(self.metric)
+        if better(value, s.best_metric, self.ckpt.mode):
             s.best_metric = float(value)
         s.metrics = {
             k: float(v) for k, v in record.items() if k not in ("kind", "epoch", "global_step")
         }
+        record["best_by"] = self.metric  # the metric that picks best.pt
         s.epoch, s.step = epoch + 1, 0
         s.start_epoch()
         if self.metrics is not None:
@@ -465,6 +527,14 @@ class Trainer:
             record["epoch_time"],
         )
         self.save(epoch_end=True)
+        if self.manager is not None and self.manager.best_updated:
+            log.info(
+                "best.pt: epoch %d/%d (%s %s)",
+                epoch + 1,
+                self.epochs,
+                self.metric,
+                f"{value:.4g}" if value is not None else "not measured",
+            )
         return record
 
     def fit(self) -> int:
@@ -473,7 +543,7 @@ class Trainer:
         if self.metrics is not None:
             self.metrics.truncate_after(s.epoch, s.global_step)
         if s.epoch >= self.epochs:
-            log.info("run already complete (%d epochs); nothing to do", self.epochs)
+            log.info("run already complete (%d/%d epochs); nothing to do", s.epoch, self.epochs)
             return EXIT_OK
         from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -521,13 +591,11 @@ class Trainer:
             self.save(epoch_end=False)
         sig = self.guard.signum
         (log.warning if self.denv.is_main else log.info)(
-            "stop requested (%s): checkpoint %s at epoch %d, batch %d, update %d; exiting with "
-            "%d. Relaunch with the same run_name to continue.",
+            "stop requested (%s): checkpoint %s %s; exiting with %d. Relaunch with the same "
+            "run_name to continue.",
             f"signal {sig}" if sig is not None else "signal on another rank",
             self.last_checkpoint,
-            s.epoch,
-            s.step,
-            s.global_step,
+            self._position(),
             EXIT_PREEMPTED,
         )
         self.guard.chain()

@@ -405,7 +405,7 @@ def test_dali_missing_says_how_to_install(
     monkeypatch.delitem(sys.modules, "xvol.data._dali_pipelines", raising=False)
     monkeypatch.delattr("xvol.data._dali_pipelines", raising=False)
     monkeypatch.setitem(sys.modules, "nvidia.dali", None)
-    with pytest.raises(ImportError, match=r"pip install nvidia-dali-cuda120"):
+    with pytest.raises(ImportError, match=r"pip install 'xvol\[dali\]'"):
         build("dali", color_tree)
 
 

@@ -200,6 +200,7 @@ def test_compute_ratios_picks_the_best_working_impl() -> None:
 # The real cases
 
 
+@pytest.mark.slow
 def test_every_case_owns_its_model_and_no_eval_batchnorm_runs_with_grad() -> None:
     """The acceptance check, measured by hooks of the test's own (not the bench's guard)."""
     args = bench.parse_args([*TINY, "--impls", "reference", "lean"])
@@ -230,6 +231,7 @@ def test_every_case_owns_its_model_and_no_eval_batchnorm_runs_with_grad() -> Non
     assert bad == []
 
 
+@pytest.mark.slow
 def test_bench_cpu_smoke(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     cmd = [sys.executable, str(ROOT / "scripts" / "bench.py"), *TINY, "--out", str(out)]

@@ -7,11 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_bench_op_runs_and_writes_record(tmp_path: Path) -> None:
     out = tmp_path / "nested" / "bench_op.json"
     cmd = [sys.executable, str(REPO / "scripts" / "bench_op.py"), "--device", "cpu"]

@@ -272,6 +272,7 @@ def test_torchvision_resume_is_bitwise_and_worker_independent(texture_tree: Path
     assert not torch.equal(other[0][0], full[0][0])
 
 
+@pytest.mark.slow
 @pytest.mark.dali
 def test_dali_resume_is_bitwise(texture_tree: Path) -> None:
     pytest.importorskip("nvidia.dali")
@@ -298,6 +299,7 @@ def test_epoch_order_is_disjoint_equal_sized_and_seeded() -> None:
 # --- demo dataset ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_demo_materializes_offline_reuses_and_rebuilds(tmp_path: Path) -> None:
     root = tmp_path / "xvol" / "demo"
     start = time.perf_counter()

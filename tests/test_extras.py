@@ -11,6 +11,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 EXTRAS = ["wandb", "onnx", "onnxruntime", "onnxscript", "mlxtend", "matplotlib", "submitit",
           "hydra_plugins", "nvidia"]  # fmt: skip
@@ -57,6 +59,7 @@ def test_import_xvol_ops_needs_no_extras_and_no_omegaconf() -> None:
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_a_missing_extra_is_one_line_naming_it(tmp_path: Path) -> None:
     proc = _run(
         f"""
@@ -90,6 +93,7 @@ def test_extras_in_setup_cfg_match_the_dockerfile_and_torch() -> None:
         assert heavy not in core, f"{heavy} must be an extra, not a core dependency"
 
 
+@pytest.mark.slow
 def test_tools_name_their_missing_extra(tmp_path: Path) -> None:
     """xvol-export without onnx: one line naming the extra, nothing written (the leaderboard
     without matplotlib: tests/test_tools_compare.py)."""
@@ -103,6 +107,8 @@ def test_tools_name_their_missing_extra(tmp_path: Path) -> None:
         ["onnx", "onnxruntime", "onnxscript"],
     )
     assert export.returncode == 1 and not (tmp_path / "m.onnx").exists()
-    assert export.stderr.strip().splitlines()[-1].startswith(
-        "xvol-export: error: xvol-export needs onnx: pip install 'xvol[onnx]'"
+    assert (
+        export.stderr.strip()
+        .splitlines()[-1]
+        .startswith("xvol-export: error: xvol-export needs onnx: pip install 'xvol[onnx]'")
     ), export.stderr[-2000:]

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from tools_helpers import make_checkpoint
 
@@ -19,6 +20,7 @@ def _reparam(ckpt: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run([*cmd, *extra], capture_output=True, text=True, timeout=300, cwd=ROOT)
 
 
+@pytest.mark.slow
 def test_reparam_verifies_on_the_requested_device(tmp_path: Path) -> None:
     ckpt = make_checkpoint(tmp_path / "ckpt.pt")
     proc = _reparam(ckpt, tmp_path / "deploy", "--device", "cpu")

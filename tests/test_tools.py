@@ -571,6 +571,7 @@ def test_installed_console_script_runs() -> None:
     assert proc.returncode == 0 and "usage: xvol-leaderboard" in proc.stdout
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_line_without_traceback(tiny: dict[str, Path], tmp_path: Path) -> None:
     bad = tmp_path / "notes.pt"
     bad.write_text("not a checkpoint")

@@ -160,6 +160,7 @@ def test_crafted_checkpoint_runs_no_code(
     assert _files(out) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tool", sorted(TOOLS))
 def test_crafted_checkpoint_is_one_line_from_the_command_line(
     tool: str, tiny: dict[str, Path], tmp_path: Path
@@ -216,6 +217,7 @@ def test_crafted_deploy_sidecar_runs_no_code(
     assert _files(out) == []
 
 
+@pytest.mark.slow
 def test_resume_from_a_crafted_checkpoint_runs_no_code(tmp_path: Path) -> None:
     """scripts/train.py resume=PATH builds from the run's own config, never the checkpoint's.
 
@@ -310,6 +312,7 @@ def test_model_config_added_to_a_new_sidecar_is_refused(
     assert "deploy.json: model_config is not part of deploy format 2" in message
 
 
+@pytest.mark.slow
 def test_edited_sidecar_is_one_line_from_the_command_line(
     tiny: dict[str, Path], tmp_path: Path
 ) -> None:

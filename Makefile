@@ -1,6 +1,7 @@
 # xvol: two commands on a fresh machine.
 #   make demo   set up .venv, install, train -> reparam -> eval -> leaderboard on the bundled demo set
 #   make test   set up .venv, install, run the whole test suite (what CI runs)
+#   make compare  paired resnet18 vs xresnet18 over seeds on the demo set (SEEDS=0,1,2; scripts/compare.sh)
 #   make test-fast / make bench / make lint / make clean
 #   make gpu-check  the one-command GPU check (scripts/gpu_check.sh); make gpu-wheels first on a bare machine
 SHELL := /bin/bash
@@ -14,7 +15,7 @@ PYTEST_ARGS ?=
 export WANDB_MODE ?= offline
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help venv test test-fast lint demo bench clean gpu-check gpu-wheels
+.PHONY: help venv test test-fast lint demo compare bench clean gpu-check gpu-wheels
 
 help:
 	@grep -E '^#   ' Makefile | sed 's/^#   //'
@@ -43,6 +44,10 @@ lint: venv
 
 demo: venv
 	bash scripts/demo.sh
+
+# Paired multi-seed comparison (scripts/compare.sh): make compare SEEDS=0,1,2,3 COMPARE_EPOCHS=8
+compare: venv
+	bash scripts/compare.sh
 
 # Benchmarks print a table and write bench_results/*.json; CUDA when present, else the CPU mode.
 bench: venv

@@ -12,6 +12,10 @@ PIP := $(PY) -m pip
 # torch/torchvision are named first so pip takes the local CUDA builds (Python 3.11) here.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
+# pytest-xdist workers: both cores of the CI machine; whole files per worker (module fixtures
+# built once). JOBS=0 runs serially.
+JOBS ?= 2
+XDIST := $(if $(filter 0,$(JOBS)),,-n $(JOBS) --dist loadfile)
 export WANDB_MODE ?= offline
 export PYTHONUNBUFFERED := 1
 
@@ -34,10 +38,10 @@ venv: $(VENV)/.installed
 
 test: venv
 	$(PY) -m ruff check xvol scripts tools tests
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
 
 test-fast: venv
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow" $(XDIST) $(PYTEST_ARGS)
 
 lint: venv
 	$(PY) -m ruff check xvol scripts tools tests

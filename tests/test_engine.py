@@ -367,6 +367,24 @@ def test_trainer_stop_and_resume_is_exact(tmp_path: Path) -> None:
     assert code_c == EXIT_OK and again.state.global_step == 16
 
 
+def test_stop_after_the_last_update_of_an_epoch_still_ends_it(tmp_path: Path) -> None:
+    """A signal at an epoch's last update: the epoch is evaluated and checkpointed before the
+    run stops, so the resumed run has the same epoch records and files as an uninterrupted one."""
+    _fit(tmp_path / "a")
+    stopped, code = _fit(tmp_path / "b", debug_signal_at_step=8)  # 8 updates per epoch
+    assert code == EXIT_PREEMPTED
+    assert (stopped.state.epoch, stopped.state.step, stopped.state.global_step) == (1, 0, 8)
+    assert [r["epoch"] for r in JsonlMetrics(tmp_path / "b/metrics.jsonl").read()
+            if r["kind"] == "epoch"] == [1]  # fmt: skip
+    _, code = _fit(tmp_path / "b")
+    assert code == EXIT_OK
+    rec_a = JsonlMetrics(tmp_path / "a/metrics.jsonl").read()
+    rec_b = JsonlMetrics(tmp_path / "b/metrics.jsonl").read()
+    assert [(r["kind"], r["global_step"], r.get("val_top1")) for r in rec_b] == [
+        (r["kind"], r["global_step"], r.get("val_top1")) for r in rec_a
+    ]
+
+
 def test_trainer_numbers_epochs_from_one_and_ranks_by_ema(tmp_path: Path) -> None:
     """What a user reads agrees: 1-based epochs in metrics.jsonl, file names and the index;
     with an EMA, metric auto ranks by ema_top1, and the records and checkpoints say so."""

@@ -37,6 +37,8 @@ TINY = [
 FROZEN = ["optim.lr=1e-12"]
 PROBE = "layer1.0.conv1.weight"  # a body weight the tests mark in the source checkpoint
 
+pytestmark = pytest.mark.slow  # subprocesses of 10 s and more (about 3 minutes in all)
+
 
 def _run(out_dir: Path, *args: str) -> subprocess.CompletedProcess:
     proc = subprocess.run(

@@ -129,7 +129,7 @@ def train_one_epoch(
     ``loader`` must already be positioned (``set_epoch(epoch, start_step=state.step)``).
     ``ema_source`` is the unwrapped model the EMA follows. ``on_update(state, info)`` runs after
     every update (logging, step checkpoints). Returns True when the epoch finished, False when
-    a stop was requested (the state then points at the next batch).
+    a stop was requested before its last update (the state then points at the next batch).
     """
     model.train()
     accum = max(1, opts.grad_accum)
@@ -255,8 +255,10 @@ def train_one_epoch(
                     },
                 )
             update_images = 0
-            if stop:
+            if stop and step < steps_per_epoch:
                 return False
+            # a stop after the last update still ends the epoch (evaluation, epoch checkpoint,
+            # epoch record); the caller stops after it, so the resumed run misses none of them
     finally:
         if bar is not None:
             bar.close()

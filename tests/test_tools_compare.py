@@ -134,7 +134,10 @@ def test_leaderboard_over_two_val_sets_has_two_tables(
         ranked = section.split("### Seeds")[0]
         assert len([line for line in ranked.splitlines() if ".json" in line]) == 2
         # each X-volution record is paired with the baseline on its own val set only
-        assert section.count("| xresnet18 (train, ema) | resnet18 (train, model) |") == 1
+        assert (
+            section.count("| xresnet18 (train, ema, seed 3) | resnet18 (train, model, seed 3) |")
+            == 1
+        )
     pngs = [Path(p) for p in result["files"]["png"]]
     assert len(pngs) == 2 and all(p.is_file() for p in pngs)
     assert len(set(pngs)) == 2 and all(f"]({p.name})" in md for p in pngs)
@@ -208,6 +211,24 @@ def test_leaderboard_without_matplotlib_writes_tables_and_names_the_extra(
     assert not list(results.glob("*.png"))
     (warning,) = [r.getMessage() for r in caplog.records if "xvol[plot]" in r.getMessage()]
     assert "writing the tables without plots" in warning
+
+
+def test_baseline_table_pairs_each_seed_with_the_same_seed(
+    template: dict[str, Any], tmp_path: Path
+) -> None:
+    """Not every xresnet18 seed against the single best resnet18: seed with seed."""
+    results = tmp_path / "results"
+    results.mkdir()
+    _seed_records(
+        template, results, {"xresnet18": [70.0, 71.0, 72.5], "resnet18": [69.0, 70.5, 71.0]}
+    )
+    md = leaderboard_tool.build_leaderboard(results)["markdown"]
+    for seed, (x, b) in enumerate([(70.0, 69.0), (71.0, 70.5), (72.5, 71.0)]):
+        row = (
+            f"| xresnet18 (train, ema, seed {seed}) | resnet18 (train, ema, seed {seed}) | "
+            f"{x:.2f} | {b:.2f} | {x - b:+.2f} |"
+        )
+        assert row in md, (row, md)
 
 
 def test_a_clear_paired_difference_is_stated(template: dict[str, Any], tmp_path: Path) -> None:

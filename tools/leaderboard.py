@@ -206,7 +206,8 @@ def inherit_seeds(rows: Sequence[dict[str, Any]]) -> None:
 
 
 def baseline_pairs(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each X-volution row with the best baseline row of its backbone on the same val set."""
+    """Each X-volution row with a baseline row of its backbone on the same val set: the one of
+    the same seed and recipe when there is one (a fair pair), else the best."""
     pairs = []
     for x in rows:
         if not x["xvolution"]:
@@ -216,13 +217,22 @@ def baseline_pairs(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         ]
         if not candidates:
             continue
-        # prefer the same form and weights, then the best top-1
+        # prefer the same seed and recipe, then the same form and weights, then the best top-1
         base = max(
             candidates,
-            key=lambda b: (b["form"] == x["form"], b["weights"] == x["weights"], b["top1"]),
+            key=lambda b: (
+                x["seed"] is not None and (b["seed"], b["recipe"]) == (x["seed"], x["recipe"]),
+                b["form"] == x["form"],
+                b["weights"] == x["weights"],
+                b["top1"],
+            ),
         )
         pairs.append({"x": x, "base": base, **_deltas(x, base)})
     return pairs
+
+
+def _seed(row: dict[str, Any]) -> str:
+    return "" if row["seed"] is None else f", seed {row['seed']}"
 
 
 def deploy_pairs(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -468,8 +478,9 @@ def tables(vs: dict[str, Any]) -> list[dict[str, Any]]:
         ],
         "rows": [
             [
-                f"{p['x']['model']} ({p['x']['form']}, {p['x']['weights']})",
-                f"{p['base']['model']} ({p['base']['form']}, {p['base']['weights']})",
+                f"{p['x']['model']} ({p['x']['form']}, {p['x']['weights']}{_seed(p['x'])})",
+                f"{p['base']['model']} ({p['base']['form']}, {p['base']['weights']}"
+                f"{_seed(p['base'])})",
                 _fmt(p["x"]["top1"], ".2f"),
                 _fmt(p["base"]["top1"], ".2f"),
                 _signed(p["d_top1"]),

@@ -66,12 +66,12 @@ echo "== 2/4 re-parameterize: one operator per X-volution slot, verified before 
 
 echo "== 3/4 evaluate the training form, the deploy form and the baseline"
 "$PY" tools/eval.py "$OUTPUT_DIR/demo/best.pt" --data "$DATA" --results-dir "$RESULTS" \
-    --predictions "$OUTPUT_DIR/demo/predictions_train.csv" > /dev/null
+    --predictions "$OUTPUT_DIR/demo/predictions_train.csv" --no-progress
 "$PY" tools/eval.py "$OUTPUT_DIR/demo/deploy" --data "$DATA" --results-dir "$RESULTS" \
-    --predictions "$OUTPUT_DIR/demo/predictions_deploy.csv" > /dev/null
+    --predictions "$OUTPUT_DIR/demo/predictions_deploy.csv" --no-progress
 if [[ -f "$OUTPUT_DIR/demo_baseline/best.pt" ]]; then
     "$PY" tools/eval.py "$OUTPUT_DIR/demo_baseline/best.pt" --data "$DATA" \
-        --results-dir "$RESULTS" > /dev/null
+        --results-dir "$RESULTS" --no-progress
 fi
 
 echo "== 4/4 leaderboard ($RESULTS/leaderboard.{md,csv,html,png})"

@@ -144,10 +144,10 @@ EOF
 CKPT=$WORK/runs/gpu_check_xresnet50/last.pt
 step reparam 60 "$PY" tools/reparam.py "$CKPT" --out "$WORK/deploy" --data "$WORK/val" \
     --verify-images 16 --device "$DEVICE"
-step eval_train 45 "$PY" tools/eval.py "$CKPT" --data "$WORK/val" "${EVAL_ARGS[@]}" \
-    --results-dir "$WORK/results"
-step eval_deploy 45 "$PY" tools/eval.py "$WORK/deploy" --data "$WORK/val" "${EVAL_ARGS[@]}" \
-    --results-dir "$WORK/results"
+step eval_train 45 "$PY" tools/eval.py "$CKPT" --json --no-progress --data "$WORK/val" \
+    "${EVAL_ARGS[@]}" --results-dir "$WORK/results"
+step eval_deploy 45 "$PY" tools/eval.py "$WORK/deploy" --json --no-progress --data "$WORK/val" \
+    "${EVAL_ARGS[@]}" --results-dir "$WORK/results"
 
 # One log with every step's output, beside the record.
 for f in "$WORK"/logs/*.out; do

@@ -22,3 +22,22 @@ def single_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# Files of the longest tests run first: under pytest-xdist (--dist loadfile, `make test`) a
+# worker takes whole files in collection order, so a multi-minute file collected last would run
+# alone at the end while the other core idles. The order of tests inside a file is kept.
+LONG_FIRST = (
+    "test_train_sweep.py",
+    "test_gpu_check.py",
+    "test_kernels.py",
+    "test_train_e2e.py",
+    "test_train_finetune.py",
+    "test_tools_e2e.py",
+    "test_train_refusals.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONG_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FIRST)))

@@ -2,10 +2,25 @@
 
 from __future__ import annotations
 
+import subprocess
+
 import torch
 from torch import nn
 
-__all__ = ["randomize_bn"]
+__all__ = ["randomize_bn", "one_error_line"]
+
+
+def one_error_line(proc: subprocess.CompletedProcess, last: bool = True) -> str:
+    """The one ``error:`` line of a failed ``scripts/train.py`` run (exit 1, no traceback
+    anywhere; ``last``: it is also the last line on stderr). ``proc.output``: stdout + stderr."""
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 1, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    errors = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, output[-3000:]
+    if last:
+        assert proc.stderr.rstrip().splitlines()[-1] == errors[0], output[-3000:]
+    return errors[0]
 
 
 @torch.no_grad()

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import one_error_line
 
 from xvol.engine import load_checkpoint
 
@@ -54,11 +55,7 @@ def _run(out_dir: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 def _error_line(proc: subprocess.CompletedProcess) -> str:
-    assert proc.returncode == 1, proc.output[-3000:]
-    assert "Traceback" not in proc.output, proc.output[-3000:]
-    errors = [line for line in proc.output.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, proc.output[-3000:]
-    return errors[0]
+    return one_error_line(proc, last=False)
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import one_error_line
 from PIL import Image
 
 from xvol.engine import load_checkpoint
@@ -87,13 +88,7 @@ def _run(
 
 
 def _error_line(proc: subprocess.CompletedProcess) -> str:
-    """The one ``error:`` line, last on stderr, with no traceback anywhere."""
-    assert proc.returncode == 1, proc.output[-3000:]
-    assert "Traceback" not in proc.output, proc.output[-3000:]
-    errors = [line for line in proc.output.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, proc.output[-3000:]
-    assert proc.stderr.rstrip().splitlines()[-1] == errors[0]
-    return errors[0]
+    return one_error_line(proc, last=True)
 
 
 def _digests(run_dir: Path) -> dict[str, str]:

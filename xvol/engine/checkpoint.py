@@ -90,7 +90,6 @@ __all__ = [
 
 FORMAT_VERSION = 1
 KIND = "xvol.train"
-_PREFIXES = ("module.", "_orig_mod.")
 
 log = get_logger(__name__)
 
@@ -151,17 +150,11 @@ def better(a: float | None, b: float | None, mode: str) -> bool:
 
 
 def strip_prefixes(state_dict: Mapping[str, Any]) -> dict[str, Any]:
-    """Drop the ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes, in any nesting."""
-    out = {}
-    for key, value in state_dict.items():
-        changed = True
-        while changed:
-            changed = False
-            for prefix in _PREFIXES:
-                if key.startswith(prefix):
-                    key, changed = key[len(prefix) :], True
-        out[key] = value
-    return out
+    """Drop the ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes, wrapped in either
+    order: timm's ``clean_state_dict``."""
+    from timm.models import clean_state_dict
+
+    return clean_state_dict(dict(state_dict))
 
 
 def load_state_dict_strict(

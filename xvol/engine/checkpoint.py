@@ -30,7 +30,8 @@ bn_buffers            None, or (mid-epoch saves of multi-rank runs without SyncB
                       list, one dict per rank: {"model": {BN running_mean/var key: tensor},
                       "ema": {...} or None}, each rank's own statistics for an exact resume
 config                the resolved run config as plain dicts/lists (OmegaConf.to_container);
-                      ``config["model"]`` rebuilds the network (hydra.utils.instantiate)
+                      the tools read ``config["model"]`` as a validated
+                      ``xvol.models.ModelSpec``; nothing in it is ever instantiated
 class_names           list of str, the data set's class names (index = label)
 metrics               dict of floats from the last evaluation: val_top1, val_top5, val_loss,
                       ema_top1, ema_top5, ema_loss (with EMA), train_loss, lr, img_s,

@@ -69,6 +69,7 @@ from xvol.tools_common import (
     refuse_existing,
     resolve_val_dir,
     setup_tool_logging,
+    tool_args,
     tool_errors,
     validate_record,
     versions,
@@ -433,6 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
             "/imagenet --device cpu"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[tool_args(ema=True, img_size=True, force=True)],
     )
     parser.add_argument(
         "checkpoint", help="training .pt, run dir (its best.pt), deploy dir/.safetensors/.json"
@@ -440,16 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--data", help="ROOT with val/, or the val folder (default: the checkpoint's data root)"
     )
-    parser.add_argument(
-        "--ema",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="training checkpoint: EMA weights (default when present); --no-ema: raw weights",
-    )
     parser.add_argument("--backend", choices=("torchvision", "dali"), default="torchvision")
     parser.add_argument("--batch-size", type=int, default=64, help="eval batch size per rank")
     parser.add_argument("--workers", type=int, default=2, help="loader workers per rank")
-    parser.add_argument("--img-size", type=int, help="default: the checkpoint's eval size")
     parser.add_argument("--crop-pct", type=float, help="default: the checkpoint's crop_pct")
     parser.add_argument("--interpolation", help="default: the checkpoint's interpolation")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
@@ -484,8 +479,6 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="evaluate even when the val class folders differ from the checkpoint's class names",
     )
-    parser.add_argument("--force", action="store_true", help="overwrite existing outputs")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
 

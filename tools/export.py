@@ -47,6 +47,7 @@ from xvol.tools_common import (
     now_iso,
     refuse_existing,
     setup_tool_logging,
+    tool_args,
     tool_errors,
     versions,
 )
@@ -263,23 +264,14 @@ def build_parser() -> argparse.ArgumentParser:
             "Exporter: dynamo (torch.export, default; opset >= 18) or torchscript (opset 17+)."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[tool_args(ema=True, img_size=True, atol=1e-4, force=True)],
     )
     parser.add_argument("checkpoint", help="deploy dir/.safetensors/.json, or a training .pt")
     parser.add_argument("--out", required=True, help="the .onnx file to write")
-    parser.add_argument(
-        "--ema",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="training checkpoint: EMA weights (default when present); --no-ema: raw weights",
-    )
     parser.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 17; default 18)")
     parser.add_argument("--exporter", choices=EXPORTERS, default="dynamo")
-    parser.add_argument("--img-size", type=int, help="default: the checkpoint's eval size")
     parser.add_argument("--batch-size", type=int, default=2, help="example/check batch size")
     parser.add_argument("--static-batch", action="store_true", help="fixed batch axis")
-    parser.add_argument("--atol", type=float, default=1e-4, help="max |ORT - PyTorch| (1e-4)")
-    parser.add_argument("--force", action="store_true", help="overwrite an existing file")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
 

@@ -52,6 +52,7 @@ from xvol.tools_common import (
     ToolError,
     atomic_path,
     setup_tool_logging,
+    tool_args,
     tool_errors,
     validate_record,
 )
@@ -825,6 +826,7 @@ def build_parser() -> argparse.ArgumentParser:
             "  xvol-leaderboard --skip-bad"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[tool_args()],
     )
     parser.add_argument("--results-dir", default="results", help="where the records are")
     parser.add_argument("--out-dir", help="where the leaderboard files go (default: results dir)")
@@ -833,7 +835,6 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="skip malformed/duplicate records (warn) instead of failing",
     )
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
 

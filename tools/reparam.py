@@ -45,6 +45,7 @@ from xvol.tools_common import (
     refuse_existing,
     resolve_val_dir,
     setup_tool_logging,
+    tool_args,
     tool_errors,
     versions,
     write_deploy_checkpoint,
@@ -260,31 +261,18 @@ def build_parser() -> argparse.ArgumentParser:
             "Prints one JSON record (the sidecar); exit status 1 with a one-line error otherwise."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[tool_args(ema=True, img_size=True, atol=1e-3, force=True)],
     )
     parser.add_argument("checkpoint", help="training checkpoint (.pt) written by scripts/train.py")
     parser.add_argument("--out", required=True, help="output directory for the deploy checkpoint")
-    parser.add_argument(
-        "--ema",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="EMA weights (default when the checkpoint has them); --no-ema: the raw weights",
-    )
     parser.add_argument(
         "--data", help="also verify on real val images: ROOT with val/, or the val folder itself"
     )
     parser.add_argument("--verify-images", type=int, default=256, help="val images for --data")
     parser.add_argument("--verify-batch", type=int, default=8, help="random verification batch")
     parser.add_argument(
-        "--img-size", type=int, help="verification size (default: the checkpoint's eval size)"
-    )
-    parser.add_argument(
-        "--atol", type=float, default=1e-3, help="max |logit difference| allowed (default 1e-3)"
-    )
-    parser.add_argument(
         "--device", default="cpu", help="where to verify: cpu (default), cuda, cuda:N"
     )
-    parser.add_argument("--force", action="store_true", help="overwrite existing outputs")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
 

@@ -32,6 +32,7 @@ weights sha256 covers.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import datetime as _dt
@@ -89,6 +90,7 @@ __all__ = [
     "resolve_val_dir",
     "setup_tool_logging",
     "sha256_file",
+    "tool_args",
     "tool_errors",
     "validate_record",
     "versions",
@@ -116,6 +118,31 @@ class RecordError(ToolError):
 
 
 # ----------------------------------------------------------------------------- errors, files
+
+
+def tool_args(
+    *, ema: bool = False, img_size: bool = False, atol: float | None = None, force: bool = False
+) -> argparse.ArgumentParser:
+    """The options the tools share, declared once: an argparse parent (``parents=[...]``).
+    ``--debug`` always; the others when asked (``atol``: that tool's default)."""
+    parent = argparse.ArgumentParser(add_help=False)
+    if ema:
+        parent.add_argument(
+            "--ema",
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help="training checkpoint: EMA weights (default when present); --no-ema: raw weights",
+        )
+    if img_size:
+        parent.add_argument("--img-size", type=int, help="default: the checkpoint's eval size")
+    if atol is not None:
+        parent.add_argument(
+            "--atol", type=float, default=atol, help=f"max |difference| allowed (default {atol:g})"
+        )
+    if force:
+        parent.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    parent.add_argument("--debug", action="store_true", help="show tracebacks (or XVOL_DEBUG=1)")
+    return parent
 
 
 @contextlib.contextmanager

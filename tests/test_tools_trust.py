@@ -132,6 +132,10 @@ def test_model_spec_reads_every_model_config(name: str) -> None:
         ({"act_layer": "torch.nn.GELU"}, "model.act_layer"),
         ({"xconv": {"_target_": "xvol.ops.XConv2d", "_partial_": True, "shifts": [0]}}, "shifts"),
         ({"xconv": {"_target_": "xvol.ops.XConv2d", "shifts": [1]}}, "model.xconv._partial_"),
+        (
+            {"xconv": {"_target_": "xvol.ops.XConv2d", "_partial_": True, "impl": "cuda_fast"}},
+            "model.xconv.impl",
+        ),
     ],
 )
 def test_model_spec_refuses_other_configs_naming_the_key(edit: dict, key: str) -> None:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from collections.abc import Mapping
 from functools import partial
 from typing import Any
@@ -48,7 +47,6 @@ MAX_SHIFT = 64  # pixels; larger shifts read only padding in every supported sta
 MAX_SHIFTS = 8  # distances per slot (8 PSSA taps each)
 # XConv2d's PSSA path ("auto", "reference", "lean", ...): a name, which XConv2d itself checks
 # against the paths xvol.ops offers when the model is built (one home for that list).
-_IMPL_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
 
 _TIMM_KEYS = ("drop_path_rate", "drop_rate", "zero_init_last")
 _XCONV_KEYS = ("shifts", "center", "impl", "bn_eps", "bn_momentum")
@@ -100,9 +98,10 @@ def _str_choice(value: Any, source: str, key: str, choices: tuple[str, ...]) -> 
 
 
 def _impl(value: Any, source: str, key: str) -> str:
-    if not isinstance(value, str) or not _IMPL_NAME.fullmatch(value):
-        raise _fail(source, key, f"expected a PSSA path name such as 'auto', got {_short(value)}")
-    return value
+    """One of XConv2d's PSSA backends (the dispatcher's list): a file picks among them only."""
+    from xvol.ops.dispatch import IMPLS
+
+    return _str_choice(value, source, key, IMPLS)
 
 
 def _int_list(

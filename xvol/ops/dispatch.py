@@ -202,9 +202,8 @@ def deploy_pssa(module: nn.Module, x: Tensor, impl: str, y_conv) -> Tensor:
     ``y_conv``: a callable giving Conv_kxk(x; W) + b (the cuDNN part) for the PyTorch backends.
     """
     geom = geometry_of(module, x)
-    if impl == "lean" or impl == "gemm":
-        return y_conv() + pssa_lean(x, module.pssa_weight, geom, _BACKENDS[impl]())
-    if impl == "triton" and needs_grad(x, module.weight, module.pssa_weight, module.bias):
+    grad = needs_grad(x, module.weight, module.pssa_weight, module.bias)
+    if impl in ("lean", "gemm") or (impl == "triton" and grad):  # the fused kernel has no backward
         return y_conv() + pssa_lean(x, module.pssa_weight, geom, _BACKENDS[impl]())
 
     def fused() -> Tensor:

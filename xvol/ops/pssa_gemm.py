@@ -19,6 +19,8 @@ model wants; NCHW callers get the same values through the strides.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -38,6 +40,7 @@ def _shifts(geom: PSSAGeometry) -> list[int]:
     return shifts or [0]  # centre-only: one grid, only its centre slot used
 
 
+@functools.lru_cache(maxsize=256)
 def slot_index(geom: PSSAGeometry) -> list[int]:
     """For each tap t of geom, its column slot in the 9m-slot layout of T (per channel)."""
     shifts = _shifts(geom)
@@ -73,15 +76,15 @@ def _pad_for_grids(x: Tensor, geom: PSSAGeometry):
         geom.out_size,
         geom.groups,
     )
-    xp, read = padded_reader(x, ring)
-    return xp, read, ring
+    return padded_reader(x, ring)
 
 
-def _products(x: Tensor, geom: PSSAGeometry) -> tuple[Tensor, Tensor, list[Tensor], Tensor]:
-    """(T, xp, grids, centre): T is (N, Ho, Wo, C, 9m) contiguous (row-major K = c * 9m + slot)."""
+def _products(x: Tensor, geom: PSSAGeometry):
+    """(T, xp, read, grids, centre): T is (N, Ho, Wo, C, 9m) contiguous (row-major
+    K = c * 9m + slot); xp/read: the padded input and its reader (backward reuses them)."""
     n, c = x.shape[:2]
     ho, wo = geom.out_size
-    xp, read, _ = _pad_for_grids(x, geom)
+    xp, read = _pad_for_grids(x, geom)
     top, left = read.crop
     centre = read(0, 0)
     shifts = _shifts(geom)
@@ -91,7 +94,7 @@ def _products(x: Tensor, geom: PSSAGeometry) -> tuple[Tensor, Tensor, list[Tenso
     grids = [_grid_view(xp, geom, L, top, left) for L in shifts]
     for g, grid in enumerate(grids):
         torch.mul(centre[:, :, None, None], grid, out=t_view[g])
-    return t, xp, grids, centre
+    return t, xp, read, grids, centre
 
 
 def _slot_weight(weight: Tensor, geom: PSSAGeometry, n_slots: int) -> Tensor:
@@ -120,7 +123,7 @@ def pssa_forward(x: Tensor, weight: Tensor, geom: PSSAGeometry) -> Tensor:
         raise ValueError("PSSA needs at least one tap")
     n = x.shape[0]
     ho, wo = geom.out_size
-    t, _, _, _ = _products(x, geom)
+    t = _products(x, geom)[0]
     w_slots = _slot_weight(weight.to(x.dtype), geom, t.shape[-1])
     y = _gemm(t.view(n * ho * wo, -1), w_slots, geom.groups)
     return y.view(n, ho, wo, -1).permute(0, 3, 1, 2)
@@ -138,7 +141,7 @@ def pssa_backward(
     n, c, h, w = x.shape
     ho, wo = geom.out_size
     m = n * ho * wo
-    t, xp, grids, centre = _products(x, geom)
+    t, xp, read, grids, centre = _products(x, geom)
     n_slots = t.shape[-1]
     gy_rows = grad_y.to(x.dtype).permute(0, 2, 3, 1).reshape(m, -1)
     grad_w = None
@@ -161,7 +164,6 @@ def pssa_backward(
             dt = torch.bmm(a, b).transpose(0, 1).reshape(m, -1)
         shifts = _shifts(geom)
         dt_view = dt.view(n, ho, wo, c, len(shifts), 3, 3).permute(4, 0, 3, 5, 6, 1, 2)
-        _, read, _ = _pad_for_grids(x, geom)
         top, left = read.crop
         gxp = torch.zeros_like(xp)
         grad_centre = torch.zeros_like(centre)

@@ -128,6 +128,7 @@ def supports(
     return ok and (taps is None or _tap_params(tuple(taps)) is not None)
 
 
+@functools.lru_cache(maxsize=64)  # asked on every forward under auto (dispatch.triton_supports)
 def _tap_params(taps: tuple[tuple[int, int], ...]) -> tuple[int, bool] | None:
     """(shift L, center) when ``taps`` is the layout of one shift distance (plus the centre);
     the kernels take the offsets as compile-time constants in that layout. None otherwise."""
@@ -214,10 +215,14 @@ def smem_estimate(kernel: str, config: dict, elem_bytes: int) -> int:
 
 
 def _device_smem(device: torch.device) -> int:
-    mods = _triton()
-    if device.type != "cuda" or mods is None:
+    if device.type != "cuda" or _triton() is None:
         return 1 << 30  # the interpreter has no shared memory limit
-    props = mods[0].runtime.driver.active.utils.get_device_properties(device.index or 0)
+    return _cuda_smem(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=16)  # a driver query: once per device, not once per launch
+def _cuda_smem(index: int) -> int:
+    props = _triton()[0].runtime.driver.active.utils.get_device_properties(index)
     return int(props["max_shared_mem"])
 
 
@@ -228,8 +233,7 @@ def fitting_configs(kernel: str, elem_bytes: int, limit: int) -> list[dict]:
 
 def fixed_config(kernel: str, dtype: torch.dtype, device: torch.device) -> dict:
     """The one config ``impl="auto"`` launches: the first that fits the device."""
-    elem_bytes = torch.empty((), dtype=dtype).element_size()
-    fits = fitting_configs(kernel, elem_bytes, _device_smem(device))
+    fits = fitting_configs(kernel, dtype.itemsize, _device_smem(device))
     if not fits:
         raise NoConfigFitsError(_no_fit_message(kernel, dtype, device))
     return fits[0]

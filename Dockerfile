@@ -13,16 +13,20 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /opt/xvol
 
-# Dependencies first so code edits do not invalidate the heavy layer.
-COPY setup.cfg pyproject.toml README.md ./
-COPY xvol/__init__.py xvol/config.py xvol/
-RUN pip install --no-cache-dir "nvidia-dali-cuda130==2.4.0" \
-    && pip install --no-cache-dir -e .
+# Dependencies first (read from setup.cfg) so code edits do not invalidate the heavy layer.
+COPY setup.cfg ./
+RUN python -c "import configparser as c; p = c.ConfigParser(); p.read('setup.cfg'); \
+print(p['options']['install_requires'])" > /tmp/requirements.txt \
+    && pip install --no-cache-dir "nvidia-dali-cuda130==2.4.0" -r /tmp/requirements.txt
 
+# Then xvol itself, a regular (not editable) install: the package carries its configs/, and
+# scripts/ and tools/ are launchers of the installed commands (xvol-train, xvol-reparam, ...).
+COPY pyproject.toml README.md ./
 COPY xvol ./xvol
 COPY configs ./configs
 COPY scripts ./scripts
 COPY tools ./tools
+RUN pip install --no-cache-dir --no-deps .
 
 RUN useradd --create-home --uid 1000 --shell /bin/bash xvol \
     && mkdir -p /data /opt/xvol/outputs /opt/xvol/results \

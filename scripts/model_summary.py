@@ -1,91 +1,12 @@
 """Params and GMACs of every model config, training and deploy form (the README's model table).
 
-Usage:
-    python scripts/model_summary.py                       # all of configs/model/, 224 px
-    python scripts/model_summary.py --models xresnet50 resnet50 --img-size 224
-    python scripts/model_summary.py --device cpu --out summary.json
-    python scripts/model_summary.py --overrides model.stages=[3,4] model.xconv.shifts=[1,2]
-
-Each option of configs/model/ (files starting with "_" are shared bases, not options) is
-composed with Hydra's compose API, instantiated, and measured with
-torch.utils.flop_counter.FlopCounterMode on one image (see xvol/models/summary.py for what is
-counted). The default device is "meta": shapes only, no compute, the same counts as on CPU.
-Prints a markdown table; --out also writes the rows as JSON.
+Launcher of ``xvol-summary``: the code is xvol/cli/summary.py.
+``python scripts/model_summary.py --help``.
 """
 
-from __future__ import annotations
+import sys
 
-import argparse
-import json
-import logging
-from pathlib import Path
-
-import torch
-from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
-
-from xvol.models import model_summary
-
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-
-
-def model_options(config_dir: Path = CONFIG_DIR) -> list[str]:
-    """Selectable options of the model group, baselines then X-volution, by depth."""
-    names = [p.stem for p in (config_dir / "model").glob("*.yaml") if not p.stem.startswith("_")]
-    return sorted(names, key=lambda n: (n.startswith("x"), int("".join(filter(str.isdigit, n)))))
-
-
-def summarize(
-    name: str, img_size: int, num_classes: int, device: str, overrides: list[str]
-) -> dict[str, object]:
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
-        cfg = compose(overrides=[f"+model={name}", f"+data.num_classes={num_classes}", *overrides])
-    with torch.device(device):
-        model = instantiate(cfg.model)
-    return {"model": name, "img_size": img_size, **model_summary(model, img_size)}
-
-
-def markdown(rows: list[dict[str, object]]) -> str:
-    lines = [
-        "| model | params (M) train | params (M) deploy | GMACs train | GMACs deploy "
-        "| PSSA products (M mul) |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['model']} | {r['params_m_train']:.2f} | {r['params_m_deploy']:.2f} "
-            f"| {r['gmacs_train']:.2f} | {r['gmacs_deploy']:.2f} | {1e3 * r['gmuls_deploy']:.1f} |"
-        )
-    return "\n".join(lines)
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", nargs="+", default=None, help="options of configs/model/")
-    parser.add_argument("--img-size", type=int, default=224)
-    parser.add_argument("--num-classes", type=int, default=1000, help="sets data.num_classes")
-    parser.add_argument("--device", default="meta", help="meta (fast, shapes only) or cpu/cuda")
-    parser.add_argument("--overrides", nargs="*", default=[], help="Hydra overrides for all")
-    parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-
-    names = args.models or model_options()
-    rows = [
-        summarize(n, args.img_size, args.num_classes, args.device, args.overrides) for n in names
-    ]
-    print(markdown(rows))
-    print(
-        f"\n{args.img_size} px, 1 image, {args.num_classes} classes. GMACs: convolutions + "
-        "matmuls from torch.utils.flop_counter.FlopCounterMode (FLOPs / 2); it does not count "
-        "elementwise ops (BN, ReLU, adds, pooling), so the PSSA products x * S_d(x) are the "
-        "last column (aten.mul outputs, counted through the same mode). Deploy: "
-        "xvol.reparam.reparameterize_model (X-volution BNs folded; other BNs kept)."
-    )
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(rows, indent=2) + "\n")
-
+from xvol.cli.summary import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

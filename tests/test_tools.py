@@ -17,9 +17,12 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from tools_helpers import ROOT, load_tool, make_checkpoint, make_val_folder, model_config
+from tools_helpers import ROOT, make_checkpoint, make_val_folder, model_config
 
-import xvol.cli
+from xvol.cli import eval as eval_tool
+from xvol.cli import export as export_tool
+from xvol.cli import leaderboard as leaderboard_tool
+from xvol.cli import reparam as reparam_tool
 from xvol.data import DataError
 from xvol.engine.checkpoint import CheckpointError, load_state_dict_strict
 from xvol.models import ModelSpec, build_model
@@ -34,11 +37,6 @@ from xvol.tools_common import (
     sha256_file,
     validate_record,
 )
-
-reparam_tool = load_tool("reparam")
-eval_tool = load_tool("eval")
-leaderboard_tool = load_tool("leaderboard")
-export_tool = load_tool("export")
 
 EVAL_FAST = {"device": "cpu", "workers": 0, "batch_size": 5, "bench_iters": 1, "bench_warmup": 0}
 
@@ -546,10 +544,10 @@ def test_export_refuses_on_parity_failure(
 @pytest.mark.parametrize(
     ("entry", "prog"),
     [
-        (xvol.cli.reparam, "xvol-reparam"),
-        (xvol.cli.evaluate, "xvol-eval"),
-        (xvol.cli.leaderboard, "xvol-leaderboard"),
-        (xvol.cli.export, "xvol-export"),
+        (reparam_tool.main, "xvol-reparam"),
+        (eval_tool.main, "xvol-eval"),
+        (leaderboard_tool.main, "xvol-leaderboard"),
+        (export_tool.main, "xvol-export"),
     ],
 )
 def test_console_entry_points_have_a_helpful_help(
@@ -561,14 +559,6 @@ def test_console_entry_points_have_a_helpful_help(
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     assert text.startswith(f"usage: {prog}") and "examples:" in text and "--debug" in text
-
-
-def test_installed_console_script_runs() -> None:
-    script = Path(sys.executable).parent / "xvol-leaderboard"
-    if not script.exists():
-        pytest.skip(f"{script} not installed (pip install -e .)")
-    proc = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and "usage: xvol-leaderboard" in proc.stdout
 
 
 @pytest.mark.slow

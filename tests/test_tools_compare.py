@@ -19,14 +19,13 @@ from typing import Any
 
 import pytest
 import torch
-from tools_helpers import load_tool, make_checkpoint, make_val_folder, model_config
+from tools_helpers import make_checkpoint, make_val_folder, model_config
 
+from xvol.cli import eval as eval_tool
+from xvol.cli import leaderboard as leaderboard_tool
+from xvol.cli import reparam as reparam_tool
 from xvol.engine.checkpoint import CheckpointError
 from xvol.tools_common import ToolError, recipe_fingerprint, validate_record
-
-eval_tool = load_tool("eval")
-leaderboard_tool = load_tool("leaderboard")
-reparam_tool = load_tool("reparam")
 
 EVAL_FAST = {"device": "cpu", "workers": 0, "batch_size": 5, "bench_iters": 0}
 RECIPE = {"seed": 3, "optim": {"lr": 0.1}, "trainer": {"epochs": 4, "progress_bar": True}}

@@ -33,7 +33,6 @@ from tools_helpers import (
     CRAFTED,
     ROOT,
     crafted_model_config,
-    load_tool,
     make_checkpoint,
     make_v1_deploy,
     make_val_folder,
@@ -41,13 +40,12 @@ from tools_helpers import (
     poison_checkpoint,
 )
 
+from xvol.cli import eval as eval_tool
+from xvol.cli import export as export_tool
+from xvol.cli import reparam as reparam_tool
 from xvol.models import ModelSpec, ModelSpecError
 from xvol.reparam import reparameterize_model
 from xvol.tools_common import load_model
-
-reparam_tool = load_tool("reparam")
-eval_tool = load_tool("eval")
-export_tool = load_tool("export")
 
 EVAL_ARGS = ["--device", "cpu", "--workers", "0", "--batch-size", "5", "--bench-iters", "0"]
 EXPORT_ARGS = ["--exporter", "torchscript", "--opset", "17"]

@@ -1,4 +1,4 @@
-"""Helpers for tests/test_tools*.py: load the tools as modules, make checkpoints and val folders.
+"""Helpers for tests/test_tools*.py: make checkpoints and val folders.
 
 Checkpoints are made without training: build the model from a stored-style config, give every BN
 random statistics (default BN init would make folding an identity and hide bugs), and save the
@@ -10,12 +10,9 @@ xvol-reparam of before the model spec wrote them).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import pathlib
-import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -28,33 +25,18 @@ from xvol.engine.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpo
 from xvol.models import ModelSpec
 
 ROOT = Path(__file__).resolve().parents[1]
-TOOLS = ROOT / "tools"
 
 __all__ = [
     "ROOT",
     "CRAFTED",
     "class_names",
     "crafted_model_config",
-    "load_tool",
     "make_checkpoint",
     "make_v1_deploy",
     "make_val_folder",
     "model_config",
     "poison_checkpoint",
 ]
-
-
-def load_tool(name: str) -> ModuleType:
-    """tools/<name>.py as a module (tools/ is a folder of scripts, not a package)."""
-    key = f"xvol_tool_{name}"
-    if key in sys.modules:
-        return sys.modules[key]
-    spec = importlib.util.spec_from_file_location(key, TOOLS / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[key] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def model_config(arch: str = "resnet18", xvolution: bool = True, num_classes: int = 3) -> dict:

@@ -378,6 +378,9 @@ def time_interleaved(
     """Seconds per step of every case, one list entry per round, cases run in turn each round.
 
     A case that raises gets ``case.error`` and leaves the rotation (TrainModeError propagates).
+    Not torch.utils.benchmark.Timer: it times one statement at a time, and the ratios this
+    benchmark reports need the cases interleaved under the same load (and a CPU-time clock on a
+    shared machine, see pick_clock).
     """
     for case in cases.values():
         try:

@@ -138,7 +138,8 @@ def time_ms(
     every operator alike and the ratios stay fair. The table reports the min, as timeit advises:
     on a shared machine the spread above it is interference, not the operator. A call that
     raises is left out from then on, its reason in ``failed`` (a backend that does not run here
-    is reported, not fatal).
+    is reported, not fatal). Hand-written rather than torch.utils.benchmark.Timer, which times
+    one statement at a time: run back to back, the backends would meet different load.
     """
     failed = {} if failed is None else failed
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *_: None)

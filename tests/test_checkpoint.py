@@ -25,15 +25,14 @@ from torch import nn
 
 from xvol.engine import checkpoint as ck
 from xvol.engine.checkpoint import (
-    CheckpointError,
     CheckpointManager,
     capture_rng_state,
-    load_checkpoint,
     load_state_dict_strict,
     restore_rng_state,
-    save_checkpoint,
     strip_prefixes,
 )
+from xvol.formats import checkpoint as fmt
+from xvol.formats.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 
 def _net() -> nn.Module:
@@ -52,8 +51,8 @@ def _full_state(tag: float = 0.0) -> dict:
     sched.step_update(1)
     scaler = torch.amp.GradScaler("cpu")
     return {
-        "format_version": ck.FORMAT_VERSION,
-        "kind": ck.KIND,
+        "format_version": fmt.FORMAT_VERSION,
+        "kind": fmt.KIND,
         "model": model.state_dict(),
         "ema": None,
         "optimizer": opt.state_dict(),
@@ -70,7 +69,7 @@ def _full_state(tag: float = 0.0) -> dict:
         "best_metric": tag,
         "wandb_id": "abc123",
         "git": ck.git_revision(),
-        "versions": ck.checkpoint_versions(),
+        "versions": fmt.checkpoint_versions(),
         "time": 1.0,
     }
 
@@ -105,7 +104,7 @@ def test_failed_write_leaves_previous_checkpoint(tmp_path: Path, monkeypatch) ->
         fh.write(b"PK\x03\x04 half a zip")
         raise OSError("disk full (simulated)")
 
-    monkeypatch.setattr(ck.torch, "save", dying_save)
+    monkeypatch.setattr(fmt.torch, "save", dying_save)
     with pytest.raises(CheckpointError, match="simulated") as err:
         save_checkpoint(_full_state(2.0), path)
     assert str(err.value).startswith(f"{path}: cannot write checkpoint: ")
@@ -132,7 +131,7 @@ class _FullFile:
 
 def _fill_disk(monkeypatch) -> None:
     real_save = torch.save
-    monkeypatch.setattr(ck.torch, "save", lambda obj, fh: real_save(obj, _FullFile(fh)))
+    monkeypatch.setattr(fmt.torch, "save", lambda obj, fh: real_save(obj, _FullFile(fh)))
 
 
 def test_full_disk_says_so_and_keeps_previous(tmp_path: Path, monkeypatch) -> None:
@@ -157,15 +156,15 @@ def test_write_killed_mid_way_leaves_previous_checkpoint(tmp_path: Path) -> None
     ready = tmp_path / "ready"
     code = textwrap.dedent(f"""
         import time, torch
-        from xvol.engine import checkpoint as ck
+        from xvol.formats import checkpoint as fmt
         real_save = torch.save
         def slow_save(obj, fh):
             fh.write(b"PK\\x03\\x04" + b"x" * 100000)
             fh.flush()
             open({str(ready)!r}, "w").close()
             time.sleep(60)
-        ck.torch.save = slow_save
-        ck.save_checkpoint({{"model": {{}}, "metrics": {{"val_top1": 2.0}}}}, {str(path)!r})
+        fmt.torch.save = slow_save
+        fmt.save_checkpoint({{"model": {{}}, "metrics": {{"val_top1": 2.0}}}}, {str(path)!r})
     """)
     proc = subprocess.Popen([sys.executable, "-c", code])
     deadline = time.time() + 60
@@ -204,7 +203,7 @@ def test_no_loadable_checkpoint_names_each_file(tmp_path: Path) -> None:
     manager.save(_full_state(1.0))
     manager.save(_full_state(2.0))
     newer = _full_state(2.0)
-    newer["format_version"] = ck.FORMAT_VERSION + 1
+    newer["format_version"] = fmt.FORMAT_VERSION + 1
     torch.save(newer, manager.prev)
     data = manager.last.read_bytes()
     manager.last.unlink()
@@ -214,7 +213,7 @@ def test_no_loadable_checkpoint_names_each_file(tmp_path: Path) -> None:
     message = str(err.value)
     assert "\n" not in message and message.startswith(f"{tmp_path} holds checkpoints but none")
     assert "last.pt: cannot read checkpoint (truncated or corrupt?)" in message
-    assert f"prev.pt: checkpoint format {ck.FORMAT_VERSION + 1} is newer" in message
+    assert f"prev.pt: checkpoint format {fmt.FORMAT_VERSION + 1} is newer" in message
 
 
 def test_fallback_never_rotates_an_unverified_last(tmp_path: Path, monkeypatch) -> None:
@@ -369,3 +368,16 @@ def test_classifier_keys_of_a_timm_resnet() -> None:
     model = timm.create_model("resnet18", num_classes=3)
     assert ck.classifier_keys(model) == {"fc.weight", "fc.bias"}
     assert ck.classifier_keys(nn.Linear(2, 2)) == set()
+
+
+def test_a_nan_epoch_never_becomes_best(tmp_path: Path) -> None:
+    """best.pt and the index follow the trainer's rule (xvol.engine.metrics.better)."""
+    manager = CheckpointManager(tmp_path, keep_top_k=3, metric="val_loss", mode="min")
+    _epoch_end(manager, 1, val_loss=float("nan"))
+    assert not manager.best_updated and not manager.best.exists()
+    assert manager.best_epoch() == (None, None)
+    _epoch_end(manager, 2, val_loss=0.5)
+    assert manager.best_updated and manager.best_epoch() == (2, 0.5)
+    _epoch_end(manager, 3, val_loss=float("nan"))
+    assert not manager.best_updated and manager.best_epoch() == (2, 0.5)
+    assert load_checkpoint(manager.best)["metrics"]["val_loss"] == 0.5

@@ -24,19 +24,15 @@ from xvol.cli import export as export_tool
 from xvol.cli import leaderboard as leaderboard_tool
 from xvol.cli import reparam as reparam_tool
 from xvol.data import DataError
-from xvol.engine.checkpoint import CheckpointError, load_state_dict_strict
+from xvol.engine.checkpoint import load_state_dict_strict
+from xvol.formats.checkpoint import CheckpointError
+from xvol.formats.deploy import deploy_integrity
+from xvol.formats.files import sha256_file
+from xvol.formats.record import RecordError, validate_record
 from xvol.models import ModelSpec, build_model
 from xvol.ops import XConv2d
 from xvol.reparam import reparameterize_model
-from xvol.tools_common import (
-    RecordError,
-    ToolError,
-    deploy_integrity,
-    load_model,
-    model_identity,
-    sha256_file,
-    validate_record,
-)
+from xvol.tools_common import ToolError, load_model, model_identity
 
 EVAL_FAST = {"device": "cpu", "workers": 0, "batch_size": 5, "bench_iters": 1, "bench_warmup": 0}
 

@@ -24,8 +24,9 @@ from tools_helpers import make_checkpoint, make_val_folder, model_config
 from xvol.cli import eval as eval_tool
 from xvol.cli import leaderboard as leaderboard_tool
 from xvol.cli import reparam as reparam_tool
-from xvol.engine.checkpoint import CheckpointError
-from xvol.tools_common import ToolError, recipe_fingerprint, validate_record
+from xvol.formats.checkpoint import CheckpointError
+from xvol.formats.record import RecordError, recipe_fingerprint, validate_record
+from xvol.tools_common import ToolError
 
 EVAL_FAST = {"device": "cpu", "workers": 0, "batch_size": 5, "bench_iters": 0}
 RECIPE = {"seed": 3, "optim": {"lr": 0.1}, "trainer": {"epochs": 4, "progress_bar": True}}
@@ -107,7 +108,7 @@ def test_duplicate_rule_includes_the_backend(tiny: dict[str, Path], tmp_path: Pa
     assert leaderboard_tool.build_leaderboard(results)["records"] == 2
     twin["data"]["backend"] = "torchvision"
     (results / "dali_twin.json").write_text(json.dumps(twin))
-    with pytest.raises(ToolError, match="duplicate record.*backend"):
+    with pytest.raises(RecordError, match="duplicate record.*backend"):
         leaderboard_tool.build_leaderboard(results)
 
 

@@ -24,7 +24,8 @@ from PIL import Image
 from safetensors.torch import load_file
 from tools_helpers import ROOT, make_val_folder
 
-from xvol.engine.checkpoint import load_checkpoint, load_state_dict_strict
+from xvol.engine.checkpoint import load_state_dict_strict
+from xvol.formats.checkpoint import load_checkpoint
 from xvol.reparam import reparameterize_model
 from xvol.tools_common import load_model
 

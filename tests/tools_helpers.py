@@ -2,7 +2,7 @@
 
 Checkpoints are made without training: build the model from a stored-style config, give every BN
 random statistics (default BN init would make folding an identity and hide bugs), and save the
-dict in the training checkpoint format (xvol/engine/checkpoint.py) with ``save_checkpoint``.
+dict in the training checkpoint format (xvol/formats/checkpoint.py) with ``save_checkpoint``.
 Hostile inputs too: model configs whose ``_target_`` would create a file if anything
 instantiated them, checkpoints with NaN weights, and format 1 deploy directories (as the
 xvol-reparam of before the model spec wrote them).
@@ -21,7 +21,7 @@ from helpers import randomize_bn
 from PIL import Image
 from torch import nn
 
-from xvol.engine.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
+from xvol.formats.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
 from xvol.models import ModelSpec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -200,7 +200,7 @@ def make_v1_deploy(deploy: Path, out: Path, cfg: dict) -> Path:
     """
     from safetensors.torch import load_file, save_file
 
-    from xvol.tools_common import sha256_file
+    from xvol.formats.files import sha256_file
 
     out.mkdir(parents=True)
     sidecar = json.loads((deploy / "deploy.json").read_text())

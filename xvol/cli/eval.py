@@ -20,7 +20,7 @@ is rebuilt from the checkpoint's validated model spec (xvol.models.ModelSpec), n
 over every val image (each rank evaluates a contiguous slice, rank 0 gathers all predictions);
 throughput is measured on rank 0 with a random batch of --bench-batch-size images at --precision
 (--bench-iters 0 skips it). The record (schema
-``RECORD_SCHEMA_VERSION``, see xvol/tools_common.py and the README) goes to
+``RECORD_SCHEMA_VERSION``, see xvol/formats/record.py and the README) goes to
 RESULTS_DIR/<model>_<train|deploy>_<weights>_<backend>_<sha12>_val-<val8>.json (val8: the val
 set's fingerprint): the data backend is part of its name, since the two backends are two
 preprocessing implementations (equal up to rounding, see xvol/data/dali.py) and their records
@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import hashlib
 import json
 import logging
 import os
@@ -55,12 +54,18 @@ from xvol.engine.dist import (
 )
 from xvol.engine.log import setup_logging
 from xvol.engine.runtime import amp_dtype
-from xvol.models import count_ops, count_params
-from xvol.tools_common import (
+from xvol.formats.files import atomic_path
+from xvol.formats.record import (
     RECORD_KIND,
     RECORD_SCHEMA_VERSION,
+    predictions_sha256,
+    record_name,
+    validate_record,
+    write_record,
+)
+from xvol.models import count_ops, count_params
+from xvol.tools_common import (
     ToolError,
-    atomic_path,
     build_val_loader,
     check_class_names,
     eval_settings,
@@ -71,9 +76,7 @@ from xvol.tools_common import (
     setup_tool_logging,
     tool_args,
     tool_errors,
-    validate_record,
     versions,
-    write_json_atomic,
 )
 
 log = logging.getLogger("xvol.tools.eval")
@@ -183,19 +186,6 @@ def _device_name(device: torch.device) -> str:
     import platform
 
     return platform.processor() or platform.machine()
-
-
-def predictions_sha256(top1: list[int]) -> str:
-    """Hash of the top-1 predictions in val order: equal hashes = identical predictions."""
-    return hashlib.sha256(",".join(map(str, top1)).encode()).hexdigest()
-
-
-def record_name(
-    model: str, form: str, weights: str, backend: str, sha256: str, val_fingerprint: str
-) -> str:
-    """The default record file name: what identifies an evaluation, so that records of one
-    checkpoint with other weights, another backend or on another val set sit side by side."""
-    return f"{model}_{form}_{weights}_{backend}_{sha256[:12]}_val-{val_fingerprint[:8]}.json"
 
 
 def summary_line(record: dict[str, Any]) -> str:
@@ -406,7 +396,7 @@ def evaluate_checkpoint(
                 _write_predictions(pred_path, val.samples, all_preds)
             if record_path is not None:
                 refuse_existing([record_path], force, "record")
-                write_json_atomic(record_path, record)
+                write_record(record_path, record)
                 record["record_file"] = str(record_path)
         barrier()
         return record

@@ -37,11 +37,11 @@ import torch
 from torch import nn
 
 from xvol.extras import require
+from xvol.formats.files import atomic_path
 from xvol.ops import XConv2d, XConv2dDeploy
 from xvol.reparam import reparameterize_model
 from xvol.tools_common import (
     ToolError,
-    atomic_path,
     eval_settings,
     load_model,
     now_iso,

@@ -13,7 +13,7 @@ paired together. Per val set:
 
 - the ranked table (model, form, weights, data backend, seed, ...);
 - seeds: records of the same model, recipe (``recipe``: the training config less the model,
-  seed and run bookkeeping, see xvol.tools_common.recipe_fingerprint), form, weights, backend and
+  seed and run bookkeeping, see xvol.formats.record.recipe_fingerprint), form, weights, backend and
   eval settings are seeds of one experiment: mean, std and n of their top-1;
 - X-volution vs baseline paired by seed: the same recipe with the baseline backbone, the
   difference per seed, its mean and a 95% t-interval, and a plain sentence when the interval
@@ -47,15 +47,9 @@ from pathlib import Path
 from typing import Any
 
 from xvol.extras import MissingExtra, require
-from xvol.tools_common import (
-    RecordError,
-    ToolError,
-    atomic_path,
-    setup_tool_logging,
-    tool_args,
-    tool_errors,
-    validate_record,
-)
+from xvol.formats.files import atomic_path, write_text_atomic
+from xvol.formats.record import RecordError, read_record
+from xvol.tools_common import ToolError, setup_tool_logging, tool_args, tool_errors
 
 log = logging.getLogger("xvol.tools.leaderboard")
 
@@ -117,11 +111,7 @@ def load_records(results_dir: str | Path, skip_bad: bool = False) -> list[tuple[
     seen: dict[tuple, Path] = {}
     for path in sorted(results_dir.glob("*.json")):
         try:
-            try:
-                record = json.loads(path.read_text())
-            except ValueError as err:
-                raise RecordError(f"{path}: malformed record: not valid JSON ({err})") from None
-            validate_record(record, path)
+            record = read_record(path)
             key = _duplicate_key(record)
             if key in seen:
                 raise RecordError(
@@ -785,8 +775,7 @@ def build_leaderboard(
         if stale not in pngs and re.fullmatch(r"leaderboard_[0-9a-f]{8}\.png", stale.name):
             stale.unlink()
     for key, text in (("md", markdown), ("csv", to_csv(rows)), ("html", to_html(sets))):
-        with atomic_path(paths[key]) as tmp:
-            tmp.write_text(text)
+        write_text_atomic(paths[key], text)
     return {
         "records": len(rows),
         "val_sets": [

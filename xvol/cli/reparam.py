@@ -31,11 +31,10 @@ import torch
 from torch import nn
 
 from xvol.engine.checkpoint import git_revision
+from xvol.formats.deploy import DEPLOY_SIDECAR, DEPLOY_WEIGHTS, write_deploy_checkpoint
 from xvol.models import count_params, model_summary
 from xvol.reparam import reparameterize_model
 from xvol.tools_common import (
-    DEPLOY_SIDECAR,
-    DEPLOY_WEIGHTS,
     ToolError,
     build_val_loader,
     count_reparameterizable,
@@ -48,7 +47,6 @@ from xvol.tools_common import (
     tool_args,
     tool_errors,
     versions,
-    write_deploy_checkpoint,
 )
 
 log = logging.getLogger("xvol.tools.reparam")

@@ -3,15 +3,7 @@
 Takes plain objects and never imports Hydra; scripts/train.py wires the config to it.
 """
 
-from xvol.engine.checkpoint import (
-    FORMAT_VERSION,
-    CheckpointError,
-    CheckpointManager,
-    load_checkpoint,
-    load_state_dict_strict,
-    save_checkpoint,
-    strip_prefixes,
-)
+from xvol.engine.checkpoint import CheckpointManager, load_state_dict_strict, strip_prefixes
 from xvol.engine.dist import DistEnv, cleanup_distributed, read_dist_env, setup_distributed
 from xvol.engine.log import get_logger, setup_logging
 from xvol.engine.loop import NonFiniteLossError, TrainOptions, TrainState, evaluate, train_one_epoch
@@ -20,6 +12,12 @@ from xvol.engine.optim import build_optimizer, build_scheduler, updates_per_epoc
 from xvol.engine.rundir import RunDirError, RunDirLock, lock_run_dir
 from xvol.engine.signals import EXIT_NON_FINITE, EXIT_OK, EXIT_PREEMPTED, PreemptionGuard
 from xvol.engine.trainer import CheckpointOptions, Trainer, prepare_model
+from xvol.formats.checkpoint import (
+    FORMAT_VERSION,
+    CheckpointError,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 __all__ = [
     "EXIT_NON_FINITE",

@@ -1,49 +1,7 @@
-"""Training checkpoints: one versioned dict of plain types, written atomically.
+"""Training checkpoints of a run: the run directory's files, resume, RNG state, fine-tuning.
 
-Format (``format_version`` 1), loadable with ``torch.load(path, weights_only=True)``:
-
-====================  =====================================================================
-key                   value
-====================  =====================================================================
-format_version        int, 1; bumped when a key changes meaning
-kind                  "xvol.train"
-model                 state_dict of the unwrapped model (no ``module.``/``_orig_mod.``);
-                      BN running stats averaged over ranks when BN is not synchronized
-ema                   state_dict of the EMA model (timm ModelEmaV3 ``.module``) or None
-optimizer             optimizer.state_dict()
-scheduler             timm scheduler.state_dict() or None
-scaler                torch.amp.GradScaler.state_dict() (fp16) or None
-epoch                 int, epochs finished (0-based index of the epoch training continues in):
-                      an epoch-end checkpoint of epoch N (1-based, as logs, metrics.jsonl and
-                      ``epoch_NNNN.pt`` number it) holds ``epoch == N`` and ``step == 0``
-step                  int, the next batch of that epoch (data position for
-                      ``train.set_epoch(epoch, start_step=step)``); 0 after an epoch end
-global_step           int, optimizer updates done so far (what the scheduler and EMA count)
-epoch_state           dict of floats: loss_sum, loss_count, images, elapsed (s) of the
-                      unfinished epoch, so its summary is exact after a mid-epoch resume
-world_size            int, ranks that trained it
-rng                   list, one dict per rank: torch (ByteTensor), cuda ([ByteTensor] of the
-                      rank's current GPU, or []),
-                      numpy ({algorithm, keys int64 tensor, pos, has_gauss, cached_gaussian}),
-                      python ({version, state int64 tensor, gauss_next})
-bn_buffers            None, or (mid-epoch saves of multi-rank runs without SyncBatchNorm) a
-                      list, one dict per rank: {"model": {BN running_mean/var key: tensor},
-                      "ema": {...} or None}, each rank's own statistics for an exact resume
-config                the resolved run config as plain dicts/lists (OmegaConf.to_container);
-                      the tools read ``config["model"]`` as a validated
-                      ``xvol.models.ModelSpec``; nothing in it is ever instantiated
-class_names           list of str, the data set's class names (index = label)
-metrics               dict of floats from the last evaluation: val_top1, val_top5, val_loss,
-                      ema_top1, ema_top5, ema_loss (with EMA), train_loss, lr, img_s,
-                      epoch_time, eval_time (empty before the first evaluation)
-best_metric           float or None, the best value of the tracked metric so far
-best_metric_name      str, that metric (the one that ranks epoch files and picks best.pt);
-                      absent in checkpoints written before it was recorded
-wandb_id              str or None, the wandb run a resumed run continues
-git                   {"revision": str or None, "dirty": bool or None}
-versions              {"torch": str, "timm": str, "xvol": str}
-time                  float, UNIX time of writing (time.time())
-====================  =====================================================================
+The file format itself (keys, version, atomic write, refusing reader) is
+:mod:`xvol.formats.checkpoint`; this module decides which files a run keeps and loads them.
 
 Files in a run directory (``CheckpointManager``): ``last.pt`` (every save), ``prev.pt`` (the
 ``last.pt`` before it, when that one was known good), ``epoch_NNNN.pt`` (the end of epoch NNNN,
@@ -54,7 +12,6 @@ Files are hard links where the filesystem allows, so the extra names cost no spa
 
 from __future__ import annotations
 
-import errno
 import json
 import math
 import os
@@ -70,81 +27,27 @@ import torch
 from torch import nn
 
 from xvol.engine.log import get_logger
+from xvol.engine.metrics import better
+from xvol.formats.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from xvol.formats.files import (
+    atomic_path,
+    remove_stale_temp_files,
+    write_error_reason,
+    write_json_atomic,
+)
 
 __all__ = [
-    "FORMAT_VERSION",
-    "CheckpointError",
     "CheckpointManager",
-    "better",
     "capture_rng_state",
-    "checkpoint_versions",
-    "restore_rng_state",
     "classifier_keys",
     "git_revision",
     "init_weights_from",
-    "load_checkpoint",
     "load_state_dict_strict",
-    "save_checkpoint",
+    "restore_rng_state",
     "strip_prefixes",
-    "write_error_reason",
 ]
 
-FORMAT_VERSION = 1
-KIND = "xvol.train"
-
 log = get_logger(__name__)
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used (or written); the message names the file.
-
-    ``reason`` is the short cause without the file name, for summaries over several files.
-    """
-
-    def __init__(self, message: str, *, reason: str | None = None) -> None:
-        super().__init__(message)
-        self.reason = reason if reason is not None else message
-
-
-def _first_line(text: object, limit: int = 200) -> str:
-    """One line of an exception message (torch's unpickler errors span many)."""
-    line = (str(text).strip().splitlines() or [""])[0]
-    return line if len(line) <= limit else line[: limit - 3] + "..."
-
-
-def _no_space(err: BaseException) -> bool:
-    """Did ``err`` (or what it was raised from) come from a full disk or quota?
-
-    torch.save turns the file's OSError(ENOSPC) into ``RuntimeError: ... unexpected pos``,
-    keeping the OSError only as ``__context__``.
-    """
-    seen: set[int] = set()
-    cur: BaseException | None = err
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        if isinstance(cur, OSError) and cur.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        cur = cur.__cause__ or cur.__context__
-    return False
-
-
-def write_error_reason(err: BaseException) -> str:
-    """A one-line cause of a failed write: "no space left on device" or the first error line."""
-    if _no_space(err):
-        return "no space left on device"
-    if isinstance(err, OSError) and err.strerror:
-        return err.strerror
-    return _first_line(f"{type(err).__name__}: {err}")
-
-
-def better(a: float | None, b: float | None, mode: str) -> bool:
-    """Is ``a`` better than ``b`` under ``mode`` (max/min)? A missing or non-finite value is
-    never better, and anything finite beats one."""
-    if a is None or not math.isfinite(a):
-        return False
-    if b is None or not math.isfinite(b):
-        return True
-    return a > b if mode == "max" else a < b
 
 
 # ----------------------------------------------------------------------------- state_dict keys
@@ -339,89 +242,16 @@ def git_revision(path: str | Path | None = None) -> dict[str, Any]:
     return {"revision": rev, "dirty": bool(status) if status is not None else None}
 
 
-# ----------------------------------------------------------------------------- file I/O
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
-def save_checkpoint(state: Mapping[str, Any], path: str | Path) -> Path:
-    """Write ``state`` to a temp file in the same directory, fsync, then ``os.replace``.
-
-    A crash at any point leaves either the old file or the new one at ``path``, never a mix
-    (timm's CheckpointSaver does the same). A failed write removes its temp file and raises
-    CheckpointError naming ``path`` and the cause (a full disk says "no space left on device").
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save(dict(state), fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except Exception as err:
-        tmp.unlink(missing_ok=True)
-        reason = write_error_reason(err)
-        kept = f"the previous {path.name} is unchanged" if path.exists() else "nothing written"
-        raise CheckpointError(
-            f"{path}: cannot write checkpoint: {reason} ({kept})", reason=reason
-        ) from err
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """``torch.load(weights_only=True)``; a truncated, corrupt or foreign file: CheckpointError."""
-    path = Path(path)
-
-    def refuse(reason: str, detail: str = "") -> CheckpointError:
-        return CheckpointError(f"{path}: {reason}{detail}", reason=reason)
-
-    if not path.is_file():
-        raise refuse("no such checkpoint file")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # zip/pickle errors differ by failure; all mean "unusable"
-        detail = _first_line(f"{type(err).__name__}: {err}")
-        raise refuse("cannot read checkpoint (truncated or corrupt?)", f": {detail}") from err
-    if not isinstance(state, dict) or "model" not in state:
-        raise refuse("not an xvol checkpoint (no 'model' entry)")
-    version = state.get("format_version")
-    if version is not None and not isinstance(version, int):
-        raise refuse(f"format_version {version!r} is not an integer")
-    if version is not None and version > FORMAT_VERSION:
-        raise refuse(f"checkpoint format {version} is newer than this xvol ({FORMAT_VERSION})")
-    return state
+# ----------------------------------------------------------------------------- run directory
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
     """Make ``dst`` name the same bytes as ``src`` atomically (hard link, else a copy)."""
-    tmp = _tmp_name(dst)
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    with atomic_path(dst) as tmp:
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
 
 
 class CheckpointManager:
@@ -490,7 +320,7 @@ class CheckpointManager:
             note = f"best.pt is now {best['file']}"
         else:
             index["best_metric"], index["best_epoch"] = None, None
-            note = "the kept epochs lack it: the next epoch end replaces best.pt"
+            note = "the kept epochs lack it: the next epoch end with a value replaces best.pt"
         log.warning(
             "%s ranked checkpoints by %s; this run ranks them by %s (%s): %s",
             self.INDEX,
@@ -502,18 +332,11 @@ class CheckpointManager:
         index["metric"], index["mode"] = self.metric, self.mode
 
     def _write_index(self, index: dict[str, Any]) -> None:
-        path = self.run_dir / self.INDEX
-        tmp = _tmp_name(path)
-        tmp.write_text(json.dumps(index, indent=1))
-        os.replace(tmp, path)
-
-    def _better(self, a: float | None, b: float | None) -> bool:
-        return better(a, b, self.mode)
+        write_json_atomic(self.run_dir / self.INDEX, index, indent=1)
 
     def remove_stale_temp_files(self) -> None:
         """Temp files of writes that were killed (kill -9, node loss) are garbage."""
-        for tmp in self.run_dir.glob(".*.tmp-*"):
-            tmp.unlink(missing_ok=True)
+        remove_stale_temp_files(self.run_dir)
 
     def save(self, state: Mapping[str, Any], epoch_end: bool = False) -> Path:
         """Write ``last.pt`` (keeping the one before as ``prev.pt``); at an epoch end also
@@ -572,13 +395,10 @@ class CheckpointManager:
                 "metrics": {k: float(v) for k, v in metrics.items()},
             }
         )
-        no_metric_yet = index["best_metric"] is None and (value is None or not math.isfinite(value))
-        self.best_updated = self._better(value, index["best_metric"]) or no_metric_yet
+        self.best_updated = better(value, index["best_metric"], self.mode)
         if self.best_updated:
             _link_or_copy(self.last, self.best)
-            index["best_epoch"] = finished_epoch
-            if value is not None and math.isfinite(value):
-                index["best_metric"] = value
+            index["best_epoch"], index["best_metric"] = finished_epoch, value
         # keep the top-k by metric (ties: best.pt's epoch, then the newest; missing values last)
         sign = -1.0 if self.mode == "max" else 1.0
 
@@ -640,15 +460,3 @@ class CheckpointManager:
             "Restore a readable checkpoint, pass resume=PATH, or pick another run_name",
             reason="no readable checkpoint",
         )
-
-
-def checkpoint_versions() -> dict[str, str]:
-    import timm
-
-    import xvol
-
-    return {
-        "torch": str(torch.__version__),
-        "timm": str(timm.__version__),
-        "xvol": str(xvol.__version__),
-    }

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,8 +18,9 @@ from typing import Any
 import torch
 
 from xvol.engine.log import get_logger
+from xvol.formats.files import write_text_atomic
 
-__all__ = ["topk_correct", "JsonlMetrics", "WandbSink", "MetricsLogger"]
+__all__ = ["better", "topk_correct", "JsonlMetrics", "WandbSink", "MetricsLogger"]
 
 log = get_logger(__name__)
 
@@ -36,6 +36,18 @@ def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks: Sequence[int]) 
     pred = logits.topk(maxk, dim=1).indices
     hit = pred.eq(target.view(-1, 1))
     return torch.stack([hit[:, : min(k, maxk)].any(dim=1).sum() for k in ks]).float()
+
+
+def better(a: float | None, b: float | None, mode: str) -> bool:
+    """Is ``a`` a better value of a tracked metric than the best so far, ``b``, under ``mode``
+    (max/min)? The one comparison of best values (the trainer's ``best_metric``, best.pt and the
+    ranking of checkpoints.json): a missing or non-finite value never becomes best, and anything
+    finite beats one."""
+    if a is None or not math.isfinite(a):
+        return False
+    if b is None or not math.isfinite(b):
+        return True
+    return a > b if mode == "max" else a < b
 
 
 def _plain(value: Any) -> Any:
@@ -72,9 +84,7 @@ class JsonlMetrics:
         records = self.read()
         kept = [r for r in records if keep(r)]
         if self.path.exists():
-            tmp = self.path.with_name(f".{self.path.name}.tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-            os.replace(tmp, self.path)
+            write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         return len(records) - len(kept)
 
     def write(self, record: dict[str, Any]) -> None:

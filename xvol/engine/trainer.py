@@ -20,23 +20,24 @@ from torch.optim import Optimizer
 
 from xvol.data.base import DataBundle
 from xvol.engine.checkpoint import (
-    FORMAT_VERSION,
-    KIND,
-    CheckpointError,
     CheckpointManager,
-    better,
     capture_rng_state,
-    checkpoint_versions,
     init_weights_from,
-    load_checkpoint,
     load_state_dict_strict,
     restore_rng_state,
 )
 from xvol.engine.dist import DistEnv, all_gather_objects, all_reduce_sum
 from xvol.engine.log import get_logger
 from xvol.engine.loop import NonFiniteLossError, TrainOptions, TrainState, evaluate, train_one_epoch
-from xvol.engine.metrics import MetricsLogger
+from xvol.engine.metrics import MetricsLogger, better
 from xvol.engine.signals import EXIT_NON_FINITE, EXIT_OK, EXIT_PREEMPTED, PreemptionGuard
+from xvol.formats.checkpoint import (
+    FORMAT_VERSION,
+    KIND,
+    CheckpointError,
+    checkpoint_versions,
+    load_checkpoint,
+)
 
 __all__ = [
     "AUTO_METRIC",

@@ -1,0 +1,218 @@
+"""The eval record format: one JSON file per evaluated checkpoint (``RECORD_SCHEMA_VERSION``).
+
+Written by xvol-eval (:func:`write_record`, under :func:`record_name`), read by xvol-leaderboard
+(:func:`read_record`); both hold every record to :func:`validate_record`, so a record the writer
+produced always reads back. The keys are documented in the README ("Eval record"). Keys added
+after schema 1 was first written are optional (absent in older records) but type-checked when
+present; a change to what an existing key means would bump the schema version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from xvol.formats.checkpoint import WEIGHTS
+from xvol.formats.files import write_json_atomic
+
+__all__ = [
+    "RECORD_KIND",
+    "RECORD_SCHEMA_VERSION",
+    "RecordError",
+    "predictions_sha256",
+    "read_record",
+    "recipe_fingerprint",
+    "record_name",
+    "validate_record",
+    "write_record",
+]
+
+RECORD_KIND = "xvol.eval"
+RECORD_SCHEMA_VERSION = 1
+
+
+class RecordError(ValueError):
+    """A malformed or duplicate eval record; the message names the file."""
+
+
+def record_name(
+    model: str, form: str, weights: str, backend: str, sha256: str, val_fingerprint: str
+) -> str:
+    """The default record file name: what identifies an evaluation, so that records of one
+    checkpoint with other weights, another backend or on another val set sit side by side."""
+    return f"{model}_{form}_{weights}_{backend}_{sha256[:12]}_val-{val_fingerprint[:8]}.json"
+
+
+def predictions_sha256(top1: Sequence[int]) -> str:
+    """Hash of the top-1 predictions in val order: equal hashes = identical predictions."""
+    return hashlib.sha256(",".join(map(str, top1)).encode()).hexdigest()
+
+
+# Stored config keys that say where, how fast or under which name a run happened, not what it
+# trained: runs that differ only here (and in the model and seed) follow the same recipe.
+_NOT_RECIPE = (
+    "seed",
+    "run_name",
+    "resume",
+    "paths",
+    "logger",
+    "model",
+    "data.root",
+    "data.workers",
+    "data.validate",
+    "data.on_bad_image",
+    "data.eval_batch_size",
+    "data.backend",
+    "data.dali",
+    "trainer.device",
+    "trainer.compile",
+    "trainer.channels_last",
+    "trainer.deterministic",
+    "trainer.checkpoint",
+    "trainer.log_interval",
+    "trainer.progress_bar",
+    "trainer.max_skipped_steps",
+    "trainer.allow_class_mismatch",
+    "trainer.debug_nan_at_step",
+    "trainer.debug_signal_at_step",
+)
+
+
+def recipe_fingerprint(config: Mapping[str, Any]) -> str | None:
+    """sha256 (16 hex) of the training recipe a stored config describes, model and seed aside.
+
+    Records of one model with equal fingerprints are seeds of one recipe (the leaderboard
+    averages them); an X-volution model and its baseline with equal fingerprints were trained
+    alike (the leaderboard pairs them by seed). None when the config has nothing beyond the
+    model and data root (as in hand-made checkpoints).
+    """
+    recipe = json.loads(json.dumps(dict(config), default=str))  # a deep, plain copy
+    for dotted in _NOT_RECIPE:
+        *parents, leaf = dotted.split(".")
+        node: Any = recipe
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    if set(recipe) <= {"data"}:
+        return None
+    text = json.dumps(recipe, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# Required record keys and their types (nested keys as "a.b"); None allowed where listed.
+_RECORD_FIELDS: dict[str, tuple[type, ...]] = {
+    "schema_version": (int,),
+    "kind": (str,),
+    "model": (str,),
+    "arch": (str,),
+    "xvolution": (bool,),
+    "deploy": (bool,),
+    "weights": (str,),
+    "checkpoint": (dict,),
+    "checkpoint.path": (str,),
+    "checkpoint.sha256": (str,),
+    "checkpoint.source_sha256": (str,),
+    "top1": (float, int),
+    "top5": (float, int),
+    "num_images": (int,),
+    "num_classes": (int,),
+    "params": (int,),
+    "gmacs": (float, int),
+    "predictions_sha256": (str,),
+    "data": (dict,),
+    "data.fingerprint": (str,),
+    "data.img_size": (int,),
+    "throughput": (dict,),
+    "eval": (dict,),
+    "eval.precision": (str,),
+    "versions": (dict,),
+    "date": (str,),
+}
+_NULLABLE = {"throughput.img_s"}
+# Keys added after schema 1 was first written: checked when present, absent in older records.
+# seed and recipe (recipe_fingerprint) come from the training checkpoint's stored config (null
+# when it has none); data.backend decides the preprocessing and so is part of the record's
+# identity; data.skipped_files counts the bad files --on-bad-image skip left out.
+_OPTIONAL_FIELDS: dict[str, tuple[type, ...]] = {
+    "seed": (int, type(None)),
+    "recipe": (str, type(None)),
+    "data.backend": (str,),
+    "data.skipped_files": (int,),
+}
+
+
+def _get(record: Mapping[str, Any], dotted: str) -> Any:
+    value: Any = record
+    for part in dotted.split("."):
+        if not isinstance(value, Mapping) or part not in value:
+            raise KeyError(dotted)
+        value = value[part]
+    return value
+
+
+def validate_record(record: Any, source: str | Path) -> dict[str, Any]:
+    """The record if it follows schema v1; otherwise RecordError naming ``source`` and the key."""
+    if not isinstance(record, dict):
+        raise RecordError(f"{source}: malformed record: not a JSON object")
+    if record.get("kind") != RECORD_KIND:
+        raise RecordError(
+            f"{source}: malformed record: kind is {record.get('kind')!r}, expected {RECORD_KIND!r}"
+        )
+    if record.get("schema_version") != RECORD_SCHEMA_VERSION:
+        raise RecordError(
+            f"{source}: unsupported schema_version {record.get('schema_version')!r} "
+            f"(this xvol reads {RECORD_SCHEMA_VERSION})"
+        )
+    for key, types in _RECORD_FIELDS.items():
+        try:
+            value = _get(record, key)
+        except KeyError:
+            raise RecordError(f"{source}: malformed record: missing {key!r}") from None
+        ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+        if not ok:
+            raise RecordError(
+                f"{source}: malformed record: {key!r} is {type(value).__name__}, "
+                f"expected {' or '.join(t.__name__ for t in types)}"
+            )
+    for key in ("top1", "top5"):
+        if not 0.0 <= float(record[key]) <= 100.0:
+            raise RecordError(f"{source}: malformed record: {key}={record[key]} outside [0, 100]")
+    if record["weights"] not in WEIGHTS:
+        raise RecordError(f"{source}: malformed record: weights={record['weights']!r}")
+    for key, types in _OPTIONAL_FIELDS.items():
+        try:
+            value = _get(record, key)
+        except KeyError:
+            continue
+        if not isinstance(value, types) or isinstance(value, bool):
+            raise RecordError(
+                f"{source}: malformed record: {key!r} is {type(value).__name__}, "
+                f"expected {' or '.join(t.__name__ for t in types)}"
+            )
+    for key in _NULLABLE:
+        try:
+            value = _get(record, key)
+        except KeyError:
+            raise RecordError(f"{source}: malformed record: missing {key!r}") from None
+        if value is not None and not (isinstance(value, int | float) and math.isfinite(value)):
+            raise RecordError(f"{source}: malformed record: {key!r} is {value!r}")
+    return record
+
+
+def write_record(path: str | Path, record: dict[str, Any]) -> None:
+    """Validate ``record`` (the writer keeps the schema it promises), then write it atomically."""
+    write_json_atomic(path, validate_record(record, path))
+
+
+def read_record(path: str | Path) -> dict[str, Any]:
+    """The validated record in ``path``; RecordError naming the file otherwise."""
+    try:
+        record = json.loads(Path(path).read_text())
+    except ValueError as err:
+        raise RecordError(f"{path}: malformed record: not valid JSON ({err})") from None
+    return validate_record(record, path)

@@ -25,6 +25,7 @@ from xvol.cli import leaderboard as leaderboard_tool
 from xvol.cli import reparam as reparam_tool
 from xvol.data import DataError
 from xvol.engine.checkpoint import load_state_dict_strict
+from xvol.engine.loop import evaluate
 from xvol.formats.checkpoint import CheckpointError
 from xvol.formats.deploy import deploy_integrity
 from xvol.formats.files import sha256_file
@@ -255,7 +256,10 @@ def test_eval_rejects_bad_checkpoints_and_writes_nothing(
     results, preds = tmp_path / "results", tmp_path / "preds.csv"
     with pytest.raises(CheckpointError, match=pattern) as err:
         eval_tool.evaluate_checkpoint(
-            path, data=tiny["data"], results_dir=results, predictions=preds, **EVAL_FAST
+            path,
+            eval_tool.EvalOptions(
+                data=tiny["data"], results_dir=results, predictions=preds, **EVAL_FAST
+            ),
         )
     assert Path(str(path)).name in str(err.value)
     assert _files(results) == [] and not preds.exists()
@@ -265,7 +269,8 @@ def test_eval_missing_val_folder_is_an_error(tiny: dict[str, Path], tmp_path: Pa
     results = tmp_path / "results"
     with pytest.raises(DataError, match="missing val folder"):
         eval_tool.evaluate_checkpoint(
-            tiny["xckpt"], data=tmp_path / "nowhere", results_dir=results, **EVAL_FAST
+            tiny["xckpt"],
+            eval_tool.EvalOptions(data=tmp_path / "nowhere", results_dir=results, **EVAL_FAST),
         )
     assert _files(results) == []
 
@@ -274,7 +279,9 @@ def test_eval_class_count_mismatch_is_an_error(tiny: dict[str, Path], tmp_path: 
     data = make_val_folder(tmp_path / "two", num_classes=2, per_class=2)
     results = tmp_path / "results"
     with pytest.raises(ToolError, match="model predicts 3 classes but .* has 2 class folders"):
-        eval_tool.evaluate_checkpoint(tiny["xckpt"], data=data, results_dir=results, **EVAL_FAST)
+        eval_tool.evaluate_checkpoint(
+            tiny["xckpt"], eval_tool.EvalOptions(data=data, results_dir=results, **EVAL_FAST)
+        )
     assert _files(results) == []
 
 
@@ -301,17 +308,18 @@ def test_eval_training_and_deploy_checkpoints_agree_on_every_image(
     results = tmp_path / "results"
     train = eval_tool.evaluate_checkpoint(
         tiny["xckpt"],
-        data=tiny["data"],
-        results_dir=results,
-        predictions=tmp_path / "train.csv",
-        **EVAL_FAST,
+        eval_tool.EvalOptions(
+            data=tiny["data"], results_dir=results, predictions=tmp_path / "train.csv", **EVAL_FAST
+        ),
     )
     deploy = eval_tool.evaluate_checkpoint(
         tiny["deploy"],
-        data=tiny["data"] / "val",  # the val folder itself works too
-        results_dir=results,
-        predictions=tmp_path / "deploy.csv",
-        **EVAL_FAST,
+        eval_tool.EvalOptions(
+            data=tiny["data"] / "val",  # the val folder itself works too
+            results_dir=results,
+            predictions=tmp_path / "deploy.csv",
+            **EVAL_FAST,
+        ),
     )
     assert (train["deploy"], deploy["deploy"]) == (False, True)
     assert train["weights"] == deploy["weights"] == "ema"
@@ -347,27 +355,33 @@ def test_eval_training_and_deploy_checkpoints_agree_on_every_image(
 def test_eval_refuses_to_overwrite_a_record(tiny: dict[str, Path], tmp_path: Path) -> None:
     results = tmp_path / "results"
     first = eval_tool.evaluate_checkpoint(
-        tiny["bckpt"], data=tiny["data"], results_dir=results, **EVAL_FAST
+        tiny["bckpt"], eval_tool.EvalOptions(data=tiny["data"], results_dir=results, **EVAL_FAST)
     )
     with pytest.raises(ToolError, match="record already exists.*--force"):
         eval_tool.evaluate_checkpoint(
-            tiny["bckpt"], data=tiny["data"], results_dir=results, **EVAL_FAST
+            tiny["bckpt"],
+            eval_tool.EvalOptions(data=tiny["data"], results_dir=results, **EVAL_FAST),
         )
     again = eval_tool.evaluate_checkpoint(
-        tiny["bckpt"], data=tiny["data"], results_dir=results, force=True, **EVAL_FAST
+        tiny["bckpt"],
+        eval_tool.EvalOptions(data=tiny["data"], results_dir=results, force=True, **EVAL_FAST),
     )
     assert again["top1"] == first["top1"] and len(list(results.iterdir())) == 1
 
 
 def test_eval_defaults_to_the_checkpoints_data_root(tiny: dict[str, Path]) -> None:
-    record = eval_tool.evaluate_checkpoint(tiny["xckpt"], results_dir=None, **EVAL_FAST)
+    record = eval_tool.evaluate_checkpoint(
+        tiny["xckpt"], eval_tool.EvalOptions(results_dir=None, **EVAL_FAST)
+    )
     assert record["data"]["val_dir"] == str((tiny["data"] / "val").resolve())
     assert record["data"]["img_size"] == 32 and record["data"]["crop_pct"] == 1.0
 
 
 def test_eval_without_benchmark_records_no_throughput(tiny: dict[str, Path]) -> None:
     fast = {**EVAL_FAST, "bench_iters": 0}
-    record = eval_tool.evaluate_checkpoint(tiny["xckpt"], results_dir=None, **fast)
+    record = eval_tool.evaluate_checkpoint(
+        tiny["xckpt"], eval_tool.EvalOptions(results_dir=None, **fast)
+    )
     assert record["throughput"]["img_s"] is None
     validate_record(record, "in memory")
 
@@ -376,14 +390,41 @@ def test_eval_without_benchmark_records_no_throughput(tiny: dict[str, Path]) -> 
 def test_eval_with_the_dali_backend(tiny: dict[str, Path], tmp_path: Path) -> None:
     pytest.importorskip("nvidia.dali")
     dali = eval_tool.evaluate_checkpoint(
-        tiny["deploy"], data=tiny["data"], results_dir=None, backend="dali", **EVAL_FAST
+        tiny["deploy"],
+        eval_tool.EvalOptions(data=tiny["data"], results_dir=None, backend="dali", **EVAL_FAST),
     )
     torchvision = eval_tool.evaluate_checkpoint(
-        tiny["deploy"], data=tiny["data"], results_dir=None, **EVAL_FAST
+        tiny["deploy"], eval_tool.EvalOptions(data=tiny["data"], results_dir=None, **EVAL_FAST)
     )
     assert dali["num_images"] == 12 and dali["data"]["backend"] == "dali"
     assert dali["data"]["fingerprint"] == torchvision["data"]["fingerprint"]
     validate_record(dali, "dali record")
+
+
+def test_eval_options_default_to_the_command_line_defaults() -> None:
+    args = eval_tool.build_parser().parse_args(["run/best.pt", "--no-progress"])
+    assert eval_tool.EvalOptions.from_args(args) == eval_tool.EvalOptions()
+    args = eval_tool.build_parser().parse_args(["x.pt", "--no-record", "--record-name", "r.json"])
+    opts = eval_tool.EvalOptions.from_args(args)
+    assert (opts.results_dir, opts.record_file, opts.progress) == (None, "r.json", True)
+
+
+def test_evaluate_keeps_per_image_predictions_and_counts_non_finite_logits() -> None:
+    """The loop xvol-eval and the trainer share: exact counts, top-k rows, NaN rows counted."""
+
+    class Fixed(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return logits[: x.shape[0]]
+
+    logits = torch.tensor([[9.0, 0, 0], [0, 1, 9], [float("nan"), 0, 0]])
+    labels = torch.tensor([0, 1, 2])
+    loader = [(torch.zeros(3, 3, 2, 2), labels)]
+    out = evaluate(Fixed(), loader, device=torch.device("cpu"), predictions=True)
+    assert (out.top1_correct, out.count, out.nonfinite) == (1, 3, 1)
+    assert out.topk is not None and out.topk.shape == (3, 3)  # k capped at the class count
+    assert out.topk[:2, 0].tolist() == [0, 2] and out.labels.tolist() == [0, 1, 2]
+    assert out.metrics()["top1"] == pytest.approx(100.0 / 3)
+    assert evaluate(Fixed(), [], device=torch.device("cpu"), predictions=True).topk.shape[0] == 0
 
 
 # ----------------------------------------------------------------------------- leaderboard
@@ -394,7 +435,9 @@ def records(tiny: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> 
     """results/ with xresnet18 (training form, deploy) and its resnet18 baseline."""
     results = tmp_path_factory.mktemp("results")
     for ckpt in (tiny["xckpt"], tiny["deploy"], tiny["bckpt"]):
-        eval_tool.evaluate_checkpoint(ckpt, data=tiny["data"], results_dir=results, **EVAL_FAST)
+        eval_tool.evaluate_checkpoint(
+            ckpt, eval_tool.EvalOptions(data=tiny["data"], results_dir=results, **EVAL_FAST)
+        )
     return results
 
 

@@ -57,11 +57,15 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def test_records_carry_seed_and_recipe_deploy_form_too(tiny: dict[str, Path]) -> None:
-    train = eval_tool.evaluate_checkpoint(tiny["xckpt"], data=tiny["data"], **_no_record())
-    deploy = eval_tool.evaluate_checkpoint(
-        tiny["base"] / "deploy", data=tiny["data"], **_no_record()
+    train = eval_tool.evaluate_checkpoint(
+        tiny["xckpt"], eval_tool.EvalOptions(data=tiny["data"], **_no_record())
     )
-    base = eval_tool.evaluate_checkpoint(tiny["bckpt"], data=tiny["data"], **_no_record())
+    deploy = eval_tool.evaluate_checkpoint(
+        tiny["base"] / "deploy", eval_tool.EvalOptions(data=tiny["data"], **_no_record())
+    )
+    base = eval_tool.evaluate_checkpoint(
+        tiny["bckpt"], eval_tool.EvalOptions(data=tiny["data"], **_no_record())
+    )
     assert train["seed"] == deploy["seed"] == base["seed"] == 3
     # same recipe whatever the model: the pairing key of X-volution vs baseline
     assert train["recipe"] == deploy["recipe"] == base["recipe"] is not None
@@ -87,7 +91,10 @@ def test_two_backends_records_coexist(tiny: dict[str, Path], tmp_path: Path) -> 
     results = tmp_path / "results"
     for backend in ("torchvision", "dali"):
         eval_tool.evaluate_checkpoint(
-            tiny["xckpt"], data=tiny["data"], results_dir=results, backend=backend, **EVAL_FAST
+            tiny["xckpt"],
+            eval_tool.EvalOptions(
+                data=tiny["data"], results_dir=results, backend=backend, **EVAL_FAST
+            ),
         )
     names = sorted(p.name for p in results.glob("*.json"))
     assert [n.split("_")[3] for n in names] == ["dali", "torchvision"]
@@ -99,7 +106,7 @@ def test_two_backends_records_coexist(tiny: dict[str, Path], tmp_path: Path) -> 
 def test_duplicate_rule_includes_the_backend(tiny: dict[str, Path], tmp_path: Path) -> None:
     results = tmp_path / "results"
     record = eval_tool.evaluate_checkpoint(
-        tiny["xckpt"], data=tiny["data"], results_dir=results, **EVAL_FAST
+        tiny["xckpt"], eval_tool.EvalOptions(data=tiny["data"], results_dir=results, **EVAL_FAST)
     )
     twin = copy.deepcopy(record)
     twin.pop("record_file")
@@ -121,7 +128,9 @@ def test_leaderboard_over_two_val_sets_has_two_tables(
     results = tmp_path / "results"
     for data in (tiny["data"], tiny["other"]):
         for ckpt in (tiny["xckpt"], tiny["bckpt"]):
-            eval_tool.evaluate_checkpoint(ckpt, data=data, results_dir=results, **EVAL_FAST)
+            eval_tool.evaluate_checkpoint(
+                ckpt, eval_tool.EvalOptions(data=data, results_dir=results, **EVAL_FAST)
+            )
     out = tmp_path / "board"
     result = leaderboard_tool.build_leaderboard(results, out)
     assert [vs["records"] for vs in result["val_sets"]] == [2, 2]
@@ -156,7 +165,9 @@ def test_leaderboard_over_two_val_sets_has_two_tables(
 
 @pytest.fixture(scope="module")
 def template(tiny: dict[str, Path]) -> dict[str, Any]:
-    return eval_tool.evaluate_checkpoint(tiny["xckpt"], data=tiny["data"], **_no_record())
+    return eval_tool.evaluate_checkpoint(
+        tiny["xckpt"], eval_tool.EvalOptions(data=tiny["data"], **_no_record())
+    )
 
 
 def _seed_records(
@@ -282,7 +293,9 @@ def dirty_val(tiny: dict[str, Path], tmp_path: Path) -> Path:
 
 def test_bad_files_stop_eval_each_named_once(tiny: dict[str, Path], dirty_val: Path) -> None:
     with pytest.raises(ToolError) as err:
-        eval_tool.evaluate_checkpoint(tiny["xckpt"], data=dirty_val, **_no_record())
+        eval_tool.evaluate_checkpoint(
+            tiny["xckpt"], eval_tool.EvalOptions(data=dirty_val, **_no_record())
+        )
     text = str(err.value)
     assert text.startswith("2 file(s) in ") and "--on-bad-image skip" in text
     assert text.count("broken.JPEG") == 1 and text.count("notes.txt") == 1
@@ -293,9 +306,11 @@ def test_bad_files_skipped_and_counted(
     tiny: dict[str, Path], dirty_val: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     record = eval_tool.evaluate_checkpoint(
-        tiny["xckpt"], data=dirty_val, on_bad_image="skip", **_no_record()
+        tiny["xckpt"], eval_tool.EvalOptions(data=dirty_val, on_bad_image="skip", **_no_record())
     )
-    clean = eval_tool.evaluate_checkpoint(tiny["xckpt"], data=tiny["data"], **_no_record())
+    clean = eval_tool.evaluate_checkpoint(
+        tiny["xckpt"], eval_tool.EvalOptions(data=tiny["data"], **_no_record())
+    )
     assert record["num_images"] == 12 and record["data"]["skipped_files"] == 2
     assert record["top1"] == clean["top1"]
     assert record["data"]["fingerprint"] == clean["data"]["fingerprint"]  # the same images
@@ -322,15 +337,17 @@ def test_a_run_directory_means_its_best_checkpoint(tiny: dict[str, Path], tmp_pa
     run = tmp_path / "run"
     run.mkdir()
     with pytest.raises(CheckpointError, match="neither a run directory.*holds no checkpoint"):
-        eval_tool.evaluate_checkpoint(run, data=tiny["data"], **_no_record())
+        eval_tool.evaluate_checkpoint(run, eval_tool.EvalOptions(data=tiny["data"], **_no_record()))
     shutil.copy(tiny["xckpt"], run / "last.pt")
     with pytest.raises(CheckpointError, match=r"found last\.pt: pass one of them"):
-        eval_tool.evaluate_checkpoint(run, data=tiny["data"], **_no_record())
+        eval_tool.evaluate_checkpoint(run, eval_tool.EvalOptions(data=tiny["data"], **_no_record()))
     shutil.copy(tiny["xckpt"], run / "best.pt")
-    record = eval_tool.evaluate_checkpoint(run, data=tiny["data"], **_no_record())
+    record = eval_tool.evaluate_checkpoint(
+        run, eval_tool.EvalOptions(data=tiny["data"], **_no_record())
+    )
     assert record["checkpoint"]["path"] == str((run / "best.pt").resolve())
     deploy = eval_tool.evaluate_checkpoint(
-        tiny["base"] / "deploy", data=tiny["data"], **_no_record()
+        tiny["base"] / "deploy", eval_tool.EvalOptions(data=tiny["data"], **_no_record())
     )
     assert deploy["deploy"] is True
 

@@ -32,8 +32,8 @@ whole record with --json); a progress bar goes to stderr (rank 0).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
+import dataclasses
 import json
 import logging
 import os
@@ -53,7 +53,8 @@ from xvol.engine.dist import (
     setup_distributed,
 )
 from xvol.engine.log import setup_logging
-from xvol.engine.runtime import amp_dtype
+from xvol.engine.loop import evaluate
+from xvol.engine.runtime import amp_dtype, autocast
 from xvol.formats.files import atomic_path
 from xvol.formats.record import (
     RECORD_KIND,
@@ -66,6 +67,7 @@ from xvol.formats.record import (
 from xvol.models import count_ops, count_params
 from xvol.tools_common import (
     ToolError,
+    ValData,
     build_val_loader,
     check_class_names,
     eval_settings,
@@ -82,51 +84,6 @@ from xvol.tools_common import (
 log = logging.getLogger("xvol.tools.eval")
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-
-
-def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    dtype = amp_dtype("none" if precision == "fp32" else precision, device)
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
-
-
-@torch.no_grad()
-def predict(
-    model: nn.Module,
-    loader: Any,
-    *,
-    device: torch.device,
-    precision: str = "fp32",
-    topk: int = 5,
-    channels_last: bool = False,
-    progress: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(top-k class indices N x k, labels N) on the CPU in loader order, and the number of
-    images whose logits are not all finite (their top-k would be meaningless). ``progress``:
-    a tqdm bar on stderr, in batches."""
-    model.eval()
-    preds, labels, nonfinite = [], [], 0
-    batches = loader
-    if progress:
-        from tqdm import tqdm
-
-        batches = tqdm(loader, desc="eval", unit="batch", file=sys.stderr, dynamic_ncols=True)
-    for images, target in batches:
-        images = images.to(device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with _autocast(device, precision):
-            logits = model(images)
-        logits = logits.float()
-        nonfinite += int((~torch.isfinite(logits).all(1)).sum())
-        k = min(topk, logits.shape[1])
-        preds.append(logits.topk(k, dim=1).indices.cpu())
-        labels.append(target.cpu().to(torch.int64).view(-1))
-    if not preds:
-        empty = torch.zeros(0, topk, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
-        return (*empty, 0)
-    return torch.cat(preds), torch.cat(labels), nonfinite
 
 
 @torch.no_grad()
@@ -151,7 +108,7 @@ def measure_throughput(
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    with _autocast(device, precision):
+    with autocast(device, amp_dtype(precision, device)):
         for _ in range(warmup):
             model(x)
         sync()
@@ -212,137 +169,184 @@ def _write_predictions(path: Path, samples: list[tuple[str, int]], preds: torch.
                 )
 
 
-def evaluate_checkpoint(
-    checkpoint: str | Path,
+@dataclasses.dataclass
+class EvalOptions:
+    """What to evaluate and how: xvol-eval's options (:meth:`from_args`), same defaults.
+
+    ``results_dir`` None writes no record; ``progress`` shows a bar on stderr (rank 0 only).
+    """
+
+    data: str | Path | None = None  # ROOT with val/ or the val folder; None: the checkpoint's
+    ema: bool | None = None
+    backend: str = "torchvision"
+    batch_size: int = 64
+    workers: int = 2
+    img_size: int | None = None
+    crop_pct: float | None = None
+    interpolation: str | None = None
+    precision: str = "fp32"
+    device: str = "auto"
+    channels_last: bool = False
+    bench_batch_size: int | None = None
+    bench_iters: int = 10
+    bench_warmup: int = 3
+    results_dir: str | Path | None = "results"
+    record_file: str | None = None
+    predictions: str | Path | None = None
+    force: bool = False
+    validate: str = "auto"
+    allow_class_mismatch: bool = False
+    on_bad_image: str = "error"
+    progress: bool = False
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> EvalOptions:
+        """The options of a parsed xvol-eval command line (:func:`build_parser`)."""
+        derived = {
+            "results_dir": None if args.no_record else args.results_dir,
+            "record_file": args.record_name,
+            "progress": not args.no_progress,
+        }
+        same = {
+            f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.name not in derived
+        }
+        return cls(**same, **derived)
+
+
+@dataclasses.dataclass
+class _Scores:
+    """Every val image's top-k predictions (val order) and the exact counts over them."""
+
+    preds: torch.Tensor  # N x k
+    top1_correct: int
+    top5_correct: int
+    seconds: float
+
+
+def _score(
+    model: nn.Module,
+    val: ValData,
+    opts: EvalOptions,
     *,
-    data: str | Path | None = None,
-    ema: bool | None = None,
-    backend: str = "torchvision",
-    batch_size: int = 64,
-    workers: int = 2,
-    img_size: int | None = None,
-    crop_pct: float | None = None,
-    interpolation: str | None = None,
-    precision: str = "fp32",
-    device: str = "auto",
-    channels_last: bool = False,
-    bench_batch_size: int | None = None,
-    bench_iters: int = 10,
-    bench_warmup: int = 3,
-    results_dir: str | Path | None = "results",
-    record_file: str | None = None,
-    predictions: str | Path | None = None,
-    force: bool = False,
-    validate: str = "auto",
-    allow_class_mismatch: bool = False,
-    on_bad_image: str = "error",
-    progress: bool = False,
-) -> dict[str, Any]:
-    """Evaluate ``checkpoint``; write the record (rank 0) unless ``results_dir`` is None.
+    device: torch.device,
+    rank: int,
+    source: Path,
+) -> _Scores:
+    """The engine's evaluation loop on this rank's slice, then every rank's predictions gathered
+    (rank 0 writes them) and checked to follow the val list's order; non-finite logits on any
+    rank are a ToolError on every rank."""
+    loader = val.loader
+    if opts.progress and rank == 0:
+        from tqdm import tqdm
+
+        loader = tqdm(loader, desc="eval", unit="batch", file=sys.stderr, dynamic_ncols=True)
+    start = time.perf_counter()
+    result = evaluate(
+        model,
+        loader,
+        device=device,
+        amp_dtype=amp_dtype(opts.precision, device),
+        channels_last=opts.channels_last,
+        predictions=True,
+    )
+    assert result.topk is not None and result.labels is not None
+    if result.topk.shape[0] != val.hi - val.lo:
+        raise ToolError(
+            f"rank {rank}: the loader gave {result.topk.shape[0]} images, expected "
+            f"{val.hi - val.lo}"
+        )
+    gathered = all_gather_objects((result.topk.tolist(), result.labels.tolist()))
+    seconds = time.perf_counter() - start
+    if result.nonfinite:  # summed over ranks: every rank raises alike, none waits for another
+        raise ToolError(
+            f"{source}: non-finite (NaN/Inf) logits for {result.nonfinite} of "
+            f"{len(val.samples)} val images at --precision {opts.precision} (NaN/Inf weights, or "
+            "overflow?): no score"
+        )
+    preds = torch.tensor([row for p, _ in gathered for row in p], dtype=torch.int64)
+    if [y for _, ys in gathered for y in ys] != [y for _, y in val.samples]:
+        raise ToolError(f"{val.val_dir}: gathered labels do not follow the val folder's order")
+    return _Scores(preds, result.top1_correct, result.top5_correct, seconds)
+
+
+def evaluate_checkpoint(checkpoint: str | Path, opts: EvalOptions | None = None) -> dict[str, Any]:
+    """Evaluate ``checkpoint``; write the record (rank 0) unless ``opts.results_dir`` is None.
 
     The val folder's classes must be the checkpoint's class names in order (ToolError otherwise,
     unless ``allow_class_mismatch``). ``on_bad_image``: ``error`` or ``skip`` for val files that
-    are not readable images. ``progress``: a progress bar on stderr (rank 0 only).
+    are not readable images.
 
     Works in one process or under torchrun (the process group is set up here when the launcher's
     variables are present, gloo on CPU, and torn down again). Returns the record on every rank.
     """
-    if precision not in PRECISIONS:
-        raise ToolError(f"--precision must be one of {PRECISIONS}, got {precision!r}")
+    opts = opts if opts is not None else EvalOptions()
+    if opts.precision not in PRECISIONS:
+        raise ToolError(f"--precision must be one of {PRECISIONS}, got {opts.precision!r}")
     already = torch.distributed.is_available() and torch.distributed.is_initialized()
-    denv, dev = setup_distributed(device)
+    denv, dev = setup_distributed(opts.device)
     rank, world_size = denv.rank, denv.world_size
     if world_size > 1:
         setup_logging(rank)  # rank 0 speaks, the others only warn
     try:
-        pred_path = Path(predictions) if predictions is not None else None
+        pred_path = Path(opts.predictions) if opts.predictions is not None else None
         if pred_path is not None:
-            refuse_existing([pred_path], force, "predictions file")
-        loaded = load_model(checkpoint, ema)
+            refuse_existing([pred_path], opts.force, "predictions file")
+        loaded = load_model(checkpoint, opts.ema)
         identity = loaded.identity
-        settings = eval_settings(loaded, img_size, crop_pct, interpolation)
+        settings = eval_settings(loaded, opts.img_size, opts.crop_pct, opts.interpolation)
         form = "deploy" if loaded.deploy else "train"
+        data = opts.data
         if data is None:
-            root = loaded.data_config.get("root")
-            if not root:
+            data = loaded.data_config.get("root")
+            if not data:
                 raise ToolError(
                     f"{loaded.path}: no data root stored in the checkpoint; pass --data"
                 )
-            data = root
         val_dir = resolve_val_dir(data)
         val = build_val_loader(
             val_dir,
             num_classes=loaded.num_classes,
-            batch_size=batch_size,
-            workers=workers,
-            backend=backend,
+            batch_size=opts.batch_size,
+            workers=opts.workers,
+            backend=opts.backend,
             rank=rank,
             world_size=world_size,
             device=dev,
-            validate=validate,
-            on_bad_image=on_bad_image,
+            validate=opts.validate,
+            on_bad_image=opts.on_bad_image,
             **settings,
         )
-        name = record_file or record_name(
-            identity["model"], form, loaded.weights, backend, loaded.sha256, val.fingerprint
+        name = opts.record_file or record_name(
+            identity["model"], form, loaded.weights, opts.backend, loaded.sha256, val.fingerprint
         )
-        record_path = Path(results_dir) / name if results_dir is not None else None
+        record_path = Path(opts.results_dir) / name if opts.results_dir is not None else None
         if record_path is not None:  # before the evaluation, and again before the write
-            refuse_existing([record_path], force, "record")
+            refuse_existing([record_path], opts.force, "record")
         names_match = check_class_names(
-            loaded.class_names, val.classes, loaded.path, val_dir, allow_class_mismatch
+            loaded.class_names, val.classes, loaded.path, val_dir, opts.allow_class_mismatch
         )
         # Counted on the CPU before the move: on CUDA the X-volution forms may run Triton
         # kernels, which FlopCounterMode cannot see.
         ops = count_ops(loaded.model.cpu(), settings["img_size"])
         n_params = count_params(loaded.model)
         model = loaded.model.to(dev)
-        if channels_last:
+        if opts.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        start = time.perf_counter()
-        preds, labels, nonfinite = predict(
-            model,
-            val.loader,
-            device=dev,
-            precision=precision,
-            channels_last=channels_last,
-            progress=progress and rank == 0,
-        )
-        if preds.shape[0] != val.hi - val.lo:
-            raise ToolError(
-                f"rank {rank}: the loader gave {preds.shape[0]} images, expected {val.hi - val.lo}"
-            )
-        gathered = all_gather_objects((preds.tolist(), labels.tolist(), nonfinite))
-        seconds = time.perf_counter() - start
-        bad = sum(n for _, _, n in gathered)  # every rank raises alike, none waits for another
-        if bad:
-            raise ToolError(
-                f"{loaded.path}: non-finite (NaN/Inf) logits for {bad} of {len(val.samples)} val "
-                f"images at --precision {precision} (NaN/Inf weights, or overflow?): no score"
-            )
-        all_preds = torch.tensor([row for p, _, _ in gathered for row in p], dtype=torch.int64)
-        all_labels = [y for _, ys, _ in gathered for y in ys]
-        expected = [y for _, y in val.samples]
-        if all_labels != expected:  # the gathered order must be the val list's order
-            raise ToolError(f"{val_dir}: gathered labels do not follow the val folder's order")
-        n = len(expected)
-        target = torch.tensor(expected, dtype=torch.int64)
-        top1_correct = int((all_preds[:, 0] == target).sum())
-        top5_correct = int((all_preds == target[:, None]).any(dim=1).sum())
-
-        throughput: dict[str, Any] = {"img_s": None, "batch_size": bench_batch_size or batch_size}
-        if bench_iters > 0 and rank == 0:
+        scores = _score(model, val, opts, device=dev, rank=rank, source=loaded.path)
+        n = len(val.samples)
+        bench_batch = opts.bench_batch_size or opts.batch_size
+        throughput: dict[str, Any] = {"img_s": None, "batch_size": bench_batch}
+        if opts.bench_iters > 0 and rank == 0:
             throughput = measure_throughput(
                 model,
-                batch_size=bench_batch_size or batch_size,
+                batch_size=bench_batch,
                 img_size=settings["img_size"],
                 device=dev,
-                precision=precision,
-                warmup=bench_warmup,
-                iters=bench_iters,
-                channels_last=channels_last,
+                precision=opts.precision,
+                warmup=opts.bench_warmup,
+                iters=opts.bench_iters,
+                channels_last=opts.channels_last,
             )
-        top1_list = all_preds[:, 0].tolist()
         record: dict[str, Any] = {
             "schema_version": RECORD_SCHEMA_VERSION,
             "kind": RECORD_KIND,
@@ -359,20 +363,20 @@ def evaluate_checkpoint(
             "model_spec": loaded.spec.to_dict(),
             "seed": loaded.source.get("seed"),
             "recipe": loaded.source.get("recipe"),
-            "top1": 100.0 * top1_correct / n,
-            "top5": 100.0 * top5_correct / n,
-            "top1_correct": top1_correct,
-            "top5_correct": top5_correct,
+            "top1": 100.0 * scores.top1_correct / n,
+            "top5": 100.0 * scores.top5_correct / n,
+            "top1_correct": scores.top1_correct,
+            "top5_correct": scores.top5_correct,
             "num_images": n,
             "num_classes": loaded.num_classes,
             "params": n_params,
             "gmacs": ops["macs"] / 1e9,
             "gmuls": ops["muls"] / 1e9,
-            "predictions_sha256": predictions_sha256(top1_list),
+            "predictions_sha256": predictions_sha256(scores.preds[:, 0].tolist()),
             "predictions_file": str(pred_path.resolve()) if pred_path is not None else None,
             "data": {
                 "val_dir": str(val_dir.resolve()),
-                "backend": backend,
+                "backend": opts.backend,
                 "fingerprint": val.fingerprint,
                 "skipped_files": val.skipped,
                 "class_names_match": names_match,  # None: the checkpoint stores no names
@@ -380,22 +384,22 @@ def evaluate_checkpoint(
             },
             "throughput": throughput,
             "eval": {
-                "batch_size": batch_size,
-                "precision": precision,
+                "batch_size": opts.batch_size,
+                "precision": opts.precision,
                 "device": str(dev),
                 "world_size": world_size,
-                "seconds": seconds,
+                "seconds": scores.seconds,
             },
             "versions": versions(),
             "git": git_revision(),
             "date": now_iso(),
         }
-        validate_record(record, record_path or "record")  # the writer keeps the schema it promises
+        validate_record(record, record_path or "record")  # on every rank: all fail alike
         if rank == 0:
             if pred_path is not None:
-                _write_predictions(pred_path, val.samples, all_preds)
+                _write_predictions(pred_path, val.samples, scores.preds)
             if record_path is not None:
-                refuse_existing([record_path], force, "record")
+                refuse_existing([record_path], opts.force, "record")
                 write_record(record_path, record)
                 record["record_file"] = str(record_path)
         barrier()
@@ -476,31 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_tool_logging()
     with tool_errors("xvol-eval", args.debug):
-        record = evaluate_checkpoint(
-            args.checkpoint,
-            data=args.data,
-            ema=args.ema,
-            backend=args.backend,
-            batch_size=args.batch_size,
-            workers=args.workers,
-            img_size=args.img_size,
-            crop_pct=args.crop_pct,
-            interpolation=args.interpolation,
-            precision=args.precision,
-            device=args.device,
-            channels_last=args.channels_last,
-            bench_batch_size=args.bench_batch_size,
-            bench_iters=args.bench_iters,
-            bench_warmup=args.bench_warmup,
-            results_dir=None if args.no_record else args.results_dir,
-            record_file=args.record_name,
-            predictions=args.predictions,
-            force=args.force,
-            validate=args.validate,
-            allow_class_mismatch=args.allow_class_mismatch,
-            on_bad_image=args.on_bad_image,
-            progress=not args.no_progress,
-        )
+        record = evaluate_checkpoint(args.checkpoint, EvalOptions.from_args(args))
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(record, indent=2) if args.json else summary_line(record))
         if not args.json and record.get("record_file"):

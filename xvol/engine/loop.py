@@ -24,8 +24,16 @@ from torch.optim import Optimizer
 from xvol.engine.dist import all_reduce_sum
 from xvol.engine.log import get_logger
 from xvol.engine.metrics import topk_correct
+from xvol.engine.runtime import autocast
 
-__all__ = ["TrainOptions", "TrainState", "NonFiniteLossError", "train_one_epoch", "evaluate"]
+__all__ = [
+    "EvalResult",
+    "NonFiniteLossError",
+    "TrainOptions",
+    "TrainState",
+    "evaluate",
+    "train_one_epoch",
+]
 
 log = get_logger(__name__)
 
@@ -79,12 +87,6 @@ class TrainState:
 def _no_sync(model: nn.Module) -> contextlib.AbstractContextManager:
     no_sync = getattr(model, "no_sync", None)
     return no_sync() if callable(no_sync) else contextlib.nullcontext()
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def _progress(total: int, initial: int, desc: str, enabled: bool) -> Any:
@@ -159,7 +161,7 @@ def train_one_epoch(
             targets = labels
             if mixup is not None:
                 images, targets = mixup(images, labels)
-            with _autocast(device, opts.amp_dtype):
+            with autocast(device, opts.amp_dtype):
                 output = model(images)
                 loss = loss_fn(output, targets)
             if state.global_step + 1 == opts.debug_nan_at_step:
@@ -270,6 +272,34 @@ def train_one_epoch(
     return True
 
 
+@dataclass
+class EvalResult:
+    """One pass over a val set (:func:`evaluate`): exact counts summed over ranks, and with
+    ``predictions=True`` this rank's per-image top-k class indices and labels. Reads like the
+    trainer's numbers too: ``result["top1"]`` is ``result.metrics()["top1"]``."""
+
+    top1_correct: int
+    top5_correct: int
+    loss_sum: float  # summed cross-entropy
+    count: int  # images
+    nonfinite: int  # images whose logits are not all finite (their top-k means nothing)
+    topk: torch.Tensor | None = None  # this rank: N x min(5, classes) int64, CPU, loader order
+    labels: torch.Tensor | None = None  # this rank: N int64, CPU, loader order
+
+    def metrics(self) -> dict[str, float]:
+        """Top-1/top-5 (%), mean cross-entropy and the image count: what the trainer logs."""
+        n = max(self.count, 1)
+        return {
+            "top1": 100.0 * self.top1_correct / n,
+            "top5": 100.0 * self.top5_correct / n,
+            "loss": self.loss_sum / n,
+            "count": float(self.count),
+        }
+
+    def __getitem__(self, key: str) -> float:
+        return self.metrics()[key]
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -278,33 +308,42 @@ def evaluate(
     device: torch.device,
     amp_dtype: torch.dtype | None = None,
     channels_last: bool = False,
-) -> dict[str, float]:
-    """Top-1/top-5 (%) and mean cross-entropy over the whole val set (summed over ranks).
+    predictions: bool = False,
+) -> EvalResult:
+    """The one evaluation loop (the trainer's val numbers and xvol-eval's record).
 
-    ``model`` must not be DDP-wrapped: ranks may hold different numbers of val batches.
+    Counts are summed over ranks (every rank must call it); ``predictions`` also keeps this
+    rank's top-k predictions for the caller to gather. ``model`` must not be DDP-wrapped: ranks
+    may hold different numbers of val batches. Non-finite logits are counted, not raised: the
+    trainer logs what it gets, xvol-eval refuses to score them.
     """
     was_training = model.training
     model.eval()
-    sums = torch.zeros(4, device=device, dtype=torch.float64)  # top1, top5, loss, count
+    sums = torch.zeros(5, device=device, dtype=torch.float64)  # top1, top5, loss, count, bad
+    topk: list[torch.Tensor] = []
+    kept_labels: list[torch.Tensor] = []
     for images, labels in loader:
         images = images.to(device, non_blocking=True)
-        labels = labels.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True).view(-1).long()
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        with _autocast(device, amp_dtype):
+        with autocast(device, amp_dtype):
             logits = model(images)
         logits = logits.float()
         correct = topk_correct(logits, labels, (1, 5))
         loss = nn.functional.cross_entropy(logits, labels, reduction="sum")
         count = torch.tensor(float(labels.numel()), device=device)
-        sums += torch.stack([correct[0], correct[1], loss, count]).double()
+        nonfinite = (~torch.isfinite(logits).all(1)).sum()
+        sums += torch.stack([correct[0], correct[1], loss, count, nonfinite]).double()
+        if predictions:
+            topk.append(logits.topk(min(5, logits.shape[1]), dim=1).indices.cpu())
+            kept_labels.append(labels.cpu())
     all_reduce_sum(sums)
-    top1, top5, loss_sum, count = sums.tolist()
+    top1, top5, loss_sum, count, nonfinite = sums.tolist()
     model.train(was_training)
-    n = max(count, 1.0)
-    return {
-        "top1": 100.0 * top1 / n,
-        "top5": 100.0 * top5 / n,
-        "loss": loss_sum / n,
-        "count": count,
-    }
+    result = EvalResult(int(top1), int(top5), loss_sum, int(count), int(nonfinite))
+    if predictions:
+        empty = torch.zeros(0, 5, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
+        result.topk = torch.cat(topk) if topk else empty[0]
+        result.labels = torch.cat(kept_labels) if kept_labels else empty[1]
+    return result

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 
 import numpy as np
 import torch
 
-__all__ = ["AMP_DTYPES", "seed_everything", "configure_determinism", "amp_dtype"]
+__all__ = ["AMP_DTYPES", "seed_everything", "configure_determinism", "amp_dtype", "autocast"]
 
 # trainer.amp values besides "auto" (case-insensitive) and the autocast dtype each one means
 AMP_DTYPES: dict[str, torch.dtype | None] = {
@@ -52,3 +53,11 @@ def amp_dtype(amp: str | None, device: torch.device) -> torch.dtype | None:
     if choice not in AMP_DTYPES:
         raise ValueError(f"trainer.amp must be one of auto, bf16, fp16, none; got {amp!r}")
     return AMP_DTYPES[choice]
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` to ``dtype`` (from :func:`amp_dtype`) on ``device``; nothing for full
+    precision (None). The one autocast of training, evaluation and xvol-eval's throughput."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)

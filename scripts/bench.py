@@ -60,7 +60,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import json
 import os
 import platform
 import statistics
@@ -77,6 +76,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from xvol.formats.files import write_json_atomic
 from xvol.models import build_model
 from xvol.ops import dispatch, pssa_lean
 from xvol.ops.xconv import XConv2d
@@ -895,9 +895,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "note": "ratios measured in one run; on CPU they are CPU ratios, not the GPU targets",
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(args.out.suffix + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    os.replace(tmp, args.out)
+    write_json_atomic(args.out, record)
     print(f"\nwrote {args.out}", file=sys.stderr)
     return record
 

@@ -38,8 +38,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import os
 import platform
 import statistics
 import sys
@@ -53,6 +51,7 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from xvol.formats.files import write_json_atomic
 from xvol.ops import dispatch, pssa_lean
 from xvol.ops.xconv import XConv2d
 
@@ -382,9 +381,7 @@ def main(argv: list[str] | None = None) -> dict:
         "rows": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, args.out)
+    write_json_atomic(args.out, record)
     print(f"wrote {args.out}", file=sys.stderr)
     return record
 

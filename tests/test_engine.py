@@ -4,7 +4,6 @@ and the Trainer's stop/resume cycle in-process (tiny model, fake data, one proce
 from __future__ import annotations
 
 import errno
-import functools
 import json
 import logging
 import math
@@ -16,7 +15,6 @@ import timm
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-from timm.utils import ModelEmaV3
 from torch import nn
 from train_fake_data import build as fake_data
 
@@ -27,11 +25,14 @@ from xvol.engine import (
     EXIT_PREEMPTED,
     CheckpointError,
     CheckpointOptions,
+    DebugOptions,
+    EmaOptions,
     JsonlMetrics,
     MetricsLogger,
     NonFiniteLossError,
     PreemptionGuard,
     Trainer,
+    TrainerOptions,
     TrainOptions,
     TrainState,
     build_optimizer,
@@ -43,6 +44,7 @@ from xvol.engine import (
 )
 from xvol.engine.dist import DistEnv
 from xvol.engine.metrics import topk_correct
+from xvol.engine.options import ConfigError
 from xvol.engine.trainer import checkpoint_metric
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -206,7 +208,7 @@ def test_nan_loss_stops_before_the_update() -> None:
             state,
             steps_per_epoch=data.steps_per_epoch,
             device=torch.device("cpu"),
-            opts=TrainOptions(debug_nan_at_step=3, progress_bar=False),
+            opts=TrainOptions(debug=DebugOptions(nan_at_step=3), progress_bar=False),
             on_update=snapshot,
         )
     assert state.global_step == 2
@@ -305,46 +307,116 @@ def test_guard_records_signal_and_chains_previous() -> None:
 # ------------------------------------------------------------------------------ Trainer
 
 
-def _trainer(run_dir: Path, guard: PreemptionGuard | None = None, **opts: object) -> Trainer:
+class _Wandb:
+    """Stands in for a WandbSink: the run id the Trainer saves and continues."""
+
+    def __init__(self, run_id: str | None) -> None:
+        self.id = run_id or "wandb-run-1"
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def close(self, exit_code: int = 0) -> None:
+        pass
+
+
+def _trainer(
+    run_dir: Path,
+    guard: PreemptionGuard | None = None,
+    debug: DebugOptions | None = None,
+    opened: list[str | None] | None = None,
+    **options: object,
+) -> Trainer:
+    """A Trainer as the train command builds one; ``opened`` collects the wandb ids its metrics
+    sink is opened with."""
     torch.manual_seed(0)
     model = _tiny()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
     data = _data(num_train=64, batch_size=8)
     sched_cfg = _config("sched", "cosine", num_epochs=2, warmup_epochs=1)
+
+    def open_metrics(wandb_id: str | None) -> MetricsLogger:
+        if opened is not None:
+            opened.append(wandb_id)
+        return MetricsLogger(JsonlMetrics(run_dir / "metrics.jsonl"), _Wandb(wandb_id))
+
     trainer = Trainer(
         model=model,
         optimizer=optimizer,
-        loss_fn=nn.CrossEntropyLoss(),
         data=data,
         denv=DistEnv(),
         device=torch.device("cpu"),
-        epochs=2,
         run_dir=run_dir,
-        opts=TrainOptions(progress_bar=False, log_interval=1, **opts),
-        ckpt=CheckpointOptions(every_steps=3, keep_top_k=1),
+        options=TrainerOptions(
+            epochs=2,
+            label_smoothing=0.0,
+            ema=EmaOptions(decay=0.9, use_warmup=True),
+            checkpoint=CheckpointOptions(every_steps=3, keep_top_k=1),
+            progress_bar=False,
+            log_interval=1,
+            **options,
+        ),
         config={"test": True},
         scheduler=build_scheduler(instantiate(sched_cfg), optimizer, data.steps_per_epoch),
-        ema_factory=functools.partial(ModelEmaV3, decay=0.9, use_warmup=True),
+        debug=debug,
         guard=guard,
+        metrics=open_metrics,
     )
     torch.manual_seed(1)  # the training stream, as scripts/train.py reseeds after building
     return trainer
 
 
-def _fit(run_dir: Path, resume: str | None = "auto", **opts: object) -> tuple[Trainer, int]:
-    trainer = _trainer(run_dir, PreemptionGuard(), **opts)  # fit() installs it
+def _fit(run_dir: Path, resume: str | None = "auto", **kw: object) -> tuple[Trainer, int]:
+    trainer = _trainer(run_dir, PreemptionGuard(), **kw)  # fit() installs it
     trainer.resume(resume)
-    trainer.metrics = MetricsLogger(JsonlMetrics(run_dir / "metrics.jsonl"))
     code = trainer.fit()
-    trainer.metrics.close()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handler removed again
     return trainer, code
+
+
+def _stop_at(step: int) -> DebugOptions:
+    return DebugOptions(signal_at_step=step)
+
+
+def test_fit_opens_metrics_with_the_resumed_wandb_run(tmp_path: Path) -> None:
+    """Rank 0's sink opens when fit() starts, after resume() restored the run's wandb id, and
+    the id it reports goes into every checkpoint; a fresh run opens it with None."""
+    opened: list[str | None] = []
+    trainer, code = _fit(tmp_path, debug=_stop_at(5), opened=opened)
+    assert code == EXIT_PREEMPTED and opened == [None]
+    assert load_checkpoint(tmp_path / "last.pt")["wandb_id"] == "wandb-run-1"
+    assert trainer.metrics is not None and trainer.metrics.jsonl.path.is_file()
+    _, code = _fit(tmp_path, opened=opened)
+    assert code == EXIT_OK and opened == [None, "wandb-run-1"]
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"epochs": 0}, "trainer.epochs: expected a positive integer, got 0"),
+        ({"amp": "fp8"}, "trainer.amp: expected auto, bf16, fp16 or none, got 'fp8'"),
+        ({"clip_grad": -1.0}, "trainer.clip_grad: expected a positive number or null, got -1.0"),
+        ({"ema": EmaOptions(decay=2.0)}, "trainer.ema.decay: expected a number in [0, 1], got 2.0"),
+        (
+            {"checkpoint": CheckpointOptions(keep_top_k=-1)},
+            "trainer.checkpoint.keep_top_k: expected an integer >= 0, got -1",
+        ),
+    ],
+)
+def test_trainer_options_check_their_values(options: dict, message: str) -> None:
+    """The schema validates without Hydra too: one line naming the key, as the command's."""
+    with pytest.raises(ConfigError) as err:
+        TrainerOptions(**options)
+    assert str(err.value) == message
+    assert TrainerOptions(ema=None, mixup=None).ema is None  # null nodes have nothing to check
+    with pytest.raises(ConfigError, match=r"^debug.nan_at_step: expected a positive integer"):
+        DebugOptions(nan_at_step=0)
 
 
 def test_trainer_stop_and_resume_is_exact(tmp_path: Path) -> None:
     _, code_a = _fit(tmp_path / "a")
     assert code_a == EXIT_OK
-    stopped, code = _fit(tmp_path / "b", debug_signal_at_step=11)  # mid epoch 1 (8 per epoch)
+    stopped, code = _fit(tmp_path / "b", debug=_stop_at(11))  # mid epoch 1 (8 per epoch)
     assert code == EXIT_PREEMPTED
     assert (stopped.state.epoch, stopped.state.step, stopped.state.global_step) == (1, 3, 11)
     resumed, code_b = _fit(tmp_path / "b")
@@ -371,7 +443,7 @@ def test_stop_after_the_last_update_of_an_epoch_still_ends_it(tmp_path: Path) ->
     """A signal at an epoch's last update: the epoch is evaluated and checkpointed before the
     run stops, so the resumed run has the same epoch records and files as an uninterrupted one."""
     _fit(tmp_path / "a")
-    stopped, code = _fit(tmp_path / "b", debug_signal_at_step=8)  # 8 updates per epoch
+    stopped, code = _fit(tmp_path / "b", debug=_stop_at(8))  # 8 updates per epoch
     assert code == EXIT_PREEMPTED
     assert (stopped.state.epoch, stopped.state.step, stopped.state.global_step) == (1, 0, 8)
     assert [r["epoch"] for r in JsonlMetrics(tmp_path / "b/metrics.jsonl").read()
@@ -420,7 +492,7 @@ def _tensors(obj: object) -> list[torch.Tensor]:
 
 
 def test_trainer_nan_keeps_last_good_checkpoint(tmp_path: Path) -> None:
-    trainer, code = _fit(tmp_path, debug_nan_at_step=5)
+    trainer, code = _fit(tmp_path, debug=DebugOptions(nan_at_step=5))
     assert code == EXIT_NON_FINITE
     last = load_checkpoint(tmp_path / "last.pt")
     assert last["global_step"] == 3  # the every-3-updates checkpoint before the NaN
@@ -431,7 +503,7 @@ def test_trainer_nan_keeps_last_good_checkpoint(tmp_path: Path) -> None:
 
 
 def test_trainer_resume_choices(tmp_path: Path) -> None:
-    _, code = _fit(tmp_path / "run", debug_signal_at_step=5)
+    _, code = _fit(tmp_path / "run", debug=_stop_at(5))
     assert code == EXIT_PREEMPTED
     with pytest.raises(CheckpointError, match="already holds checkpoints"):
         _fit(tmp_path / "run", resume=None)  # a fresh start would overwrite the run
@@ -446,7 +518,7 @@ def test_trainer_resume_choices(tmp_path: Path) -> None:
 
 def test_trainer_refuses_other_class_names(tmp_path: Path, caplog) -> None:
     """Labels are indices into class_names: a renamed class must not resume silently."""
-    _, code = _fit(tmp_path, debug_signal_at_step=5)
+    _, code = _fit(tmp_path, debug=_stop_at(5))
     assert code == EXIT_PREEMPTED
     for resume in ("auto", str(tmp_path / "last.pt")):
         trainer = _trainer(tmp_path)
@@ -461,9 +533,8 @@ def test_trainer_refuses_other_class_names(tmp_path: Path, caplog) -> None:
     trainer.data.class_names = ["0", "1", "2"]
     with pytest.raises(CheckpointError, match=r"index 3: checkpoint '3', data \(none\)"):
         trainer.resume("auto")
-    trainer = _trainer(tmp_path)
+    trainer = _trainer(tmp_path, allow_class_mismatch=True)
     trainer.data.class_names = ["0", "one", "2", "3"]
-    trainer.allow_class_mismatch = True
     with caplog.at_level(logging.WARNING, logger="xvol"):
         trainer.resume("auto")
     assert trainer.state.global_step == 5 and "allow_class_mismatch=true" in caplog.text

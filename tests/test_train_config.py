@@ -1,27 +1,36 @@
 """Config composition of scripts/train.py: every option of the groups and every experiment
-composes, validates and instantiates; an override typo fails with Hydra's own message; a bad
-value fails validation with one line naming the key."""
+composes, validates and instantiates; a bad value, a value of the wrong type and an unknown key
+each fail in one line naming the key (the trainer's from its schema, xvol/engine/options.py)."""
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import one_error_line
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import HydraException
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
 import xvol.config  # noqa: F401  (registers ${xvol_run_id:})
-from xvol.config import ConfigError, config_diff, validate_train_config
-from xvol.engine import build_optimizer, build_scheduler
+from xvol.config import (
+    TRAIN_CHECKS,
+    ConfigError,
+    composition_error,
+    config_diff,
+    validate_train_config,
+)
+from xvol.engine import TrainerOptions, build_optimizer, build_scheduler
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
-GROUPS = ["optim", "sched", "trainer", "logger", "paths", "model", "data"]
+GROUPS = ["optim", "sched", "trainer", "logger", "paths", "model", "data", "debug"]
 
 
 def _options(group: str) -> list[str]:
@@ -35,10 +44,12 @@ def _compose(overrides: list[str]):
 
 
 def _job(cfg):
-    """The job config (the hydra node has runtime-only fields), as scripts/train.py sees it."""
-    plain = OmegaConf.to_container(cfg, resolve=False)
-    plain.pop("hydra")
-    return OmegaConf.create(plain)
+    """The job config (the hydra node has runtime-only fields), as scripts/train.py sees it:
+    still typed by the schema."""
+    job = copy.deepcopy(cfg)
+    with open_dict(job):
+        job.pop("hydra")
+    return job
 
 
 def _resolve(cfg) -> dict:
@@ -58,10 +69,13 @@ def _check_buildable(cfg) -> None:
     optimizer = build_optimizer(instantiate(cfg.optim), model)
     scheduler = build_scheduler(instantiate(cfg.sched), optimizer, 10)
     assert scheduler is not None
-    if cfg.trainer.ema is not None:
-        assert instantiate(cfg.trainer.ema)(model).module is not model
-    mixup = instantiate(cfg.trainer.mixup, mixup_alpha=0.2)
+    options = OmegaConf.to_object(cfg.trainer)
+    assert isinstance(options, TrainerOptions)
+    if options.ema is not None:
+        assert options.ema.build(model).module is not model
+    mixup = options.mixup.build(cfg.data.num_classes, options.label_smoothing)
     assert mixup.num_classes == cfg.data.num_classes
+    assert options.loss_fn() is not None
     assert callable(instantiate(cfg.data))
 
 
@@ -81,25 +95,16 @@ def test_every_experiment_composes_and_builds(experiment: str) -> None:
     _check_buildable(_compose([f"experiment={experiment}"]))
 
 
-def test_override_typo_fails_with_hydra_message(tmp_path: Path) -> None:
-    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "scripts" / "train.py"),
-            "trainer.epoks=1",
-            f"paths.output_dir={tmp_path}",
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 1
-    assert "Could not override 'trainer.epoks'" in proc.stderr
-    assert "Key 'epoks' is not in struct" in proc.stderr
-    assert not any(tmp_path.iterdir())  # nothing was created
+def _error(overrides: list[str]) -> str:
+    """The one line a bad config ends in: Hydra's composition error, as the train command
+    prints it, or the validator's."""
+    try:
+        cfg = _compose(overrides)
+    except HydraException as err:
+        return str(composition_error(err))
+    with pytest.raises(ConfigError) as err:
+        validate_train_config(_job(cfg))
+    return str(err.value)
 
 
 @pytest.mark.parametrize(
@@ -108,6 +113,9 @@ def test_override_typo_fails_with_hydra_message(tmp_path: Path) -> None:
         ("trainer.epochs=abc", "trainer.epochs: expected a positive integer, got 'abc'"),
         ("trainer.epochs=0", "trainer.epochs: expected a positive integer, got 0"),
         ("trainer.epochs=2.5", "trainer.epochs: expected a positive integer, got 2.5"),
+        ("trainer.grad_accum=-1", "trainer.grad_accum: expected a positive integer, got -1"),
+        ("trainer.clip_grad=0", "trainer.clip_grad: expected a positive number or null, got 0.0"),
+        ("trainer.clip_mode=foo", "trainer.clip_mode: expected one of norm, value, agc, got 'foo'"),
         ("data.batch_size=0", "data.batch_size: expected a positive integer, got 0"),
         ("data.batch_size=-4", "data.batch_size: expected a positive integer, got -4"),
         ("data.img_size=0", "data.img_size: expected a positive integer, got 0"),
@@ -115,20 +123,87 @@ def test_override_typo_fails_with_hydra_message(tmp_path: Path) -> None:
         ("optim.lr=-0.1", "optim.lr: expected a positive number, got -0.1"),
         ("trainer.amp=fp8", "trainer.amp: expected auto, bf16, fp16 or none, got 'fp8'"),
         ("trainer.device=gpu", "trainer.device: expected auto, cpu, cuda or cuda:N, got 'gpu'"),
-        ("trainer.compile=yes", "trainer.compile: expected true or false, got 'yes'"),
+        ("trainer.compile=maybe", "trainer.compile: expected true or false, got 'maybe'"),
+        ("trainer.channels_last=2", "trainer.channels_last: expected auto, true or false, got 2"),
         ("trainer.checkpoint.mode=maximum", "trainer.checkpoint.mode: expected one of max, min"),
+        (
+            "trainer.checkpoint.keep_top_k=-1",
+            "trainer.checkpoint.keep_top_k: expected an integer >= 0, got -1",
+        ),
         (
             "trainer.checkpoint.metric=val_acc",
             "trainer.checkpoint.metric: expected auto or a metric of the epoch record (",
         ),
         ("trainer.label_smoothing=1.0", "trainer.label_smoothing: expected a number in [0, 1)"),
+        ("trainer.mixup.prob=2", "trainer.mixup.prob: expected a number in [0, 1], got 2.0"),
+        ("trainer.ema.decay=abc", "trainer.ema.decay: expected a number in [0, 1], got 'abc'"),
+        ("debug.nan_at_step=0", "debug.nan_at_step: expected a positive integer or null, got 0"),
+        (
+            "trainer.epoch=3",
+            "trainer.epoch: Could not override 'trainer.epoch': Key 'epoch' not in "
+            "'TrainerOptions'",
+        ),
+        ("data.batch=3", "data.batch: Could not override 'data.batch': Key 'batch' is not in"),
+        ("trainer=nope", "trainer: In 'train': Could not find 'trainer/nope' (options: default)"),
         ("model.arch=???", "model.arch: Missing mandatory value"),
     ],
 )
 def test_bad_value_names_the_key(override: str, message: str) -> None:
-    with pytest.raises(ConfigError) as err:
-        validate_train_config(_job(_compose([override])))
-    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+    line = _error([override])
+    assert line.startswith(message) and "\n" not in line
+
+
+def test_every_trainer_key_is_checked() -> None:
+    """Every key of the trainer and debug nodes has a check, so a value of the wrong type reads
+    like one out of range (the schema declares both)."""
+    cfg = _compose([])
+    leaves = [
+        f"{node}.{key}"
+        for node in ("trainer", "debug")
+        for key in _leaves(OmegaConf.to_container(cfg[node]))
+    ]
+    assert leaves and [key for key in leaves if key not in TRAIN_CHECKS] == []
+
+
+def _leaves(tree: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key, value in tree.items():
+        out += _leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else [prefix + key]
+    return out
+
+
+@pytest.mark.parametrize(
+    ("override", "line", "composes"),
+    [
+        ("trainer.epochs=abc", "error: trainer.epochs: expected a positive integer, got 'abc'", 0),
+        ("trainer.epoks=1", "error: trainer.epoks: Could not override 'trainer.epoks': Key", 0),
+        ("trainer.grad_accum=0", "error: trainer.grad_accum: expected a positive integer", 1),
+        ("debug.signal_at_step=-2", "error: debug.signal_at_step: expected a positive integer", 1),
+    ],
+)
+def test_the_command_fails_in_one_line(
+    override: str, line: str, composes: int, tmp_path: Path
+) -> None:
+    """The real command: a bad value or an unknown key, found while composing or validating,
+    ends in one error line on rank 0 (exit 1, no traceback) before anything is built."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "train.py"),
+            override,
+            "run_name=bad",
+            f"paths.output_dir={tmp_path}",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert one_error_line(proc).startswith(line)
+    # a config that composes has a run directory, where train.log keeps the line; else nothing
+    assert [p.name for p in tmp_path.glob("bad/*")] == (["train.log"] if composes else [])
 
 
 def test_ema_metric_needs_ema() -> None:
@@ -163,13 +238,11 @@ def test_checkpoint_metric_auto_follows_ema() -> None:
     ("overrides", "message"),
     [
         (["trainer.init_from=''"], "trainer.init_from: expected a checkpoint path or null"),
-        (["trainer.init_from_ema=yes"], "trainer.init_from_ema: expected true or false"),
+        (["trainer.init_from_ema=maybe"], "trainer.init_from_ema: expected true or false"),
         (["trainer.init_from_ema=true"], "trainer.init_from_ema: true needs trainer.init_from"),
     ],
 )
 def test_init_from_values(overrides: list[str], message: str) -> None:
-    with pytest.raises(ConfigError) as err:
-        validate_train_config(_job(_compose(overrides)))
-    assert str(err.value).startswith(message)
+    assert _error(overrides).startswith(message)
     ok = ["trainer.init_from=/runs/a/best.pt", "trainer.init_from_ema=true"]
     validate_train_config(_job(_compose(ok)))

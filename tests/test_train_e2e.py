@@ -162,7 +162,7 @@ def test_sigterm_then_torchrun_restart_resumes_exactly(run_a: Path, out_dir: Pat
             "run_name=B",
             f"paths.output_dir={out_dir}",
             "logger=wandb",
-            "trainer.debug_signal_at_step=40",
+            "debug.signal_at_step=40",
             restarts=1,
         )
     )
@@ -239,7 +239,7 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(out_dir: Path) -> None:
         f"paths.output_dir={out_dir}",
         "trainer.epochs=1",
         "trainer.checkpoint.every_steps=5",
-        "trainer.debug_nan_at_step=8",
+        "debug.nan_at_step=8",
     ]
     proc = _run(cmd)
     assert proc.returncode == EXIT_NON_FINITE, proc.output[-4000:]

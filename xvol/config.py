@@ -1,21 +1,37 @@
-"""The training config outside Hydra: OmegaConf resolvers used by configs/ (registered when xvol
-is imported), the validator of user-set values, and the run directory's config snapshot.
+"""The Hydra side of the training config: OmegaConf resolvers used by configs/ and the schema of
+the trainer and debug nodes (both registered when this module is imported), the validator of
+user-set values, the one-line form of a composition error, and the run directory's config
+snapshot.
 """
 
 from __future__ import annotations
 
-import math
 import os
-import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
+from hydra.core.config_store import ConfigStore
+from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import OmegaConfBaseException, ValidationError
+
+from xvol.engine.options import (
+    INT,
+    NON_NEGATIVE_INT,
+    NON_NEGATIVE_NUMBER,
+    POSITIVE_INT,
+    POSITIVE_NUMBER,
+    Check,
+    ConfigError,
+    DebugOptions,
+    TrainerOptions,
+    check_value,
+    option_checks,
+    optional,
+)
 
 
 def run_id() -> str:
@@ -57,71 +73,27 @@ def register_resolvers() -> None:
 register_resolvers()  # importing this module is what makes configs/ composable
 
 
+# ----------------------------------------------------------------------------- schema
+
+# The trainer and debug nodes are typed by the engine's options dataclasses: configs/trainer/
+# default.yaml and configs/debug/default.yaml start from these (``/trainer_schema@_here_``), so
+# Hydra rejects a wrong type or an unknown key while composing.
+ConfigStore.instance().store(name="trainer_schema", node=TrainerOptions)
+ConfigStore.instance().store(name="debug_schema", node=DebugOptions)
+
+
 # ----------------------------------------------------------------------------- validation
 
-
-class ConfigError(ValueError):
-    """A config value of the wrong type or out of range; the message starts with the key."""
-
-
-@dataclass(frozen=True)
-class Check:
-    """What a key accepts: ``ok(value)`` and the words for it in the error message."""
-
-    expected: str
-    ok: Callable[[Any], bool]
-    nullable: bool = False
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def optional(check: Check) -> Check:
-    return replace(check, expected=f"{check.expected} or null", nullable=True)
-
-
-def one_of(*choices: str) -> Check:
-    return Check("one of " + ", ".join(choices), lambda v: isinstance(v, str) and v in choices)
-
-
-POSITIVE_INT = Check("a positive integer", lambda v: _is_int(v) and v > 0)
-NON_NEGATIVE_INT = Check("an integer >= 0", lambda v: _is_int(v) and v >= 0)
-INT = Check("an integer", _is_int)
-POSITIVE_NUMBER = Check("a positive number", lambda v: _is_number(v) and v > 0)
-NON_NEGATIVE_NUMBER = Check("a number >= 0", lambda v: _is_number(v) and v >= 0)
-BOOL = Check("true or false", lambda v: isinstance(v, bool))
-AUTO_OR_BOOL = Check("auto, true or false", lambda v: v == "auto" or isinstance(v, bool))
-DEVICE = Check(
-    "auto, cpu, cuda or cuda:N",
-    lambda v: isinstance(v, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None,
-)
-NAME = Check("a non-empty name", lambda v: (isinstance(v, str) and v.strip() != "") or _is_int(v))
+NAME = Check("a non-empty name", lambda v: (isinstance(v, str) and v.strip() != "") or INT.ok(v))
 RESUME = Check(
     "auto, null or a checkpoint path",
     lambda v: v is False or (isinstance(v, str) and v.strip() != ""),
     nullable=True,
 )
 
-
-def _amp(v: Any) -> bool:
-    from xvol.engine.runtime import AMP_DTYPES  # lazy: xvol.config is imported by xvol itself
-
-    return v is None or v is False or (isinstance(v, str) and v.lower() in {"auto", *AMP_DTYPES})
-
-
-def _epoch_metric(v: Any) -> bool:
-    from xvol.engine.trainer import AUTO_METRIC, EPOCH_METRICS
-
-    return v == AUTO_METRIC or v in EPOCH_METRICS
-
-
-# The keys users set on the command line, each with what it accepts. Keys absent from the
-# composed config (a data backend without `workers`, say) are skipped.
+# The keys users set on the command line, each with what it accepts: the trainer and debug ones
+# as their options classes declare them, the others here. Keys absent from the composed config
+# (a data backend without `workers`, say) are skipped.
 TRAIN_CHECKS: dict[str, Check] = {
     "run_name": NAME,
     "seed": INT,
@@ -137,36 +109,8 @@ TRAIN_CHECKS: dict[str, Check] = {
     "optim.lr": POSITIVE_NUMBER,
     "optim.weight_decay": NON_NEGATIVE_NUMBER,
     "sched.warmup_epochs": NON_NEGATIVE_NUMBER,
-    "trainer.epochs": POSITIVE_INT,
-    "trainer.device": DEVICE,
-    "trainer.amp": Check("auto, bf16, fp16 or none", _amp, nullable=True),
-    "trainer.channels_last": AUTO_OR_BOOL,
-    "trainer.compile": BOOL,
-    "trainer.grad_accum": POSITIVE_INT,
-    "trainer.clip_grad": optional(POSITIVE_NUMBER),
-    "trainer.clip_mode": one_of("norm", "value", "agc"),
-    "trainer.sync_bn": AUTO_OR_BOOL,
-    "trainer.dist_bn": one_of("reduce", "broadcast"),
-    "trainer.deterministic": BOOL,
-    "trainer.label_smoothing": Check("a number in [0, 1)", lambda v: _is_number(v) and 0 <= v < 1),
-    "trainer.checkpoint.every_steps": NON_NEGATIVE_INT,
-    "trainer.checkpoint.keep_top_k": NON_NEGATIVE_INT,
-    "trainer.checkpoint.metric": Check(
-        "auto or a metric of the epoch record (val_top1, val_top5, val_loss, ema_top1, "
-        "ema_top5, ema_loss, train_loss, lr, img_s, epoch_time, eval_time)",
-        _epoch_metric,
-    ),
-    "trainer.checkpoint.mode": one_of("max", "min"),
-    "trainer.log_interval": POSITIVE_INT,
-    "trainer.progress_bar": BOOL,
-    "trainer.max_skipped_steps": POSITIVE_INT,
-    "trainer.allow_class_mismatch": BOOL,
-    "trainer.init_from": optional(
-        Check("a checkpoint path", lambda v: isinstance(v, str) and v.strip() != "")
-    ),
-    "trainer.init_from_ema": BOOL,
-    "trainer.debug_nan_at_step": optional(POSITIVE_INT),
-    "trainer.debug_signal_at_step": optional(POSITIVE_INT),
+    **option_checks(TrainerOptions, "trainer"),
+    **option_checks(DebugOptions, "debug"),
 }
 
 # Rules over several keys: (key the message names, broken(cfg), what is wrong).
@@ -188,7 +132,7 @@ TRAIN_RULES: list[tuple[str, Callable[[DictConfig], bool], str]] = [
 _ABSENT = object()
 
 
-def _one_line(err: Exception) -> str:
+def _one_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return text[0] if text else type(err).__name__
 
@@ -204,10 +148,8 @@ def validate_train_config(cfg: DictConfig) -> None:
             value = OmegaConf.select(cfg, key, default=_ABSENT, throw_on_missing=True)
         except OmegaConfBaseException as err:
             raise ConfigError(f"{key}: {_one_line(err)}") from None
-        if value is _ABSENT or (value is None and check.nullable):
-            continue
-        if value is None or not check.ok(value):
-            raise ConfigError(f"{key}: expected {check.expected}, got {value!r}")
+        if value is not _ABSENT:
+            check_value(key, check, value)
     for key, broken, message in TRAIN_RULES:
         if broken(cfg):
             raise ConfigError(f"{key}: {message}")
@@ -216,6 +158,25 @@ def validate_train_config(cfg: DictConfig) -> None:
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or "config"
         raise ConfigError(f"{key}: {_one_line(err)}") from None
+
+
+def composition_error(err: HydraException) -> ConfigError:
+    """Hydra's failure to compose the config (a bad override, a value of the wrong type for the
+    schema, an unknown key or option) as one line naming the key, as validate_train_config's."""
+    cause = err.__cause__
+    key = getattr(cause, "full_key", None)
+    if isinstance(cause, OmegaConfBaseException) and key:
+        check = TRAIN_CHECKS.get(key)
+        if isinstance(cause, ValidationError) and check is not None:
+            return ConfigError(f"{key}: expected {check.expected}, got {cause.value!r}")
+        return ConfigError(f"{key}: {_one_line(err).rstrip('.')}: {_one_line(cause)}")
+    if isinstance(err, MissingConfigException) and err.missing_cfg_file:
+        group = err.missing_cfg_file.rpartition("/")[0] or err.missing_cfg_file
+        options = f" (options: {', '.join(err.options)})" if err.options else ""
+        return ConfigError(f"{group}: {_one_line(err)}{options}")
+    if isinstance(err, OverrideParseException):
+        return ConfigError(f"{err.override}: {_one_line(err)}")
+    return ConfigError(_one_line(err))
 
 
 # ----------------------------------------------------------------------------- run snapshot

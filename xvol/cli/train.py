@@ -9,126 +9,119 @@ Usage:
 
 The run directory is ${paths.output_dir}/${run_name} (one for all ranks); one launch at a time
 holds it. Exit codes: 0 done, 3 non-finite loss, 143 preempted after checkpointing
-(xvol/engine/signals.py), 1 other errors. A bad value, bad data, an unusable checkpoint, a
-busy run directory or a failed write ends in one line, ``error: <key, file or cause>: ...``,
-printed by rank 0 and appended to train.log.
+(xvol/engine/signals.py), 1 other errors. A bad value (of the wrong type, out of range, or an
+unknown key), bad data, an unusable checkpoint, a busy run directory or a failed write ends in
+one line, ``error: <key, file or cause>: ...``, printed by rank 0 and appended to train.log
+(once the run directory is known: not for a config that does not compose).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import ConfigCompositionException, OverrideParseException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
-import xvol.config  # noqa: F401  (registers the ${xvol_run_id:} resolver)
+import xvol.config  # noqa: F401  (registers the resolvers and the trainer/debug schema)
 from xvol import engine
 from xvol.cli import config_dir
-from xvol.config import ConfigError, validate_train_config, write_run_snapshot
+from xvol.config import (
+    ConfigError,
+    composition_error,
+    validate_train_config,
+    write_run_snapshot,
+)
 from xvol.data import DataError
 from xvol.engine.checkpoint import git_revision
 from xvol.engine.dist import report_to_launcher
 from xvol.engine.log import log_to_files
-from xvol.engine.runtime import amp_dtype, configure_determinism, seed_everything
+from xvol.engine.runtime import configure_determinism, seed_everything
 from xvol.extras import MissingExtra
 from xvol.models import count_params
-
-
-def _auto(value: Any, default: bool) -> bool:
-    return default if value == "auto" else bool(value)
-
 
 # failures whose message names the key, file or cause: one line, no traceback
 USER_ERRORS = (ConfigError, DataError, engine.CheckpointError, engine.RunDirError, MissingExtra)
 
 
+def _metrics_opener(
+    cfg: DictConfig, run_dir: Path, config: dict[str, Any]
+) -> Callable[[str | None], engine.MetricsLogger]:
+    """Rank 0's metrics sink (metrics.jsonl, and wandb when enabled), given the wandb run id to
+    continue (Trainer.fit opens it once resume() has found that id)."""
+
+    def open_metrics(wandb_id: str | None) -> engine.MetricsLogger:
+        wandb = None
+        if cfg.logger.wandb.enabled:
+            wcfg = {
+                k: v
+                for k, v in OmegaConf.to_container(cfg.logger.wandb, resolve=True).items()
+                if k != "enabled"
+            }
+            wandb = engine.WandbSink(
+                run_dir=run_dir, name=cfg.run_name, config=config, run_id=wandb_id, **wcfg
+            )
+        return engine.MetricsLogger(engine.JsonlMetrics(run_dir / cfg.logger.metrics_file), wandb)
+
+    return open_metrics
+
+
 def train(cfg: DictConfig, denv: engine.DistEnv, device: torch.device, run_dir: Path) -> int:
-    tcfg = cfg.trainer
+    options: engine.TrainerOptions = OmegaConf.to_object(cfg.trainer)
     log = engine.get_logger("xvol")
     config = OmegaConf.to_container(cfg, resolve=True)
-    configure_determinism(tcfg.deterministic)
+    configure_determinism(options.deterministic)
     seed_everything(cfg.seed)  # same initial weights on every rank
 
     data = instantiate(cfg.data)(
         rank=denv.rank, world_size=denv.world_size, device=device, seed=cfg.seed
     )
-    cuda = device.type == "cuda"
-    channels_last = _auto(tcfg.channels_last, cuda)
-    sync_bn = _auto(tcfg.sync_bn, cuda and denv.distributed)
     model = engine.prepare_model(
-        instantiate(cfg.model), device, sync_bn=sync_bn, channels_last=channels_last
+        instantiate(cfg.model),
+        device,
+        sync_bn=options.use_sync_bn(device, denv.distributed),
+        channels_last=options.use_channels_last(device),
     )
     optimizer = engine.build_optimizer(instantiate(cfg.optim), model)
-    n_updates = engine.updates_per_epoch(data.steps_per_epoch, tcfg.grad_accum)
+    n_updates = engine.updates_per_epoch(data.steps_per_epoch, options.grad_accum)
     scheduler = engine.build_scheduler(instantiate(cfg.sched), optimizer, n_updates)
-    dtype = amp_dtype(tcfg.amp, device)
-    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
-    mix = tcfg.mixup
-    mixup = None
-    if mix is not None and (mix.mixup_alpha > 0 or mix.cutmix_alpha > 0 or mix.cutmix_minmax):
-        mixup = instantiate(mix)
-        loss_fn: torch.nn.Module = SoftTargetCrossEntropy()
-    elif tcfg.label_smoothing > 0:
-        loss_fn = LabelSmoothingCrossEntropy(smoothing=tcfg.label_smoothing)
-    else:
-        loss_fn = torch.nn.CrossEntropyLoss()
     seed_everything(cfg.seed + denv.rank)  # per-rank streams (Mixup, dropout); restored on resume
 
-    opts = engine.TrainOptions(
-        grad_accum=tcfg.grad_accum,
-        clip_grad=tcfg.clip_grad,
-        clip_mode=tcfg.clip_mode,
-        amp_dtype=dtype,
-        channels_last=channels_last,
-        log_interval=tcfg.log_interval,
-        max_skipped_steps=tcfg.max_skipped_steps,
-        progress_bar=tcfg.progress_bar,
-        debug_nan_at_step=tcfg.debug_nan_at_step,
-        debug_signal_at_step=tcfg.debug_signal_at_step,
-    )
     trainer = engine.Trainer(
         model=model,
         optimizer=optimizer,
-        loss_fn=loss_fn.to(device),
         data=data,
         denv=denv,
         device=device,
-        epochs=tcfg.epochs,
         run_dir=run_dir,
-        opts=opts,
-        ckpt=engine.CheckpointOptions(**tcfg.checkpoint),
+        options=options,
         config=config,
         scheduler=scheduler,
-        scaler=scaler,
-        ema_factory=instantiate(tcfg.ema) if tcfg.ema is not None else None,
-        mixup=mixup,
-        compile_model=tcfg.compile,
-        sync_bn=sync_bn,
-        dist_bn=tcfg.dist_bn,
+        debug=OmegaConf.to_object(cfg.debug),
         guard=engine.PreemptionGuard(),  # SIGTERM/SIGUSR1, armed while Trainer.fit runs
         git=git_revision() if denv.is_main else None,
-        allow_class_mismatch=tcfg.allow_class_mismatch,
+        metrics=_metrics_opener(cfg, run_dir, config) if denv.is_main else None,
     )
     resumed = trainer.resume(cfg.resume)
-    if tcfg.init_from and resumed is not None:
+    if options.init_from and resumed is not None:
         log.info(
             "trainer.init_from=%s not used: this run continues its own checkpoint %s (resume "
             "wins once a run has checkpoints)",
-            tcfg.init_from,
+            options.init_from,
             resumed,
         )
-    elif tcfg.init_from:
-        trainer.init_from(tcfg.init_from, ema=tcfg.init_from_ema)
+    elif options.init_from:
+        trainer.init_from(options.init_from, ema=options.init_from_ema)
 
-    metrics = None
     if denv.is_main:
         overrides = list(HydraConfig.get().overrides.task)
         differ = write_run_snapshot(run_dir, cfg, overrides, resumed is not None)
@@ -139,20 +132,6 @@ def train(cfg: DictConfig, denv: engine.DistEnv, device: torch.device, run_dir: 
                 "written with)",
                 ", ".join(differ[:8]) + (f", ... ({len(differ)} keys)" if len(differ) > 8 else ""),
             )
-        wandb = None
-        if cfg.logger.wandb.enabled:
-            wcfg = {
-                k: v
-                for k, v in OmegaConf.to_container(cfg.logger.wandb, resolve=True).items()
-                if k != "enabled"
-            }
-            wandb = engine.WandbSink(
-                run_dir=run_dir, name=cfg.run_name, config=config, run_id=trainer.wandb_id, **wcfg
-            )
-        metrics = engine.MetricsLogger(
-            engine.JsonlMetrics(run_dir / cfg.logger.metrics_file), wandb
-        )
-    trainer.metrics = metrics
     n_params = count_params(model)
     log.info(
         "run %s in %s: %d rank(s) on %s, %s params, %d train / %d val images, "
@@ -166,15 +145,10 @@ def train(cfg: DictConfig, denv: engine.DistEnv, device: torch.device, run_dir: 
         data.num_val,
         data.steps_per_epoch,
         cfg.data.batch_size,
-        dtype,
+        trainer.opts.amp_dtype,
     )
     log.info("optimizer: %s", engine.optim.describe_param_groups(optimizer))
-    code = 1  # what wandb records if fit() raises
-    try:
-        code = trainer.fit()
-    finally:
-        if metrics is not None:
-            metrics.close(code)
+    code = trainer.fit()
     engine.dist.barrier()  # ranks leave together: torchrun signals the rest when one exits
     if code == engine.EXIT_OK and trainer.state.metrics:
         m = trainer.state.metrics
@@ -213,7 +187,8 @@ def _fail(denv: engine.DistEnv, err: Exception) -> NoReturn:
 
 
 @hydra.main(config_path=str(config_dir()), config_name="train", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def run(cfg: DictConfig) -> None:
+    """One training job of the composed config (each job of a --multirun sweep)."""
     denv = engine.read_dist_env()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     engine.setup_logging(denv.rank, run_dir / cfg.logger.log_file)
@@ -237,6 +212,20 @@ def main(cfg: DictConfig) -> None:
         _fail(denv, err)
     if code != engine.EXIT_OK:
         sys.exit(code)
+
+
+def main() -> None:
+    """``xvol-train``: Hydra composes the config from the command line, then :func:`run`.
+
+    A failure to compose it (a value of the wrong type, an unknown key or option, a bad
+    override) ends like a bad value: one ``error: <key>: ...`` line, exit code 1. Hydra raises it
+    to us instead of printing its own message (HYDRA_FULL_ERROR=1, unless set otherwise).
+    """
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    try:
+        run()
+    except (ConfigCompositionException, OverrideParseException) as err:
+        _fail(engine.read_dist_env(), composition_error(err))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Training engine: dist setup, train/eval loops, checkpoints, optimizer/schedule, metrics.
 
-Takes plain objects and never imports Hydra; scripts/train.py wires the config to it.
+Takes plain objects and never imports Hydra; xvol.cli.train wires the config to it. The
+trainer's options and what they accept are declared once, in xvol/engine/options.py.
 """
 
 from xvol.engine.checkpoint import CheckpointManager, load_state_dict_strict, strip_prefixes
@@ -9,9 +10,16 @@ from xvol.engine.log import get_logger, setup_logging
 from xvol.engine.loop import NonFiniteLossError, TrainOptions, TrainState, evaluate, train_one_epoch
 from xvol.engine.metrics import JsonlMetrics, MetricsLogger, WandbSink
 from xvol.engine.optim import build_optimizer, build_scheduler, updates_per_epoch
+from xvol.engine.options import (
+    CheckpointOptions,
+    DebugOptions,
+    EmaOptions,
+    MixupOptions,
+    TrainerOptions,
+)
 from xvol.engine.rundir import RunDirError, RunDirLock, lock_run_dir
 from xvol.engine.signals import EXIT_NON_FINITE, EXIT_OK, EXIT_PREEMPTED, PreemptionGuard
-from xvol.engine.trainer import CheckpointOptions, Trainer, prepare_model
+from xvol.engine.trainer import Trainer, prepare_model
 from xvol.formats.checkpoint import (
     FORMAT_VERSION,
     CheckpointError,
@@ -27,9 +35,12 @@ __all__ = [
     "CheckpointError",
     "CheckpointManager",
     "CheckpointOptions",
+    "DebugOptions",
     "DistEnv",
+    "EmaOptions",
     "JsonlMetrics",
     "MetricsLogger",
+    "MixupOptions",
     "NonFiniteLossError",
     "PreemptionGuard",
     "RunDirError",
@@ -37,6 +48,7 @@ __all__ = [
     "TrainOptions",
     "TrainState",
     "Trainer",
+    "TrainerOptions",
     "WandbSink",
     "build_optimizer",
     "build_scheduler",

@@ -21,9 +21,11 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from xvol.engine import runtime
 from xvol.engine.dist import all_reduce_sum
 from xvol.engine.log import get_logger
 from xvol.engine.metrics import topk_correct
+from xvol.engine.options import DebugOptions, TrainerOptions
 from xvol.engine.runtime import autocast
 
 __all__ = [
@@ -44,17 +46,35 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class TrainOptions:
-    grad_accum: int = 1
-    clip_grad: float | None = None
-    clip_mode: str = "norm"  # timm dispatch_clip_grad: norm, value or agc
-    amp_dtype: torch.dtype | None = None
+    """What train_one_epoch reads: the loop's part of TrainerOptions resolved for a device
+    (:meth:`resolve`, as Trainer does), or set directly by callers of the loop alone."""
+
+    grad_accum: int = TrainerOptions.grad_accum
+    clip_grad: float | None = TrainerOptions.clip_grad
+    clip_mode: str = TrainerOptions.clip_mode
+    max_skipped_steps: int = TrainerOptions.max_skipped_steps
+    progress_bar: bool = TrainerOptions.progress_bar
+    amp_dtype: torch.dtype | None = None  # autocast dtype; None: full precision
     channels_last: bool = False
-    log_interval: int = 50
-    max_skipped_steps: int = 100  # fp16: consecutive steps GradScaler may skip before we give up
-    progress_bar: bool = True
-    debug_nan_at_step: int | None = None  # testing: make the loss of this update NaN
-    debug_signal_at_step: int | None = None  # testing: rank 0 sends itself SIGTERM at this update
+    debug: DebugOptions = field(default_factory=DebugOptions)
     epochs: int | None = None  # the run's length, for "epoch 3/90" in the progress bar
+
+    @classmethod
+    def resolve(
+        cls, options: TrainerOptions, device: torch.device, debug: DebugOptions
+    ) -> TrainOptions:
+        """``options`` for a run on ``device``: ``amp`` and ``channels_last`` decided."""
+        return cls(
+            grad_accum=options.grad_accum,
+            clip_grad=options.clip_grad,
+            clip_mode=options.clip_mode,
+            max_skipped_steps=options.max_skipped_steps,
+            progress_bar=options.progress_bar,
+            amp_dtype=runtime.amp_dtype(options.amp, device),
+            channels_last=options.use_channels_last(device),
+            debug=debug,
+            epochs=options.epochs,
+        )
 
 
 @dataclass
@@ -164,7 +184,7 @@ def train_one_epoch(
             with autocast(device, opts.amp_dtype):
                 output = model(images)
                 loss = loss_fn(output, targets)
-            if state.global_step + 1 == opts.debug_nan_at_step:
+            if state.global_step + 1 == opts.debug.nan_at_step:
                 loss = loss * float("nan")
             loss_acc += loss.detach().float()
             scaled = loss / group_size
@@ -176,7 +196,7 @@ def train_one_epoch(
                 continue
 
             # -- one optimizer update --------------------------------------------------------
-            if is_main and state.global_step + 1 == opts.debug_signal_at_step:
+            if is_main and state.global_step + 1 == opts.debug.signal_at_step:
                 signal.raise_signal(signal.SIGTERM)
             mean_loss = loss_acc / group_size
             flags = torch.stack(

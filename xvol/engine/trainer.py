@@ -1,15 +1,15 @@
 """The epoch loop around train_one_epoch/evaluate: wrapping, resume, checkpoints, metrics.
 
-``Trainer`` takes plain objects (model, optimizer, scheduler, DataBundle, ...) and no config
-library; scripts/train.py builds them from the Hydra config. Every rank runs the same calls in
-the same order (saving and resuming contain collectives); only rank 0 touches files.
+``Trainer`` takes plain objects (model, optimizer, scheduler, DataBundle, TrainerOptions, ...)
+and no config library; xvol.cli.train builds them from the Hydra config. Every rank runs the
+same calls in the same order (saving and resuming contain collectives); only rank 0 touches
+files.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from xvol.engine.dist import DistEnv, all_gather_objects, all_reduce_sum
 from xvol.engine.log import get_logger
 from xvol.engine.loop import NonFiniteLossError, TrainOptions, TrainState, evaluate, train_one_epoch
 from xvol.engine.metrics import MetricsLogger, better
+from xvol.engine.options import AUTO_METRIC, DebugOptions, TrainerOptions
 from xvol.engine.signals import EXIT_NON_FINITE, EXIT_OK, EXIT_PREEMPTED, PreemptionGuard
 from xvol.formats.checkpoint import (
     FORMAT_VERSION,
@@ -39,35 +40,9 @@ from xvol.formats.checkpoint import (
     load_checkpoint,
 )
 
-__all__ = [
-    "AUTO_METRIC",
-    "EPOCH_METRICS",
-    "CheckpointOptions",
-    "Trainer",
-    "checkpoint_metric",
-    "prepare_model",
-]
+__all__ = ["Trainer", "checkpoint_metric", "prepare_model"]
 
 log = get_logger(__name__)
-
-# the numbers of an epoch record (Trainer._end_epoch), any of which can rank checkpoints;
-# the ema_* ones exist only with an EMA
-EPOCH_METRICS = (
-    "val_top1",
-    "val_top5",
-    "val_loss",
-    "ema_top1",
-    "ema_top5",
-    "ema_loss",
-    "train_loss",
-    "lr",
-    "img_s",
-    "epoch_time",
-    "eval_time",
-)
-
-
-AUTO_METRIC = "auto"
 
 
 def checkpoint_metric(metric: str, ema: bool) -> str:
@@ -80,14 +55,6 @@ def checkpoint_metric(metric: str, ema: bool) -> str:
     if metric == AUTO_METRIC:
         return "ema_top1" if ema else "val_top1"
     return metric
-
-
-@dataclass
-class CheckpointOptions:
-    every_steps: int = 0  # also checkpoint every N optimizer updates (0: epoch ends only)
-    keep_top_k: int = 3  # epoch checkpoints kept, ranked by `metric`
-    metric: str = AUTO_METRIC  # auto (ema_top1 with an EMA, else val_top1) or an EPOCH_METRICS
-    mode: str = "max"
 
 
 def prepare_model(
@@ -112,59 +79,64 @@ def _is_bn_stat(key: str) -> bool:
 
 
 class Trainer:
-    """Runs epochs ``state.epoch .. epochs-1`` with checkpoints, resume and preemption."""
+    """Runs epochs ``state.epoch .. options.epochs-1`` with checkpoints, resume and preemption.
+
+    Builds what follows from ``options`` alone: the loss (cross-entropy, label-smoothed, or soft
+    targets with Mixup/CutMix), Mixup, the EMA, the fp16 GradScaler, DDP and torch.compile.
+    ``metrics`` (rank 0) opens the run's metrics sink given the wandb run id to continue (the
+    one :meth:`resume` restored, or None); :meth:`fit` opens it and closes it with its exit code.
+    """
 
     def __init__(
         self,
         *,
         model: nn.Module,
         optimizer: Optimizer,
-        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         data: DataBundle,
         denv: DistEnv,
         device: torch.device,
-        epochs: int,
         run_dir: str | Path,
-        opts: TrainOptions,
-        ckpt: CheckpointOptions,
+        options: TrainerOptions,
         config: dict[str, Any],
         scheduler: Any = None,
-        scaler: torch.amp.GradScaler | None = None,
-        ema_factory: Callable[[nn.Module], Any] | None = None,
-        mixup: Callable[..., Any] | None = None,
-        compile_model: bool = False,
-        sync_bn: bool = False,
-        dist_bn: str = "reduce",
+        debug: DebugOptions | None = None,
         guard: PreemptionGuard | None = None,
         git: dict[str, Any] | None = None,
-        allow_class_mismatch: bool = False,
+        metrics: Callable[[str | None], MetricsLogger] | None = None,
     ) -> None:
         self.raw = model
-        self.optimizer, self.loss_fn, self.data = optimizer, loss_fn, data
-        self.denv, self.device, self.epochs = denv, device, epochs
+        self.optimizer, self.data, self.scheduler = optimizer, data, scheduler
+        self.denv, self.device, self.epochs = denv, device, options.epochs
         self.run_dir = Path(run_dir)
-        if opts.epochs is None:  # the progress bar's "epoch 3/90"
-            opts = replace(opts, epochs=epochs)
-        self.opts, self.ckpt, self.config = opts, ckpt, config
-        self.scheduler, self.scaler, self.mixup = scheduler, scaler, mixup
+        self.options, self.config = options, config
+        self.opts = TrainOptions.resolve(options, device, debug or DebugOptions())
+        self.loss_fn = options.loss_fn().to(device)
+        self.mixup = (
+            options.mixup.build(data.num_classes, options.label_smoothing)
+            if options.mixup is not None and options.mixup.enabled
+            else None
+        )
+        fp16 = self.opts.amp_dtype == torch.float16
+        self.scaler = torch.amp.GradScaler(device.type) if fp16 else None
         self.guard = guard or PreemptionGuard(signals=())
         self.git = git or {"revision": None, "dirty": None}
-        self.allow_class_mismatch = allow_class_mismatch
         self.train_model: nn.Module = model
         if denv.distributed:
             self.train_model = DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None
             )
         self.eval_model: nn.Module = model  # never DDP: ranks may hold uneven val batches
-        if compile_model:
+        if options.compile:
             self.train_model = torch.compile(self.train_model)
             self.eval_model = torch.compile(model)
         # after DDP construction, which broadcast rank 0's weights: every EMA starts the same
-        self.ema = ema_factory(model) if ema_factory is not None else None
+        self.ema = options.ema.build(model) if options.ema is not None else None
         # BN statistics differ per rank unless synchronized: average them for eval and saving
-        self.average_bn = denv.distributed and not sync_bn and dist_bn == "reduce"
-        self.broadcast_bn = denv.distributed and not sync_bn and dist_bn == "broadcast"
+        unsynced = denv.distributed and not options.use_sync_bn(device, denv.distributed)
+        self.average_bn = unsynced and options.dist_bn == "reduce"
+        self.broadcast_bn = unsynced and options.dist_bn == "broadcast"
         self.state = TrainState()
+        ckpt = options.checkpoint
         self.metric = checkpoint_metric(ckpt.metric, self.ema is not None)
         self.manager = (
             CheckpointManager(run_dir, ckpt.keep_top_k, self.metric, ckpt.mode)
@@ -179,7 +151,8 @@ class Trainer:
             why = "trainer.checkpoint.metric"
         order = "highest" if ckpt.mode == "max" else "lowest"
         log.info("best.pt: the epoch with the %s %s (%s)", order, self.metric, why)
-        self.metrics: MetricsLogger | None = None  # rank 0 only; attach after resume()
+        self._open_metrics = metrics
+        self.metrics: MetricsLogger | None = None  # open while fit() runs
         self.wandb_id: str | None = None
         self.last_checkpoint: Path | None = None
         self._saved_at: int | None = None
@@ -271,7 +244,7 @@ class Trainer:
             f"{i}: checkpoint {at(saved)}, data {at(ours)} ({differ} differ; {len(saved)} vs "
             f"{len(ours)} classes)"
         )
-        if not self.allow_class_mismatch:
+        if not self.options.allow_class_mismatch:
             raise CheckpointError(
                 message + ". Labels would shift; pass trainer.allow_class_mismatch=true to "
                 "continue anyway",
@@ -436,7 +409,7 @@ class Trainer:
     def _on_update(self, s: TrainState, info: dict[str, float]) -> None:
         self._window[0] += info["images"]
         self._window[1] += info["time"]
-        if s.global_step % max(1, self.opts.log_interval) == 0:
+        if s.global_step % self.options.log_interval == 0:
             img_s = self._window[0] / max(self._window[1], 1e-9)
             self._window = [0.0, 0.0]
             if self.metrics is not None:
@@ -451,7 +424,7 @@ class Trainer:
                         "img_s": img_s,
                     }
                 )
-            if not self.opts.progress_bar:
+            if not self.options.progress_bar:
                 log.info(
                     "epoch %d/%d batch %d/%d update %d: loss %.4f lr %.4g %.0f img/s",
                     s.epoch + 1,
@@ -463,7 +436,7 @@ class Trainer:
                     info["lr"],
                     img_s,
                 )
-        every = self.ckpt.every_steps
+        every = self.options.checkpoint.every_steps
         if every and s.global_step % every == 0 and s.step < self.data.steps_per_epoch:
             self.save(epoch_end=False)
 
@@ -505,7 +478,7 @@ class Trainer:
             eval_time=time.perf_counter() - tic,
         )
         value = record.get(self.metric)
-        if better(value, s.best_metric, self.ckpt.mode):
+        if better(value, s.best_metric, self.options.checkpoint.mode):
             s.best_metric = float(value)
         s.metrics = {
             k: float(v) for k, v in record.items() if k not in ("kind", "epoch", "global_step")
@@ -539,7 +512,21 @@ class Trainer:
         return record
 
     def fit(self) -> int:
-        """Train to ``epochs``; returns EXIT_OK, EXIT_PREEMPTED or EXIT_NON_FINITE."""
+        """Train to ``options.epochs``; returns EXIT_OK, EXIT_PREEMPTED or EXIT_NON_FINITE.
+
+        Call :meth:`resume` (or :meth:`init_from`) first. Rank 0's metrics sink is open while
+        this runs and is closed with the exit code (1 when training raises)."""
+        if self._open_metrics is not None:
+            self.metrics = self._open_metrics(self.wandb_id)
+        code = 1
+        try:
+            code = self._fit()
+        finally:
+            if self.metrics is not None:
+                self.metrics.close(code)
+        return code
+
+    def _fit(self) -> int:
         s = self.state
         if self.metrics is not None:
             self.metrics.truncate_after(s.epoch, s.global_step)

@@ -85,6 +85,24 @@ def test_recipe_ignores_seed_model_and_run_bookkeeping() -> None:
     assert recipe_fingerprint({"model": model_config(), "data": {"root": "/a"}}) is None
 
 
+def test_recipe_of_a_config_from_before_the_trainer_schema_is_the_same() -> None:
+    """Old runs stored mixup/ema as _target_ nodes and the debug hooks in trainer: they still
+    pair with new runs of the same recipe; the debug group is never part of a recipe."""
+    new = {"model": model_config(), "data": {"root": "/a", "num_classes": 3}, **RECIPE}
+    new["trainer"] = {**new["trainer"], "label_smoothing": 0.1,
+                      "mixup": {"mixup_alpha": 0.2, "cutmix_alpha": 0.0},
+                      "ema": {"decay": 0.9998, "use_warmup": True}}  # fmt: skip
+    old = copy.deepcopy(new)
+    old["trainer"].update(debug_nan_at_step=None, debug_signal_at_step=None)
+    old["trainer"]["mixup"].update(_target_="timm.data.Mixup", label_smoothing=0.1, num_classes=3)
+    old["trainer"]["ema"].update(_target_="timm.utils.ModelEmaV3", _partial_=True)
+    debugged = {**copy.deepcopy(new), "debug": {"nan_at_step": 3, "signal_at_step": None}}
+    assert recipe_fingerprint(old) == recipe_fingerprint(new) == recipe_fingerprint(debugged)
+    other = copy.deepcopy(new)
+    other["trainer"]["mixup"]["mixup_alpha"] = 0.8
+    assert recipe_fingerprint(other) != recipe_fingerprint(new)
+
+
 @pytest.mark.dali
 def test_two_backends_records_coexist(tiny: dict[str, Path], tmp_path: Path) -> None:
     pytest.importorskip("nvidia.dali")

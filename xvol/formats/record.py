@@ -77,8 +77,17 @@ _NOT_RECIPE = (
     "trainer.progress_bar",
     "trainer.max_skipped_steps",
     "trainer.allow_class_mismatch",
+    "debug",
+    # stored by xvol before the trainer schema (xvol/engine/options.py): the debug hooks lived in
+    # trainer, and mixup/ema were _target_ nodes repeating trainer.label_smoothing and
+    # data.num_classes; left out so that older runs keep pairing with newer ones
     "trainer.debug_nan_at_step",
     "trainer.debug_signal_at_step",
+    "trainer.mixup._target_",
+    "trainer.mixup.label_smoothing",
+    "trainer.mixup.num_classes",
+    "trainer.ema._target_",
+    "trainer.ema._partial_",
 )
 
 

@@ -371,7 +371,7 @@ def test_classifier_keys_of_a_timm_resnet() -> None:
 
 
 def test_a_nan_epoch_never_becomes_best(tmp_path: Path) -> None:
-    """best.pt and the index follow the trainer's rule (xvol.engine.metrics.better)."""
+    """best.pt and the index follow the one rule (xvol.engine.metrics.better)."""
     manager = CheckpointManager(tmp_path, keep_top_k=3, metric="val_loss", mode="min")
     _epoch_end(manager, 1, val_loss=float("nan"))
     assert not manager.best_updated and not manager.best.exists()
@@ -381,3 +381,21 @@ def test_a_nan_epoch_never_becomes_best(tmp_path: Path) -> None:
     _epoch_end(manager, 3, val_loss=float("nan"))
     assert not manager.best_updated and manager.best_epoch() == (2, 0.5)
     assert load_checkpoint(manager.best)["metrics"]["val_loss"] == 0.5
+
+
+def test_each_checkpoint_carries_the_index_best_value(tmp_path: Path) -> None:
+    """best_metric in a checkpoint is what checkpoints.json held when it was written: one record
+    of the best value, also across a relaunch that ranks by another metric and mid-epoch saves."""
+    manager = CheckpointManager(tmp_path, keep_top_k=3, metric="val_top1", mode="max")
+    _epoch_end(manager, 1, val_top1=float("nan"), ema_top1=10.0)
+    assert load_checkpoint(manager.last)["best_metric"] is None
+    _epoch_end(manager, 2, val_top1=60.0, ema_top1=20.0)
+    _epoch_end(manager, 3, val_top1=50.0, ema_top1=30.0)
+    last = load_checkpoint(manager.last)
+    assert (last["best_metric"], last["best_metric_name"]) == (60.0, "val_top1")
+    relaunched = CheckpointManager(tmp_path, keep_top_k=3, metric="ema_top1", mode="max")
+    relaunched.save(_full_state(), epoch_end=False)  # mid-epoch: the index ranks by val_top1
+    last = load_checkpoint(relaunched.last)
+    assert (last["best_metric"], last["best_metric_name"]) == (None, "ema_top1")
+    _epoch_end(relaunched, 4, val_top1=70.0, ema_top1=25.0)  # re-ranked: epoch 3's 30 is best
+    assert load_checkpoint(relaunched.last)["best_metric"] == 30.0 == relaunched.best_epoch()[1]

@@ -340,7 +340,10 @@ class CheckpointManager:
 
     def save(self, state: Mapping[str, Any], epoch_end: bool = False) -> Path:
         """Write ``last.pt`` (keeping the one before as ``prev.pt``); at an epoch end also
-        ``epoch_NNNN.pt``, pruned to the top-k, and ``best.pt`` when it is the best so far."""
+        ``epoch_NNNN.pt``, pruned to the top-k, and ``best.pt`` when it is the best so far.
+
+        The manager owns the best value: it sets ``best_metric`` (the best ``metric`` so far, by
+        checkpoints.json) and ``best_metric_name`` of the written checkpoint."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         try:
             return self._save(state, epoch_end)
@@ -367,22 +370,28 @@ class CheckpointManager:
                 self.last,
                 self.prev.name,
             )
-        save_checkpoint(state, self.last)
-        self.last_known_good = True
-        self.best_updated = False
-        if not epoch_end:
-            return self.last
+        # The index is the one record of the best value: the checkpoint carries its value as of
+        # this save (best_metric), so the file and checkpoints.json never disagree.
         index = self._read_index()
-        if index["metric"] is not None and (index["metric"], index["mode"]) != (
-            self.metric,
-            self.mode,
-        ):
-            self._rerank(index)
-        index["metric"], index["mode"] = self.metric, self.mode
+        ranked_by_this = (index["metric"], index["mode"]) == (self.metric, self.mode)
+        self.best_updated = False
         metrics = dict(state.get("metrics") or {})
         value = metrics.get(self.metric)
         value = float(value) if value is not None else None
+        if epoch_end:
+            if index["metric"] is not None and not ranked_by_this:
+                self._rerank(index)
+            index["metric"], index["mode"] = self.metric, self.mode
+            ranked_by_this = True
+            self.best_updated = better(value, index["best_metric"], self.mode)
         finished_epoch = int(state["epoch"])  # epochs done = the 1-based number of this one
+        if self.best_updated:
+            index["best_epoch"], index["best_metric"] = finished_epoch, value
+        best = index["best_metric"] if ranked_by_this else None
+        save_checkpoint({**state, "best_metric": best, "best_metric_name": self.metric}, self.last)
+        self.last_known_good = True
+        if not epoch_end:
+            return self.last
         name = f"epoch_{finished_epoch:04d}.pt"
         _link_or_copy(self.last, self.run_dir / name)
         entries = [e for e in index["epochs"] if e["file"] != name]
@@ -395,10 +404,8 @@ class CheckpointManager:
                 "metrics": {k: float(v) for k, v in metrics.items()},
             }
         )
-        self.best_updated = better(value, index["best_metric"], self.mode)
         if self.best_updated:
             _link_or_copy(self.last, self.best)
-            index["best_epoch"], index["best_metric"] = finished_epoch, value
         # keep the top-k by metric (ties: best.pt's epoch, then the newest; missing values last)
         sign = -1.0 if self.mode == "max" else 1.0
 

@@ -89,7 +89,6 @@ class TrainState:
     images: int = 0  # unfinished epoch: images seen on all ranks
     elapsed: float = 0.0  # unfinished epoch: seconds spent training
     skipped_in_a_row: int = 0
-    best_metric: float | None = None
     metrics: dict[str, float] = field(default_factory=dict)
 
     def epoch_state(self) -> dict[str, float]:

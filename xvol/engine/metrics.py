@@ -40,7 +40,7 @@ def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks: Sequence[int]) 
 
 def better(a: float | None, b: float | None, mode: str) -> bool:
     """Is ``a`` a better value of a tracked metric than the best so far, ``b``, under ``mode``
-    (max/min)? The one comparison of best values (the trainer's ``best_metric``, best.pt and the
+    (max/min)? The one comparison of best values (best.pt, the checkpoints' ``best_metric`` and the
     ranking of checkpoints.json): a missing or non-finite value never becomes best, and anything
     finite beats one."""
     if a is None or not math.isfinite(a):

@@ -29,7 +29,7 @@ from xvol.engine.checkpoint import (
 from xvol.engine.dist import DistEnv, all_gather_objects, all_reduce_sum
 from xvol.engine.log import get_logger
 from xvol.engine.loop import NonFiniteLossError, TrainOptions, TrainState, evaluate, train_one_epoch
-from xvol.engine.metrics import MetricsLogger, better
+from xvol.engine.metrics import MetricsLogger
 from xvol.engine.options import AUTO_METRIC, DebugOptions, TrainerOptions
 from xvol.engine.signals import EXIT_NON_FINITE, EXIT_OK, EXIT_PREEMPTED, PreemptionGuard
 from xvol.formats.checkpoint import (
@@ -274,9 +274,6 @@ class Trainer:
         es = ckpt.get("epoch_state") or {}
         s.loss_sum, s.loss_count = float(es.get("loss_sum", 0.0)), int(es.get("loss_count", 0))
         s.images, s.elapsed = int(es.get("images", 0)), float(es.get("elapsed", 0.0))
-        s.best_metric = ckpt.get("best_metric")
-        if ckpt.get("best_metric_name", "val_top1") != self.metric:  # a relaunch changed it
-            s.best_metric = None
         s.metrics = dict(ckpt.get("metrics") or {})
         self.wandb_id = ckpt.get("wandb_id")
         rng = ckpt.get("rng") or []
@@ -375,8 +372,6 @@ class Trainer:
             "config": self.config,
             "class_names": list(self.data.class_names),
             "metrics": dict(s.metrics),
-            "best_metric": s.best_metric,
-            "best_metric_name": self.metric,
             "wandb_id": self.metrics.wandb_id if self.metrics is not None else self.wandb_id,
             "git": self.git,
             "versions": checkpoint_versions(),
@@ -478,8 +473,6 @@ class Trainer:
             eval_time=time.perf_counter() - tic,
         )
         value = record.get(self.metric)
-        if better(value, s.best_metric, self.options.checkpoint.mode):
-            s.best_metric = float(value)
         s.metrics = {
             k: float(v) for k, v in record.items() if k not in ("kind", "epoch", "global_step")
         }

@@ -36,7 +36,8 @@ class_names           list of str, the data set's class names (index = label)
 metrics               dict of floats from the last evaluation: val_top1, val_top5, val_loss,
                       ema_top1, ema_top5, ema_loss (with EMA), train_loss, lr, img_s,
                       epoch_time, eval_time (empty before the first evaluation)
-best_metric           float or None, the best value of the tracked metric so far
+best_metric           float or None, the best value of the tracked metric so far, as the run
+                      directory's checkpoints.json held it (set by CheckpointManager.save)
 best_metric_name      str, that metric (the one that ranks epoch files and picks best.pt);
                       absent in checkpoints written before it was recorded
 wandb_id              str or None, the wandb run a resumed run continues

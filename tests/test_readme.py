@@ -87,3 +87,26 @@ def test_readme_python_examples_run() -> None:
     assert blocks
     for block in blocks:
         exec(compile(block, "README.md", "exec"), {"__name__": "readme"})
+
+
+def _layout_block() -> str:
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Repository layout", 1)[1]
+    return section.split("```", 2)[1]
+
+
+def test_readme_layout_matches_the_tree() -> None:
+    """Every path the layout names exists, and every package and module of xvol/ is named."""
+    block = _layout_block()
+    named = set(re.findall(r"(?m)^([\w./-]+/?)\s", block))
+    for path in named:
+        assert (ROOT / path).exists(), f"README layout names {path}, which is not in the tree"
+    listed = " ".join(named)
+    for child in sorted((ROOT / "xvol").iterdir()):
+        if child.name.startswith(("_", ".")) or child.suffix not in {".py", ""}:
+            continue
+        rel = f"xvol/{child.name}" + ("/" if child.is_dir() else "")
+        assert rel in listed or rel in block, f"README layout does not mention {rel}"
+    for folder in ("scripts", "tools"):
+        for f in sorted((ROOT / folder).iterdir()):
+            assert f.name in block, f"README layout does not mention {folder}/{f.name}"

@@ -52,10 +52,23 @@ def test_launchers_in_scripts_and_tools_are_thin() -> None:
         assert len(code) <= 4 and any("from xvol.cli." in ln for ln in code), path
 
 
+# On PYTHONPATH beside the installed wheel: drops the finder of an editable install of this
+# checkout (setuptools appends it to sys.meta_path), which would otherwise supply any module the
+# wheel lacks. site runs sitecustomize after the .pth files that install that finder.
+_NO_EDITABLE = """
+import sys
+
+sys.meta_path[:] = [f for f in sys.meta_path
+                    if not getattr(f, "__module__", "").startswith("__editable__")]
+"""
+
+
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("wheel")
-    dist, target = base / "dist", base / "site"
+    dist, target, shim = base / "dist", base / "site", base / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(_NO_EDITABLE)
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
     subprocess.run(
         [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(dist), str(ROOT)],
@@ -68,25 +81,39 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     )  # fmt: skip
     cwd = base / "elsewhere"
     cwd.mkdir()
-    return {"target": target, "cwd": cwd, "base": base}
+    return {"target": target, "cwd": cwd, "base": base, "shim": shim}
 
 
 def _run(installed: dict[str, Path], *argv: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(installed["target"]), "WANDB_MODE": "disabled"}
+    path = os.pathsep.join([str(installed["target"]), str(installed["shim"])])
+    env = {**os.environ, "PYTHONPATH": path, "WANDB_MODE": "disabled"}
     return subprocess.run(
         list(argv), cwd=installed["cwd"], env=env, capture_output=True, text=True, timeout=300
     )
 
 
+_IMPORT_ALL = """
+import importlib, pkgutil, xvol, xvol.cli
+
+print(xvol.cli.config_dir())
+for info in pkgutil.walk_packages(xvol.__path__, "xvol."):
+    print(importlib.import_module(info.name).__file__)
+"""
+
+
 @pytest.mark.slow
-def test_wheel_holds_the_package_and_configs_not_the_source_tree(installed) -> None:
-    code = "import xvol, xvol.cli; print(xvol.__file__); print(xvol.cli.config_dir())"
-    proc = _run(installed, sys.executable, "-c", code)
+def test_wheel_holds_every_module_and_the_configs(installed) -> None:
+    """Every module of the source tree imports from the installed wheel, and nothing else."""
+    proc = _run(installed, sys.executable, "-c", _IMPORT_ALL)
     assert proc.returncode == 0, proc.stderr
-    module_file, config_dir = proc.stdout.split()
+    config_dir, *module_files = proc.stdout.split()
     target = str(installed["target"])
-    assert module_file.startswith(target) and config_dir.startswith(target)
+    assert config_dir.startswith(target), config_dir
     assert (Path(config_dir) / "model" / "xresnet50.yaml").is_file()
+    assert all(f.startswith(target) for f in module_files), module_files
+    in_tree = {p.relative_to(ROOT).as_posix() for p in (ROOT / "xvol").rglob("*.py")}
+    installed_files = {Path(f).relative_to(target).as_posix() for f in module_files}
+    assert in_tree - {"xvol/__init__.py"} <= installed_files
 
 
 @pytest.mark.slow

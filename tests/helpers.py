@@ -2,12 +2,69 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
+from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
 
-__all__ = ["randomize_bn", "one_error_line"]
+__all__ = [
+    "ROOT",
+    "TRAIN",
+    "assert_same_forward_backward",
+    "one_error_line",
+    "randomize_bn",
+    "run_command",
+    "subprocess_env",
+]
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = str(ROOT / "scripts" / "train.py")
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment of a command a test runs: one thread per process (2 shared cores),
+    wandb offline and quiet, unbuffered output."""
+    return dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+        WANDB_MODE="offline",
+        WANDB_SILENT="true",
+        PYTHONUNBUFFERED="1",
+        **extra,
+    )
+
+
+def run_command(argv: Sequence[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``argv`` from the repository root with :func:`subprocess_env`; ``proc.output`` is
+    stdout + stderr."""
+    proc = subprocess.run(
+        list(argv), cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip
+    proc.output = proc.stdout + proc.stderr  # type: ignore[attr-defined]
+    return proc
+
+
+def assert_same_forward_backward(
+    ref: nn.Module, other: nn.Module, x: torch.Tensor, rtol: float, atol: float
+) -> None:
+    """``other`` computes what ``ref`` does on ``x``: output, input gradient, parameter
+    gradients and buffers after the step (BN running statistics) agree within the tolerances."""
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    outs = [m(xi) for m, xi in zip((ref, other), xs)]
+    torch.testing.assert_close(outs[1], outs[0], rtol=rtol, atol=atol)
+    grad_out = torch.randn_like(outs[0])
+    for out in outs:
+        out.backward(grad_out)
+    torch.testing.assert_close(xs[1].grad, xs[0].grad, rtol=rtol, atol=atol)
+    for (name, a), (_, b) in zip(ref.named_parameters(), other.named_parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=rtol, atol=atol, msg=name)
+    for (name, a), (_, b) in zip(ref.named_buffers(), other.named_buffers()):
+        torch.testing.assert_close(b, a, rtol=rtol, atol=atol, msg=name)
 
 
 def one_error_line(proc: subprocess.CompletedProcess, last: bool = True) -> str:

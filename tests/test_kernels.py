@@ -19,7 +19,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import randomize_bn
+from helpers import assert_same_forward_backward, randomize_bn
 
 pytest.importorskip("triton")
 
@@ -141,17 +141,7 @@ def test_xconv_training_step_triton_matches_reference(interpret, stride):
     tri = copy.deepcopy(ref)
     tri.impl = "triton"
     x = _input(2, 8, 6, 6, channels_last=True)
-    xs = [x.clone().requires_grad_() for _ in range(2)]
-    outs = [m(xi) for m, xi in zip((ref, tri), xs)]
-    torch.testing.assert_close(outs[1], outs[0], rtol=RTOL, atol=ATOL)
-    grad_out = torch.randn_like(outs[0])
-    for out in outs:
-        out.backward(grad_out)
-    torch.testing.assert_close(xs[1].grad, xs[0].grad, rtol=RTOL, atol=ATOL)
-    for (name, a), (_, b) in zip(ref.named_parameters(), tri.named_parameters()):
-        torch.testing.assert_close(b.grad, a.grad, rtol=RTOL, atol=ATOL, msg=name)
-    for (name, a), (_, b) in zip(ref.named_buffers(), tri.named_buffers()):
-        torch.testing.assert_close(b, a, rtol=RTOL, atol=ATOL, msg=name)
+    assert_same_forward_backward(ref, tri, x, RTOL, ATOL)
 
 
 def test_pssa_triton_function_saves_only_input_and_weight(interpret):

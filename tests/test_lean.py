@@ -13,7 +13,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import randomize_bn
+from helpers import assert_same_forward_backward, randomize_bn
 from torch import nn
 
 from xvol.ops import dispatch, pssa_lean
@@ -125,17 +125,7 @@ def test_xconv_training_step_matches_reference(
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
         ref, lean = (m.to(memory_format=torch.channels_last) for m in (ref, lean))
-    xs = [x.clone().requires_grad_() for _ in range(2)]
-    outs = [m(xi) for m, xi in zip((ref, lean), xs)]
-    torch.testing.assert_close(outs[1], outs[0], rtol=RTOL, atol=ATOL)
-    grad_out = torch.randn_like(outs[0])
-    for out in outs:
-        out.backward(grad_out)
-    torch.testing.assert_close(xs[1].grad, xs[0].grad, rtol=RTOL, atol=ATOL)
-    for (name, a), (_, b) in zip(ref.named_parameters(), lean.named_parameters()):
-        torch.testing.assert_close(b.grad, a.grad, rtol=RTOL, atol=ATOL, msg=name)
-    for (name, a), (_, b) in zip(ref.named_buffers(), lean.named_buffers()):
-        torch.testing.assert_close(b, a, rtol=RTOL, atol=ATOL, msg=name)
+    assert_same_forward_backward(ref, lean, x, RTOL, ATOL)
     assert int(lean.pssa_bn.num_batches_tracked) == 1
 
 

@@ -19,11 +19,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import ROOT, TRAIN, run_command, subprocess_env
 
 from xvol.engine import EXIT_NON_FINITE, load_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
-TRAIN = str(ROOT / "scripts" / "train.py")
 STEPS_PER_EPOCH = 31  # demo: 4,000 train images / (2 ranks x 64)
 COMMON = [
     "model=xresnet18",
@@ -38,18 +37,6 @@ COMMON = [
 ]
 
 pytestmark = pytest.mark.slow
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        OMP_NUM_THREADS="1",
-        MKL_NUM_THREADS="1",
-        WANDB_MODE="offline",
-        PYTHONUNBUFFERED="1",
-        WANDB_SILENT="true",
-    )
-    return env
 
 
 def _torchrun(*args: str, restarts: int = 0) -> list[str]:
@@ -67,11 +54,7 @@ def _torchrun(*args: str, restarts: int = 0) -> list[str]:
 
 
 def _run(cmd: list[str], timeout: float = 420) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout
-    )
-    proc.output = proc.stdout + proc.stderr  # type: ignore[attr-defined]
-    return proc
+    return run_command(cmd, timeout)
 
 
 def _records(run_dir: Path, kind: str) -> list[dict]:
@@ -196,7 +179,7 @@ def test_kill9_then_resume(run_a: Path, out_dir: Path) -> None:
     proc = subprocess.Popen(
         cmd,
         cwd=ROOT,
-        env=_env(),
+        env=subprocess_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,

@@ -8,7 +8,6 @@ Each case is a subprocess on tiny synthetic data (3 updates of 4 images at 16 px
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -17,12 +16,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import one_error_line
+from helpers import TRAIN, one_error_line, run_command
 
 from xvol.engine import load_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
-TRAIN = str(ROOT / "scripts" / "train.py")
 TINY = [
     "model=resnet18",
     "data=synthetic",
@@ -42,16 +39,7 @@ pytestmark = pytest.mark.slow  # subprocesses of 10 s and more (about 3 minutes 
 
 
 def _run(out_dir: Path, *args: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [sys.executable, TRAIN, *TINY, f"paths.output_dir={out_dir}", *args],
-        cwd=ROOT,
-        env=dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline", PYTHONUNBUFFERED="1"),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    proc.output = proc.stdout + proc.stderr  # type: ignore[attr-defined]
-    return proc
+    return run_command([sys.executable, TRAIN, *TINY, f"paths.output_dir={out_dir}", *args])
 
 
 def _error_line(proc: subprocess.CompletedProcess) -> str:

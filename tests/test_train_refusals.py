@@ -10,7 +10,6 @@ under torchrun end in one ``error:`` line, printed once and written to train.log
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import signal
 import subprocess
@@ -21,13 +20,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import one_error_line
+from helpers import ROOT, TRAIN, one_error_line, run_command, subprocess_env
 from PIL import Image
 
 from xvol.engine import load_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
-TRAIN = str(ROOT / "scripts" / "train.py")
 # 3 updates per epoch of 4 random 16 px images; a checkpoint after every update
 SYNTHETIC = [
     "data=synthetic",
@@ -67,24 +64,11 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-def _env() -> dict[str, str]:
-    return dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline", PYTHONUNBUFFERED="1")
-
-
 def _run(
     *args: str, data: tuple[str, ...] = tuple(SYNTHETIC), full_disk: bool = False
 ) -> subprocess.CompletedProcess:
     head = [sys.executable, "-c", _FULL_DISK] if full_disk else [sys.executable]
-    proc = subprocess.run(
-        [*head, TRAIN, *FAST, *data, *args],
-        cwd=ROOT,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    proc.output = proc.stdout + proc.stderr  # type: ignore[attr-defined]
-    return proc
+    return run_command([*head, TRAIN, *FAST, *data, *args])
 
 
 def _error_line(proc: subprocess.CompletedProcess) -> str:
@@ -215,7 +199,7 @@ def test_second_launch_into_a_busy_run_dir_is_refused(out_dir: Path) -> None:
             "trainer.checkpoint.every_steps=0",
         ],
         cwd=ROOT,
-        env=_env(),
+        env=subprocess_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -311,7 +295,7 @@ def test_data_error_under_torchrun_is_printed_once(out_dir: Path) -> None:
             "data.workers=0",
         ],
         cwd=ROOT,
-        env=_env(),
+        env=subprocess_env(),
         capture_output=True,
         text=True,
         timeout=300,

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +15,28 @@ import torch
 def generator() -> torch.Generator:
     """A seeded CPU generator, so every test draws the same numbers on every run."""
     return torch.Generator().manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def out_dir(request: pytest.FixtureRequest) -> Iterator[Path]:
+    """A scratch directory per test module for run directories of subprocess runs. Not
+    tmp_path_factory: pytest prunes old basetemp dirs when other sessions start, which would
+    delete run dirs under a long test (several test sessions may share one machine)."""
+    name = request.module.__name__.rpartition(".")[2].removeprefix("test_").replace("_", "-")
+    path = Path(tempfile.mkdtemp(prefix=f"xvol-{name}-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def single_thread_module() -> Iterator[None]:
+    """:func:`single_thread` for a whole module (autouse it there): tiny tensors gain nothing
+    from intra-op threads, and on a shared CPU OpenMP barriers stall on busy cores (runtimes
+    here varied 7x with 2 threads)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture

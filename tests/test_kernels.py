@@ -32,13 +32,8 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a shared CPU OpenMP barriers
-    stall on busy cores (runtimes here varied 7x with 2 threads)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(single_thread_module: None) -> None:
+    """Tiny tensors on a shared CPU: one intra-op thread (tests/conftest.py)."""
 
 
 @pytest.fixture

@@ -8,12 +8,10 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -88,15 +86,6 @@ def _assert_same_metrics(ref: Path, other: Path) -> None:
             for key in ("loss", "lr", "train_loss", "val_top1", "ema_top1"):
                 if key in ra:
                     assert rb[key] == pytest.approx(ra[key], abs=1e-4), (key, ra, rb)
-
-
-@pytest.fixture(scope="module")
-def out_dir():
-    """Not tmp_path_factory: pytest prunes old basetemp dirs when other sessions start, which
-    would delete run dirs under a long test (several test sessions may share one machine)."""
-    path = Path(tempfile.mkdtemp(prefix="xvol-train-e2e-"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

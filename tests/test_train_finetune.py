@@ -8,10 +8,8 @@ Each case is a subprocess on tiny synthetic data (3 updates of 4 images at 16 px
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -44,14 +42,6 @@ def _run(out_dir: Path, *args: str) -> subprocess.CompletedProcess:
 
 def _error_line(proc: subprocess.CompletedProcess) -> str:
     return one_error_line(proc, last=False)
-
-
-@pytest.fixture(scope="module")
-def out_dir():
-    """Not tmp_path_factory: pytest prunes old basetemp dirs when other sessions start."""
-    path = Path(tempfile.mkdtemp(prefix="xvol-finetune-"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

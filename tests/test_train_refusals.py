@@ -14,7 +14,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -82,14 +81,6 @@ def _digests(run_dir: Path) -> dict[str, str]:
         for p in run_dir.iterdir()
         if p.is_file() and p.name not in ("train.log", ".lock")
     }
-
-
-@pytest.fixture(scope="module")
-def out_dir():
-    """Not tmp_path_factory: pytest prunes old basetemp dirs when other sessions start."""
-    path = Path(tempfile.mkdtemp(prefix="xvol-refusals-"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -20,13 +18,6 @@ from xvol.engine import load_checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def out_dir():
-    path = Path(tempfile.mkdtemp(prefix="xvol-compare-"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def test_compare_sweeps_models_and_seeds(out_dir: Path) -> None:

@@ -61,7 +61,7 @@ def markdown(rows: list[dict[str, object]]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="xvol-summary", description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=None, help="options of configs/model/")
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--num-classes", type=int, default=1000, help="sets data.num_classes")

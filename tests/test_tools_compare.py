@@ -26,7 +26,7 @@ from xvol.cli import leaderboard as leaderboard_tool
 from xvol.cli import reparam as reparam_tool
 from xvol.formats.checkpoint import CheckpointError
 from xvol.formats.record import RecordError, recipe_fingerprint, validate_record
-from xvol.tools_common import ToolError
+from xvol.tools_common import ToolError, load_model
 
 EVAL_FAST = {"device": "cpu", "workers": 0, "batch_size": 5, "bench_iters": 0}
 RECIPE = {"seed": 3, "optim": {"lr": 0.1}, "trainer": {"epochs": 4, "progress_bar": True}}
@@ -101,6 +101,24 @@ def test_recipe_of_a_config_from_before_the_trainer_schema_is_the_same() -> None
     other = copy.deepcopy(new)
     other["trainer"]["mixup"]["mixup_alpha"] = 0.8
     assert recipe_fingerprint(other) != recipe_fingerprint(new)
+
+
+def test_whole_numbers_of_float_options_share_a_recipe(tmp_path: Path) -> None:
+    """trainer.clip_grad=5 was stored as 5 before the trainer schema and is 5.0 with it: the
+    checkpoints of both runs give one recipe (the tools read the stored config by the schema)."""
+    typed = {"clip_grad": 5, "label_smoothing": 0, "mixup": {"cutmix_alpha": 1, "prob": 1}}
+    floats = {"clip_grad": 5.0, "label_smoothing": 0.0, "mixup": {"cutmix_alpha": 1.0, "prob": 1.0}}
+    recipes = []
+    for name, trainer in (("typed", typed), ("floats", floats)):
+        run = {"seed": 3, "optim": {"lr": 0.1}, "trainer": {"epochs": 4, **trainer}}
+        ckpt = make_checkpoint(tmp_path / f"{name}.pt", run_config=run)
+        recipes.append(load_model(ckpt).source["recipe"])
+    assert recipes[0] == recipes[1] is not None
+    other = make_checkpoint(
+        tmp_path / "other.pt",
+        run_config={"seed": 3, "optim": {"lr": 0.1}, "trainer": {"epochs": 4, "clip_grad": 6}},
+    )
+    assert load_model(other).source["recipe"] != recipes[0]
 
 
 @pytest.mark.dali

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from xvol.engine.checkpoint import load_state_dict_strict
+from xvol.engine.options import schema_numbers
 from xvol.formats.checkpoint import (
     CheckpointError,
     checkpoint_versions,
@@ -253,6 +254,15 @@ def _data_defaults(data_cfg: Any, source: str | Path) -> dict[str, Any]:
     return out
 
 
+def _schema_typed(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A stored run config with the trainer's float options as floats (xvol.engine.options
+    .schema_numbers), so runs from before and after the trainer schema share recipes."""
+    trainer = config.get("trainer")
+    if not isinstance(trainer, Mapping):
+        return dict(config)
+    return {**config, "trainer": schema_numbers(trainer)}
+
+
 def _seed(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
@@ -293,7 +303,7 @@ def load_train_checkpoint(path: str | Path, ema: bool | None = None) -> LoadedMo
             "global_step": state.get("global_step"),
             "metrics": dict(state.get("metrics") or {}),
             "seed": _seed(config.get("seed")),
-            "recipe": recipe_fingerprint(config),
+            "recipe": recipe_fingerprint(_schema_typed(config)),
         },
     )
 

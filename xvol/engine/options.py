@@ -14,9 +14,10 @@ same checks over the composed config before building anything (xvol.config).
 
 from __future__ import annotations
 
+import copy
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass, replace
 from typing import Any, get_args, get_type_hints
 
@@ -36,8 +37,10 @@ __all__ = [
     "MixupOptions",
     "TrainerOptions",
     "check_value",
+    "float_options",
     "option",
     "option_checks",
+    "schema_numbers",
 ]
 
 
@@ -154,6 +157,42 @@ def option_checks(cls: type, prefix: str) -> dict[str, Check]:
         check = f.metadata.get("check")
         if check is not None:
             out[key] = optional(check) if type(None) in args else check
+    return out
+
+
+def float_options(cls: type) -> set[str]:
+    """Dotted names of the float-typed fields of the options class ``cls`` (``float``,
+    ``float | None``, ``list[float]``), nested options classes included."""
+    hints = get_type_hints(cls)
+    out: set[str] = set()
+    for f in fields(cls):
+        hint = hints[f.name]
+        args = get_args(hint) or (hint,)
+        nested = next((a for a in args if is_dataclass(a)), None)
+        if nested is not None:
+            out.update(f"{f.name}.{key}" for key in float_options(nested))
+        elif float in args or any(get_args(a) == (float,) for a in args):
+            out.add(f.name)
+    return out
+
+
+def schema_numbers(trainer: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of a stored ``trainer`` config whose float options hold floats, as the schema
+    stores them. Configs written before the schema kept what was typed: ``trainer.clip_grad=5``
+    is 5 there and 5.0 now, which would make the same recipe fingerprint differently."""
+    out = copy.deepcopy(dict(trainer))
+    for dotted in float_options(TrainerOptions):
+        *parents, leaf = dotted.split(".")
+        node: Any = out
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or leaf not in node:
+            continue
+        value = node[leaf]
+        if _is_int(value):
+            node[leaf] = float(value)
+        elif isinstance(value, list):
+            node[leaf] = [float(v) if _is_int(v) else v for v in value]
     return out
 
 

@@ -179,19 +179,26 @@ def _leaves(tree: dict, prefix: str = "") -> list[str]:
         ("trainer.epoks=1", "error: trainer.epoks: Could not override 'trainer.epoks': Key", 0),
         ("trainer.grad_accum=0", "error: trainer.grad_accum: expected a positive integer", 1),
         ("debug.signal_at_step=-2", "error: debug.signal_at_step: expected a positive integer", 1),
+        # OmegaConf's own error, not Hydra's: a key under a node set to null by the same command
+        (
+            "trainer.ema=null trainer.ema.decay=0.5",
+            "error: overrides 'trainer.ema=null trainer.ema.decay=0.5 run_name=bad ",
+            0,
+        ),
     ],
 )
 def test_the_command_fails_in_one_line(
     override: str, line: str, composes: int, tmp_path: Path
 ) -> None:
-    """The real command: a bad value or an unknown key, found while composing or validating,
-    ends in one error line on rank 0 (exit 1, no traceback) before anything is built."""
+    """The real command: a bad value, an unknown key or overrides that contradict each other,
+    found while composing or validating, end in one error line on rank 0 (exit 1, no
+    traceback) before anything is built."""
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline")
     proc = subprocess.run(
         [
             sys.executable,
             str(ROOT / "scripts" / "train.py"),
-            override,
+            *override.split(),
             "run_name=bad",
             f"paths.output_dir={tmp_path}",
         ],

@@ -186,9 +186,14 @@ def _fail(denv: engine.DistEnv, err: Exception) -> NoReturn:
     sys.exit(1)
 
 
+_jobs_started = 0  # jobs of run(): an error before the first one is a failure to compose
+
+
 @hydra.main(config_path=str(config_dir()), config_name="train", version_base="1.3")
 def run(cfg: DictConfig) -> None:
     """One training job of the composed config (each job of a --multirun sweep)."""
+    global _jobs_started
+    _jobs_started += 1
     denv = engine.read_dist_env()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     engine.setup_logging(denv.rank, run_dir / cfg.logger.log_file)
@@ -226,6 +231,18 @@ def main() -> None:
         run()
     except (ConfigCompositionException, OverrideParseException) as err:
         _fail(engine.read_dist_env(), composition_error(err))
+    except Exception as err:
+        if _jobs_started:
+            raise
+        # OmegaConf raises plain errors for some contradictory overrides, e.g. a key under a
+        # node the same command sets to null (trainer.ema=null trainer.ema.decay=0.5)
+        overrides = " ".join(a for a in sys.argv[1:] if "=" in a and not a.startswith("-"))
+        reason = str(err).strip().splitlines()
+        reason_line = f"{type(err).__name__}: {reason[0]}" if reason else type(err).__name__
+        _fail(
+            engine.read_dist_env(),
+            ConfigError(f"overrides {overrides!r}: cannot be composed: {reason_line}"),
+        )
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from xvol.engine.options import (
     option_checks,
     optional,
 )
+from xvol.formats.files import write_text_atomic
 
 
 def run_id() -> str:
@@ -220,6 +221,6 @@ def write_run_snapshot(
             original = {}
         return config_diff(original, resolved) if isinstance(original, dict) else ["config.yaml"]
     run_dir.mkdir(parents=True, exist_ok=True)
-    config_file.write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    overrides_file.write_text(OmegaConf.to_yaml(OmegaConf.create(list(overrides))))
+    write_text_atomic(config_file, OmegaConf.to_yaml(cfg, resolve=True))
+    write_text_atomic(overrides_file, OmegaConf.to_yaml(OmegaConf.create(list(overrides))))
     return []

@@ -16,7 +16,6 @@ Prints a markdown table; --out also writes the rows as JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from xvol.cli import config_dir
+from xvol.formats.files import write_json_atomic
 from xvol.models import model_summary
 
 CONFIG_DIR = config_dir()
@@ -85,7 +85,7 @@ def main() -> None:
     )
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(rows, indent=2) + "\n")
+        write_json_atomic(args.out, rows)
 
 
 if __name__ == "__main__":

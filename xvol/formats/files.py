@@ -1,8 +1,9 @@
 """The one way xvol writes a file: atomically, plus the file helpers the formats share.
 
 Every file format (training checkpoint, deploy weights and sidecar, eval record) and every other
-file written in place (checkpoints.json, the rewritten metrics.jsonl, predictions, leaderboard
-tables and plots, ONNX models) goes through :func:`atomic_path`: the bytes go to a temp file in
+file written in place (checkpoints.json, the rewritten metrics.jsonl, a run's config.yaml and
+overrides.yaml, predictions, leaderboard tables and plots, ONNX models, the JSON of the
+benchmarks and of xvol-summary) goes through :func:`atomic_path`: the bytes go to a temp file in
 the same directory, are fsynced and ``os.replace``d onto the name, and the directory is fsynced.
 A reader (or a crash at any point) sees the old file or the new one, never a mix; that is
 timm's CheckpointSaver recipe, which timm does not offer for arbitrary files, hence this helper.

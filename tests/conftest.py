@@ -60,6 +60,13 @@ LONG_FIRST = (
     "test_train_finetune.py",
     "test_tools_e2e.py",
     "test_train_refusals.py",
+    # then the files with a few subprocess runs of 5-30 s each, so that quick unit files end it
+    "test_train_config.py",
+    "test_packaging.py",
+    "test_tools_trust.py",
+    "test_reparam_device.py",
+    "test_data_dist.py",
+    "test_tools.py",
 )
 
 

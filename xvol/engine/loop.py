@@ -349,13 +349,14 @@ def evaluate(
         with autocast(device, amp_dtype):
             logits = model(images)
         logits = logits.float()
-        correct = topk_correct(logits, labels, (1, 5))
+        pred = logits.topk(min(5, logits.shape[1]), dim=1).indices  # one top-k for both uses
+        correct = topk_correct(logits, labels, (1, 5), topk=pred)
         loss = nn.functional.cross_entropy(logits, labels, reduction="sum")
         count = torch.tensor(float(labels.numel()), device=device)
         nonfinite = (~torch.isfinite(logits).all(1)).sum()
         sums += torch.stack([correct[0], correct[1], loss, count, nonfinite]).double()
         if predictions:
-            topk.append(logits.topk(min(5, logits.shape[1]), dim=1).indices.cpu())
+            topk.append(pred.cpu())
             kept_labels.append(labels.cpu())
     all_reduce_sum(sums)
     top1, top5, loss_sum, count, nonfinite = sums.tolist()

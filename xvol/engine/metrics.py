@@ -26,14 +26,20 @@ log = get_logger(__name__)
 
 
 @torch.no_grad()
-def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks: Sequence[int]) -> torch.Tensor:
+def topk_correct(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    ks: Sequence[int],
+    topk: torch.Tensor | None = None,
+) -> torch.Tensor:
     """How many rows have the target among the k highest logits, for each k (float tensor).
 
     Counts rather than percentages so that ranks can be summed before dividing; k is capped at
-    the number of classes (top-5 of a 3-class problem is 100%).
+    the number of classes (top-5 of a 3-class problem is 100%). ``topk``: the logits' top
+    ``min(max(ks), classes)`` indices, when the caller has them already (xvol-eval keeps them).
     """
     maxk = min(max(ks), logits.shape[1])
-    pred = logits.topk(maxk, dim=1).indices
+    pred = logits.topk(maxk, dim=1).indices if topk is None else topk[:, :maxk]
     hit = pred.eq(target.view(-1, 1))
     return torch.stack([hit[:, : min(k, maxk)].any(dim=1).sum() for k in ks]).float()
 

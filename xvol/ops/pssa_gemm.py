@@ -177,11 +177,13 @@ def pssa_backward(
                 grad_centre += dtg[:, :, 1, 1] * centre
                 continue
             cols = (dtg * centre[:, :, None, None]).reshape(n, c * 9, ho * wo)
+            # The region this shift's windows cover, and no more: col2im needs exactly Ho x Wo
+            # sliding blocks, and each shift L spans its own (Ho-1)s + 2L + 1 rows (a region
+            # sized by the padding of the largest shift has more blocks for the smaller ones).
             r0, c0 = top + geom.offset - L, left + geom.offset - L
-            region = gxp[:, :, r0:, c0:]
-            region += F.fold(
-                cols, output_size=tuple(region.shape[-2:]), kernel_size=3, dilation=L, stride=s
-            )
+            extent = ((ho - 1) * s + 2 * L + 1, (wo - 1) * s + 2 * L + 1)
+            region = gxp[:, :, r0 : r0 + extent[0], c0 : c0 + extent[1]]
+            region += F.fold(cols, output_size=extent, kernel_size=3, dilation=L, stride=s)
         read(0, 0, gxp).add_(grad_centre)
         grad_x = gxp[:, :, top : top + h, left : left + w]
     return grad_x, grad_w

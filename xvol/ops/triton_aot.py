@@ -109,6 +109,9 @@ def _job(job: tuple) -> dict:
         "limit": limit,
         "estimate": tx.smem_estimate(kernel, config, elem),
     }
+    if row["estimate"] > limit:  # the runtime prune never launches it on this target
+        row["pruned"] = True
+        return row
     try:
         row.update(compile_one(case, kernel, args, meta, config, arch))
     except Exception as err:  # a compile failure is a result to report, not a crash
@@ -121,7 +124,9 @@ def compile_all(
     targets: tuple[str, ...] = ("sm_80", "sm_90"),
     workers: int | None = None,
 ) -> list[dict]:
-    """Every (launch, config, dtype, target): its shared memory, registers and estimate."""
+    """Every (launch, config, dtype, target): its shared memory, registers and estimate; a
+    config whose estimate is over the target's limit is not compiled (``pruned``: the runtime
+    prune never launches it there)."""
     from xvol.ops import triton_xconv as tx
 
     jobs = []

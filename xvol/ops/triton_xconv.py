@@ -24,13 +24,15 @@ taps (``smem_estimate``; checked against ahead-of-time sm_80/sm_90 compiles in t
 Configs over the device's ``max_shared_mem`` are pruned before launch; if none fits, a clear
 error is raised instead of launching one.
 
-Precision: bf16/fp16 inputs use tensor-core dots with fp32 accumulation; fp32 inputs use TF32
-dots (fp32 accumulation), like cuDNN's default for convolutions; the products are rounded to the
-input dtype, as the reference's elementwise product is.
+Precision: bf16/fp16 inputs use tensor-core dots with fp32 accumulation. fp32 inputs follow
+torch's TF32 switch for convolutions (``torch.backends.cudnn.allow_tf32``, read at each launch):
+TF32 dots when it is on (torch's default, as cuDNN's convolutions), exact fp32 dots when it is
+off. The products are rounded to the input dtype, as the reference's elementwise product is.
 
 Supported (``supports``): groups=1, odd square kernels, one shift distance (plus ``center``),
-float16/bfloat16/float32, fewer than 2**31 elements, NCHW or channels_last (strides are passed,
-channels_last makes the channel loads contiguous). Anything else is the PyTorch path's.
+float16/bfloat16/float32, fewer than 2**31 elements in the input and in the output (int32
+offsets), NCHW or channels_last (strides are passed, channels_last makes the channel loads
+contiguous). Anything else is the PyTorch path's.
 
 Autotuning (explicit ``impl="triton"``): keyed on the channel counts, the kernel size and a
 power-of-two bucket of the pixel count, results cached across processes (Triton's
@@ -174,19 +176,24 @@ def _cfg(warps: int, stages: int, **blocks: int) -> dict:
     return {"blocks": blocks, "num_warps": warps, "num_stages": stages}
 
 
-# Every config fits sm_80's 166,912 B for bf16/fp16 and fp32 inputs alike when compiled (tests/
-# test_kernels.py compiles each for sm_80 and sm_90 and compares metadata.shared with the limits
-# and with smem_estimate, the upper bound the runtime prune uses); the first one of each list is
-# the fixed config ``impl="auto"`` launches. Few configs: each costs a compile per key.
+# The first config of each list is the fixed config ``impl="auto"`` launches (the first that
+# fits the device; the first ones fit sm_80's 166,912 B for bf16/fp16 and fp32 alike). The last
+# ones have BLOCK_K=64 tiles and 4 stages for Hopper's 232,448 B: by ``smem_estimate`` they fit
+# sm_90 in bf16/fp16 only and are pruned elsewhere (tests/test_kernels.py compiles every config
+# that the estimate admits for sm_80 and sm_90 and compares metadata.shared with the limits and
+# the estimate). Few configs: each costs a compile per autotune key.
 CONFIGS: dict[str, list[dict]] = {
     "xconv_fwd": [
         _cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32),
         _cfg(4, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32),
         _cfg(4, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32),
+        _cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64),
+        _cfg(8, 4, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64),
     ],
     "pssa_bwd_w": [
         _cfg(4, 3, BLOCK_C=64, BLOCK_O=64, BLOCK_M=64),
         _cfg(8, 3, BLOCK_C=128, BLOCK_O=64, BLOCK_M=32),
+        _cfg(8, 4, BLOCK_C=128, BLOCK_O=128, BLOCK_M=64),
     ],
     "pssa_bwd_x": [
         _cfg(4, 2, BLOCK_Q=64, BLOCK_C=64),
@@ -304,7 +311,7 @@ def _define_kernels(triton, tl, interpret: bool) -> SimpleNamespace:  # noqa: C9
             cache_results=True,
         )
 
-    @tuned("xconv_fwd", key=["M_BUCKET", "C", "COUT", "KS", "NT"])
+    @tuned("xconv_fwd", key=["M_BUCKET", "C", "COUT", "KS", "NT", "STRIDE", "DIL", "F32"])
     @triton.jit(do_not_specialize=["M", "M_BUCKET"])
     def xconv_fwd_kernel(
         x_ptr, ws_ptr, wp_ptr, bias_ptr, init_ptr, out_ptr,
@@ -437,7 +444,7 @@ def _define_kernels(triton, tl, interpret: bool) -> SimpleNamespace:  # noqa: C9
             mask=out_mask,
         )
 
-    @tuned("pssa_bwd_w", key=["M_BUCKET", "C", "COUT", "NT"])
+    @tuned("pssa_bwd_w", key=["M_BUCKET", "C", "COUT", "NT", "STRIDE", "F32"])
     @triton.jit(do_not_specialize=["M", "M_BUCKET", "M_PER_SPLIT"])
     def pssa_bwd_w_kernel(
         x_ptr, gy_ptr, taps_ptr, part_ptr,
@@ -505,7 +512,7 @@ def _define_kernels(triton, tl, interpret: bool) -> SimpleNamespace:  # noqa: C9
         part = part_ptr + ((split * NT + t) * C + offs_c)[:, None] * COUT + offs_o[None, :]
         tl.store(part, acc, mask=c_ok[:, None] & o_ok[None, :])
 
-    @tuned("pssa_bwd_x", key=["M_BUCKET", "C", "NT"])
+    @tuned("pssa_bwd_x", key=["M_BUCKET", "C", "NT", "STRIDE"])
     @triton.jit(do_not_specialize=["MX", "M_BUCKET"])
     def pssa_bwd_x_kernel(
         x_ptr, g_ptr, taps_ptr, dx_ptr,
@@ -599,9 +606,20 @@ _INTERP_BLOCKS = {
 }
 
 
+def tf32_allowed() -> bool:
+    """Whether fp32 inputs may use TF32 dots: torch's switch for convolutions
+    (``torch.backends.cudnn.allow_tf32``, on by default, as cuDNN's convolutions use TF32), since
+    the kernels compute a convolution. Read at each launch, so turning it off takes effect."""
+    return bool(torch.backends.cudnn.allow_tf32)
+
+
 def _dot_flags(dtype: torch.dtype) -> dict[str, bool]:
-    """F32: TF32 dots for fp32 inputs; UPCAST: bf16 dots in fp32 under the interpreter."""
-    return {"F32": dtype == torch.float32, "UPCAST": dtype == torch.bfloat16 and interpreting()}
+    """F32: TF32 dots for fp32 inputs when ``tf32_allowed()``; UPCAST: exact fp32 ("ieee") dots,
+    for fp32 inputs with TF32 off and for bf16 under the interpreter (numpy has no bf16)."""
+    fp32 = dtype == torch.float32
+    tf32 = fp32 and tf32_allowed()
+    upcast = (fp32 and not tf32) or (dtype == torch.bfloat16 and interpreting())
+    return {"F32": tf32, "UPCAST": upcast}
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -716,6 +734,8 @@ def xconv_fwd(
     dtype = x.dtype
     ws, wp = packed if packed is not None else pack_weights(weight, pssa_weight, len(taps), dtype)
     dummy = x.new_empty(1)
+    if n * cout * ho * wo > _INT32_MAX:  # the kernels index the output with int32 offsets
+        raise ValueError(f"{UNSUPPORTED_MESSAGE} (the output has {n * cout * ho * wo} elements)")
     out = _empty_like_layout(x, (n, cout, ho, wo), dtype)
     if init is not None and init.shape != out.shape:
         raise ValueError(f"init has shape {tuple(init.shape)}, expected {tuple(out.shape)}")
@@ -787,6 +807,8 @@ def pssa_backward_weight(
     cout = grad_y.shape[1]
     nt = geom.n_taps
     m = n * ho * wo
+    if grad_y.numel() > _INT32_MAX:
+        raise ValueError(f"{UNSUPPORTED_MESSAGE} (grad_y has {grad_y.numel()} elements)")
     if m_per_split is None:
         # ~8 pixel splits for parallelism; a multiple of 256 so every BLOCK_M divides it.
         m_per_split = max(256, _cdiv(_cdiv(m, 8), 256) * 256)

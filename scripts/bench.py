@@ -15,7 +15,8 @@ one run: autocast (bf16 on CUDA by default, none on CPU), channels_last. Cases (
     train  resnet50 (xvol loop)     the same model trained by xvol.engine.loop.train_one_epoch
     train  xresnet50 IMPL           build_model("resnet50", xconv=XConv2d, stages=(3,)) with
                                     xvol.ops.dispatch.set_impl(model, IMPL), plain step; one case
-                                    per --impls (CPU: reference lean gemm; CUDA: also triton)
+                                    for auto (the headline) and one per --impls (CPU: reference
+                                    lean gemm; CUDA: also triton)
     infer  timm resnet50            eval, inference_mode
     infer  xresnet50 deploy         xvol.reparam.reparameterize_model(xresnet50), --infer-impl
     infer  xresnet50 train-form     the training form in eval mode (BN running stats, 2 branches)
@@ -44,12 +45,17 @@ before it, plus the case's own weights, buffers and optimizer state (the shared 
 counted); on CPU, which has no allocator statistics, the bytes autograd saves for backward in one
 training forward (activations; parameters excluded) and n/a for inference.
 
-Ratios and their checks (``RATIO_CHECKS``): a target (the issue's GPU goals; on CPU they are CPU
-ratios, reported against the same numbers) gives met / not met; a physical bound gives
-IMPOSSIBLE (in the table, and under "flags" in the JSON) when a value exceeds it by more than
-``SLACK``: xresnet50 does 4.71 GMACs per image against resnet50's 4.09, so neither its training
-nor its deploy form can run faster than 0.87x resnet50, and the xvol loop does the plain step's
-work plus bookkeeping, so it cannot beat it.
+Ratios and their checks (``RATIO_CHECKS``): a target (the GPU goals; on CPU they are CPU
+ratios, reported against the same numbers) gives met / not met. The headline training ratio is
+the one of the backend ``auto`` picks (the case ``train xresnet50 auto``, what a user trains
+with), every backend's row beside it. A physical bound gives IMPOSSIBLE (in the table, and under
+"flags" in the JSON) when a value exceeds it by more than ``SLACK``: an xresnet50 does strictly
+more work than its resnet50 (every op of the resnet plus the PSSA branch), so no xresnet50 /
+resnet50 ratio can exceed 1.0; the xvol loop does the plain step's work plus bookkeeping, so it
+cannot beat it either. No tighter bound is claimed: a MAC count is not one on a GPU, where a
+ResNet-50 step is memory-bound (a roofline predicts 0.92 for fused training kernels).
+
+The exit status is 1 when any case failed (its row says why), 0 otherwise.
 
 An op-level section times the ResNet-50 stage-3 slot (256 ch, img/16 px) through each PSSA path
 and reports the bytes autograd saves per slot. Prints tables; writes one JSON record to --out.
@@ -82,10 +88,8 @@ from xvol.ops import dispatch, pssa_lean
 from xvol.ops.xconv import XConv2d
 from xvol.reparam import reparameterize_model
 
-# GMACs per 224 px image (fvcore-style count, the README's figures): the physical speed bound of
-# xresnet50 against resnet50 when both run at the same arithmetic efficiency.
-GMACS = {"resnet50": 4.09, "xresnet50": 4.71}
-MAC_BOUND = GMACS["resnet50"] / GMACS["xresnet50"]  # 0.868
+# An xresnet50 runs every op of its resnet50 plus the PSSA branch: it cannot be faster.
+MORE_WORK_BOUND = 1.0
 SLACK = 1.05  # measurement noise allowed above a physical bound before a result is impossible
 
 TRAIN_RATIO = "xresnet50 train ({}) / resnet50 train"
@@ -107,10 +111,11 @@ class RatioCheck:
 
 
 # Keyed by the ratio name with any "(...)" label replaced by "({})".
+_MORE_WORK = "xresnet50 does every op of resnet50 plus the PSSA branch"
 RATIO_CHECKS: dict[str, RatioCheck] = {
-    TRAIN_RATIO: RatioCheck((">=", 0.85), MAC_BOUND, "xresnet50 has 4.71 vs 4.09 GMACs"),
-    DEPLOY_RATIO: RatioCheck((">=", 0.85), MAC_BOUND, "the deploy form has 4.71 vs 4.09 GMACs"),
-    DEPLOY_VS_EVAL: RatioCheck((">=", 1.15)),
+    TRAIN_RATIO: RatioCheck((">=", 0.90), MORE_WORK_BOUND, _MORE_WORK),
+    DEPLOY_RATIO: RatioCheck((">=", 0.92), MORE_WORK_BOUND, _MORE_WORK),
+    DEPLOY_VS_EVAL: RatioCheck((">=", 1.03)),
     MEMORY_RATIO: RatioCheck(("<=", 1.05)),
     LOOP_RATIO: RatioCheck(
         (">=", 0.95), 1.0, "the xvol loop does the plain step's work plus bookkeeping"
@@ -136,7 +141,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         nargs="+",
         choices=dispatch.CONCRETE_IMPLS,
         default=None,
-        help="xresnet50 training candidates (default: reference lean gemm, + triton on cuda)",
+        help="xresnet50 training cases besides auto's (default: reference lean gemm, + triton "
+        "on cuda)",
     )
     p.add_argument(
         "--infer-impl", choices=dispatch.IMPLS, default="auto", help="deploy / eval-form path"
@@ -519,7 +525,7 @@ def build_cases(args: argparse.Namespace, device: torch.device, images, labels) 
                     args.channels_last,
                 )
             )
-        for impl in args.impls:
+        for impl in ["auto", *(i for i in args.impls if i != "auto")]:
             model = own("xresnet50")
             n_set = dispatch.set_impl(model, impl)
             if n_set == 0:
@@ -576,20 +582,12 @@ def compute_ratios(
     ratios: dict[str, float | None] = {}
     info: dict[str, Any] = {}
     x_train = {n: c for n, c in cases.items() if c.kind == "train" and c.impl is not None}
-    r_train = {n: c for n, c in cases.items() if n.startswith("train timm resnet50")}
     for name, case in x_train.items():
         label = case.impl + ("+compile" if case.compiled else "")
         base = "train timm resnet50" + (" +compile" if case.compiled else "")
         ratios[TRAIN_RATIO.format(label)] = ratio(img_s.get(name), img_s.get(base))
         ratios[MEMORY_RATIO.format(label)] = ratio(memory.get(name), memory.get(base))
-    ok_x = [n for n in x_train if n in img_s]
-    ok_r = [n for n in r_train if n in img_s]
-    best_x = max(ok_x, key=img_s.__getitem__) if ok_x else None
-    best_r = max(ok_r, key=img_s.__getitem__) if ok_r else None
-    info["best_xresnet50_train_case"] = best_x
-    info["best_resnet50_train_case"] = best_r
-    ratios[TRAIN_RATIO.format("best")] = ratio(img_s.get(best_x), img_s.get(best_r))
-    ratios[MEMORY_RATIO.format("best")] = ratio(memory.get(best_x), memory.get(best_r))
+    info["headline"] = TRAIN_RATIO.format("auto")
     ratios[DEPLOY_RATIO] = ratio(
         img_s.get("infer xresnet50 deploy"), img_s.get("infer timm resnet50")
     )
@@ -604,6 +602,17 @@ def compute_ratios(
         img_s.get("train resnet50 (xvol loop)"), img_s.get("train timm resnet50")
     )
     return ratios, info
+
+
+def auto_picked(device: torch.device) -> str:
+    """What ``auto`` trained xresnet50's slots with in this run (dispatch's first-sight
+    verdicts: one per slot shape and dtype)."""
+    if device.type != "cuda":
+        return "lean (auto's CPU training path)"
+    verdicts = [ok for key, ok in dispatch._TRITON_OK.items() if key[0] == "PSSA train"]
+    if not verdicts:
+        return "gemm (no slot was a Triton candidate)"
+    return f"triton on {sum(verdicts)} of {len(verdicts)} slot shapes, gemm on the rest"
 
 
 def judge_ratios(ratios: dict[str, float | None]) -> tuple[dict[str, dict[str, Any]], list[str]]:
@@ -804,6 +813,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     status = {name: case.error and f"failed: {case.error}" or "ok" for name, case in cases.items()}
 
     ratios, ratio_info = compute_ratios(cases, img_s, memory)
+    ratio_info["auto_picked"] = auto_picked(device)
     ops = None if args.skip_ops else op_level(args, device)
     if ops is not None:
         ratios.update(ops["ratios"])
@@ -839,6 +849,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         value = f"{v['value']:.3f}" if v["value"] is not None else "-"
         rrows.append([name, value, target, bound, v["verdict"]])
     print(_table(rrows, ["ratio", "value", "target (GPU)", "physical bound", "verdict here"]))
+    head = verdicts.get(ratio_info["headline"], {})
+    head_value = f"{head['value']:.3f}" if head.get("value") is not None else "-"
+    print(f"headline: {ratio_info['headline']} = {head_value} ({head.get('verdict', 'failed')}); "
+          f"auto trained with {ratio_info['auto_picked']}")  # fmt: skip
     for flag in flags:
         print(f"IMPOSSIBLE: {flag}")
     if ops is not None:
@@ -900,5 +914,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return record
 
 
+def exit_status(record: dict[str, Any]) -> int:
+    """1 when any case (or op-level measure) failed: a benchmark that could not measure a case
+    did not pass."""
+    failed_ops = (record.get("ops") or {}).get("failed")
+    return 1 if failed_ops or any(c["status"] != "ok" for c in record["cases"].values()) else 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_status(main()))

@@ -7,15 +7,27 @@ Files in a run directory (``CheckpointManager``): ``last.pt`` (every save), ``pr
 ``last.pt`` before it, when that one was known good), ``epoch_NNNN.pt`` (the end of epoch NNNN,
 1-based; the top-k by the tracked metric are kept), ``best.pt`` (the best epoch end by that
 metric), ``checkpoints.json`` (index of the epoch files, the metric's name and the best epoch).
-Files are hard links where the filesystem allows, so the extra names cost no space.
+Files are hard links where the filesystem allows, so the extra names cost no space. They are
+names of one file, not copies: ``best.pt``, ``prev.pt`` or ``last.pt`` and the epoch file they
+equal share their bytes, so an edit in place or a bad disk block changes every such name at
+once (training never edits a file in place: each save writes a new one). Copy a file out
+(``cp``, ``rsync`` without ``-H``) when a second copy on disk matters.
+
+``checkpoints.json`` is input like any file in the run directory: only names the manager writes
+(``epoch_NNNN.pt``, no directory part) are read, linked or deleted, anything else in it is
+refused with one warning naming the entry, and an index that is not the manager's format is
+rebuilt from the epoch files themselves (warned once), so a bad index never stops a run whose
+checkpoints are fine.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
 import random
+import re
 import shutil
 import subprocess
 from collections.abc import Mapping
@@ -245,6 +257,61 @@ def git_revision(path: str | Path | None = None) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- run directory
 
 
+EPOCH_FILE = re.compile(r"epoch_([0-9]{4,})\.pt")  # the only names an index may hold
+MAX_INDEX_BYTES = 16 << 20  # an index of a few thousand epochs is well under 1 MiB
+
+
+def _is_epoch_file(name: Any) -> bool:
+    return isinstance(name, str) and EPOCH_FILE.fullmatch(name) is not None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _index_problems(index: Any) -> list[str]:
+    """What makes ``index`` other than the manager's checkpoints.json (empty: it is one)."""
+    if not isinstance(index, dict):
+        kinds = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+        return [f"holds {kinds.get(type(index), 'a number')}, not a JSON object"]
+    problems = []
+    if not isinstance(index.get("metric"), str | None):
+        problems.append("'metric' is not a name")
+    if index.get("mode", "max") not in ("max", "min"):
+        problems.append("'mode' is not max or min")
+    if not (index.get("best_metric") is None or _is_number(index["best_metric"])):
+        problems.append("'best_metric' is not a number")
+    if not (index.get("best_epoch") is None or _is_int(index["best_epoch"])):
+        problems.append("'best_epoch' is not an integer")
+    epochs = index.get("epochs", [])
+    if not isinstance(epochs, list):
+        return [*problems, "'epochs' is not a list"]
+    for i, e in enumerate(epochs):
+        where = f"entry {i} of 'epochs'"
+        if not isinstance(e, dict):
+            problems.append(f"{where} is not an object")
+        elif "file" not in e:
+            problems.append(f"{where} has no 'file'")
+        elif not _is_epoch_file(e["file"]):
+            problems.append(
+                f"{where} names {e['file']!r}, not an epoch_NNNN.pt file of this run: refused"
+            )
+        elif not (_is_int(e.get("epoch")) and _is_int(e.get("global_step"))):
+            problems.append(f"{where} ({e['file']}): 'epoch' and 'global_step' must be integers")
+        elif not (e.get("metric") is None or _is_number(e["metric"])):
+            problems.append(f"{where} ({e['file']}): 'metric' is not a number")
+        elif not (
+            isinstance(e.get("metrics", {}), dict)
+            and all(_is_number(v) for v in e.get("metrics", {}).values())
+        ):
+            problems.append(f"{where} ({e['file']}): 'metrics' is not a table of numbers")
+    return problems
+
+
 def _link_or_copy(src: Path, dst: Path) -> None:
     """Make ``dst`` name the same bytes as ``src`` atomically (hard link, else a copy)."""
     with atomic_path(dst) as tmp:
@@ -282,15 +349,18 @@ class CheckpointManager:
         self.best = self.run_dir / "best.pt"
         self.last_known_good = False  # last.pt was written or loaded by this manager
         self.best_updated = False  # the last save replaced best.pt
+        self._rebuilt: dict[str, Any] | None = None  # the index as rebuilt, until rewritten
 
     # checkpoints.json: {"metric": name, "mode", "best_metric", "best_epoch", "epochs": [{"file",
     # "epoch" (1-based), "global_step", "metric" (value), "metrics" (the epoch's numbers)}]}
     def _read_index(self) -> dict[str, Any]:
-        try:
-            index = json.loads((self.run_dir / self.INDEX).read_text())
-        except (OSError, ValueError):
-            index = {}
-        entries = [e for e in index.get("epochs", []) if (self.run_dir / e["file"]).is_file()]
+        if self._rebuilt is None:
+            index, problem = self._load_index()
+            if problem is not None:
+                index = self._rebuild_index(problem)
+        else:  # the file is as bad as when it was rebuilt: only this manager writes it
+            index = copy.deepcopy(self._rebuilt)
+        entries = [e for e in index.get("epochs", []) if self._epoch_path(e["file"]).is_file()]
         out = {
             "metric": index.get("metric"),
             "mode": index.get("mode", self.mode),
@@ -301,6 +371,95 @@ class CheckpointManager:
         if entries and out["metric"] is None:
             out["metric"] = "val_top1"  # indexes written before the name was kept: the default
         return out
+
+    def _load_index(self) -> tuple[dict[str, Any], str | None]:
+        """The index as the file holds it, or what is wrong with it (then it is not used)."""
+        path = self.run_dir / self.INDEX
+        try:
+            if path.stat().st_size > MAX_INDEX_BYTES:
+                return {}, f"is larger than {MAX_INDEX_BYTES >> 20} MiB"
+            text = path.read_text()
+        except FileNotFoundError:
+            has_epochs = any(_is_epoch_file(p.name) for p in self.run_dir.glob("epoch_*.pt"))
+            return {}, "is missing although epoch files exist" if has_epochs else None
+        except (OSError, UnicodeDecodeError) as err:
+            return {}, f"cannot be read ({getattr(err, 'strerror', None) or err})"
+        try:
+            index = json.loads(text)
+        except RecursionError:
+            return {}, "is nested too deeply to be an index"
+        except ValueError as err:
+            return {}, f"is not valid JSON ({err})"
+        problems = _index_problems(index)
+        if problems:
+            shown = "; ".join(problems[:4])
+            return {}, shown + (f"; ... ({len(problems)} problems)" if len(problems) > 4 else "")
+        return index, None
+
+    def _rebuild_index(self, problem: str) -> dict[str, Any]:
+        """The index from the epoch files themselves (and best.pt's value), named in one
+        warning; nothing the bad index names is used. Kept until the next write replaces it."""
+        entries, unreadable = [], []
+        best: dict[str, Any] | None = None
+        for path in sorted(self.run_dir.glob("epoch_*.pt")):
+            match = EPOCH_FILE.fullmatch(path.name)
+            if match is None or path.is_symlink() or not path.is_file():
+                continue
+            try:
+                state = load_checkpoint(path)
+                metrics = {
+                    str(k): float(v)
+                    for k, v in (state.get("metrics") or {}).items()
+                    if _is_number(v)
+                }
+                entry = {
+                    "file": path.name,
+                    "epoch": int(match.group(1)),
+                    "global_step": int(state.get("global_step", 0)),
+                    "metric": metrics.get(self.metric),
+                    "metrics": metrics,
+                }
+            except (CheckpointError, TypeError, ValueError, AttributeError):
+                unreadable.append(path.name)
+                continue
+            entries.append(entry)
+            if better(entry["metric"], best["metric"] if best else None, self.mode):
+                best = entry
+        try:  # best.pt holds the best value even when its epoch file was pruned (keep_top_k)
+            state = load_checkpoint(self.best) if self.best.is_file() else None
+            value = (state or {}).get("metrics", {}).get(self.metric)
+            if state is not None and _is_number(value):
+                if better(float(value), best["metric"] if best else None, self.mode):
+                    best = {"metric": float(value), "epoch": int(state["epoch"])}
+        except (CheckpointError, TypeError, ValueError, AttributeError, KeyError):
+            pass
+        index = {
+            "metric": self.metric,
+            "mode": self.mode,
+            "best_metric": best["metric"] if best else None,
+            "best_epoch": best["epoch"] if best else None,
+            "epochs": entries,
+        }
+        skipped = f"; unreadable, left out: {', '.join(unreadable)}" if unreadable else ""
+        log.warning(
+            "%s %s; rebuilt it from the %d epoch file(s) in %s%s (nothing else it names is read, "
+            "linked or deleted; it is rewritten at the next epoch end)",
+            self.run_dir / self.INDEX,
+            problem,
+            len(entries),
+            self.run_dir,
+            skipped,
+        )
+        self._rebuilt = index
+        return copy.deepcopy(index)
+
+    def _epoch_path(self, name: str) -> Path:
+        """The one way from an index entry to a file (``_read_index`` admits no other name)."""
+        if not _is_epoch_file(name):
+            raise CheckpointError(
+                f"{self.run_dir / self.INDEX}: refusing {name!r}: not an epoch_NNNN.pt name"
+            )
+        return self.run_dir / name
 
     def _rerank(self, index: dict[str, Any]) -> None:
         """The index ranked epochs by another metric (a relaunch changed
@@ -315,7 +474,7 @@ class CheckpointManager:
             if better(e["metric"], best["metric"] if best else None, self.mode):
                 best = e
         if best is not None:
-            _link_or_copy(self.run_dir / best["file"], self.best)
+            _link_or_copy(self._epoch_path(best["file"]), self.best)
             index["best_metric"], index["best_epoch"] = best["metric"], best["epoch"]
             note = f"best.pt is now {best['file']}"
         else:
@@ -333,6 +492,7 @@ class CheckpointManager:
 
     def _write_index(self, index: dict[str, Any]) -> None:
         write_json_atomic(self.run_dir / self.INDEX, index, indent=1)
+        self._rebuilt = None
 
     def remove_stale_temp_files(self) -> None:
         """Temp files of writes that were killed (kill -9, node loss) are garbage."""
@@ -417,7 +577,7 @@ class CheckpointManager:
         entries.sort(key=rank)
         keep, drop = entries[: max(self.keep_top_k, 0)], entries[max(self.keep_top_k, 0) :]
         for e in drop:
-            (self.run_dir / e["file"]).unlink(missing_ok=True)
+            self._epoch_path(e["file"]).unlink(missing_ok=True)
         index["epochs"] = keep
         self._write_index(index)
         return self.last
@@ -433,10 +593,9 @@ class CheckpointManager:
         """Files to resume from, newest first: last, prev, then the kept epoch files."""
         files = [p for p in (self.last, self.prev) if p.is_file()]
         epochs = sorted(self._read_index()["epochs"], key=lambda e: -e["global_step"])
-        files += [self.run_dir / e["file"] for e in epochs]
-        files += sorted(
-            (p for p in self.run_dir.glob("epoch_*.pt") if p not in files), reverse=True
-        )
+        files += [self._epoch_path(e["file"]) for e in epochs]
+        unindexed = (p for p in self.run_dir.glob("epoch_*.pt") if _is_epoch_file(p.name))
+        files += sorted((p for p in unindexed if p not in files), reverse=True)
         return files
 
     def load_latest(self, map_location: str | torch.device = "cpu") -> tuple[dict, Path] | None:

@@ -14,7 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
+from xvol.config import write_run_snapshot
+from xvol.engine import JsonlMetrics, MetricsLogger
 from xvol.engine.checkpoint import CheckpointManager
 from xvol.formats import checkpoint as fmt
 from xvol.formats.checkpoint import load_checkpoint, save_checkpoint
@@ -150,3 +153,44 @@ def test_a_missing_index_is_rebuilt_when_epoch_files_exist(tmp_path: Path, caplo
         caplog.clear()
         _run(fresh, [1.0])  # a new run: no index yet is normal
     assert not _warnings(caplog)
+
+
+def test_metrics_lines_that_are_not_records_are_named_and_kept(tmp_path: Path, caplog) -> None:
+    """A deeply nested line, a non-object and a record with a text epoch: no traceback on
+    resume, one warning naming the file and the lines, which stay where they were."""
+    jsonl = JsonlMetrics(tmp_path / "metrics.jsonl")
+    logger = MetricsLogger(jsonl)
+    logger.write({"kind": "train", "epoch": 1, "step": 1, "global_step": 1})
+    logger.close()
+    deep = "[" * 100_000 + "]" * 100_000
+    odd = ["[1, 2]", '{"kind": "epoch", "epoch": "one", "global_step": 1}', deep]
+    with open(jsonl.path, "a") as fh:
+        fh.write("".join(line + "\n" for line in odd))
+    logger.write({"kind": "train", "epoch": 1, "step": 2, "global_step": 2})
+    logger.close()
+    with caplog.at_level(logging.WARNING, logger="xvol"):
+        logger.truncate_after(epochs_done=0, global_step=1)
+        records = jsonl.read()
+    assert [r["global_step"] for r in records] == [1]
+    messages = [m for m in _warnings(caplog) if "metrics.jsonl" in m]
+    assert messages and all("\n" not in m for m in messages)
+    assert str(jsonl.path) in messages[0] and "lines 2, 3, 4" in messages[0]
+    assert "nested too deeply" in messages[0]
+    lines = jsonl.path.read_text().splitlines()
+    assert lines[1:] == odd  # left in place; the record past the checkpoint is gone
+
+
+# ----------------------------------------------------------------------------- finding 6
+
+
+@pytest.mark.parametrize("text", ["a: [1, 2\nb: {", "- just\n- a list\n", "[" * 5_000])
+def test_run_config_that_does_not_parse_is_named(tmp_path: Path, caplog, text: str) -> None:
+    (tmp_path / "config.yaml").write_text(text)
+    cfg = OmegaConf.create({"model": {"arch": "resnet18"}, "trainer": {"epochs": 2}})
+    with caplog.at_level(logging.WARNING, logger="xvol"):
+        differ = write_run_snapshot(tmp_path, cfg, [], resumed=True)
+    assert differ == []  # not "every key differs"
+    messages = _warnings(caplog)
+    assert len(messages) == 1 and "\n" not in messages[0]
+    assert str(tmp_path / "config.yaml") in messages[0]
+    assert (tmp_path / "config.yaml").read_text() == text  # kept as found

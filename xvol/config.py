@@ -12,7 +12,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import yaml
 from hydra.core.config_store import ConfigStore
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
@@ -32,6 +31,7 @@ from xvol.engine.options import (
     option_checks,
     optional,
 )
+from xvol.engine.rundir import read_run_config
 from xvol.formats.files import write_text_atomic
 
 
@@ -215,11 +215,8 @@ def write_run_snapshot(
     config_file, overrides_file = run_dir / "config.yaml", run_dir / "overrides.yaml"
     resolved = OmegaConf.to_container(cfg, resolve=True)
     if resumed and config_file.is_file():
-        try:
-            original = yaml.safe_load(config_file.read_text()) or {}
-        except (OSError, yaml.YAMLError):
-            original = {}
-        return config_diff(original, resolved) if isinstance(original, dict) else ["config.yaml"]
+        original = read_run_config(config_file)  # None (named in a warning): nothing to compare
+        return config_diff(original, resolved) if original is not None else []
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(config_file, OmegaConf.to_yaml(cfg, resolve=True))
     write_text_atomic(overrides_file, OmegaConf.to_yaml(OmegaConf.create(list(overrides))))

@@ -4,7 +4,9 @@ Every record is a flat dict with ``kind`` ("train": one optimizer step, "epoch":
 epoch with its evaluation), ``epoch`` (1-based, as in the logs and ``epoch_NNNN.pt``: the epoch
 the step belongs to, or the epoch finished) and ``global_step``. On resume the file is cut back
 to what the checkpoint has seen, so a run that was stopped and resumed logs each step exactly
-once.
+once. The file is read back as input: a line that is not such a record (not a JSON object,
+nested too deeply, over 1 MiB, epoch/step not integers) is named in one warning, never read,
+and left where it is.
 """
 
 from __future__ import annotations
@@ -64,6 +66,29 @@ def _plain(value: Any) -> Any:
     return value
 
 
+MAX_LINE_CHARS = 1 << 20  # a record is a few hundred characters
+
+
+def _parse_record(line: str) -> tuple[dict[str, Any] | None, str | None]:
+    """(record, None), or (None, why the line is not a metrics record)."""
+    if len(line) > MAX_LINE_CHARS:
+        return None, f"longer than {MAX_LINE_CHARS >> 20} MiB"
+    try:
+        value = json.loads(line)
+    except RecursionError:
+        return None, "nested too deeply"
+    except ValueError:  # JSONDecodeError, and integers of more digits than Python reads
+        return None, "not JSON"
+    if not isinstance(value, dict):
+        return None, "not a JSON object"
+    for key in ("epoch", "step", "global_step"):
+        if key in value and (not isinstance(value[key], int) or isinstance(value[key], bool)):
+            return None, f"{key!r} is not an integer"
+    if value.get("kind") == "epoch" and "epoch" not in value:
+        return None, "an epoch record without 'epoch'"
+    return value, None
+
+
 class JsonlMetrics:
     """Append-only JSONL metrics file (one JSON object per line, flushed per record)."""
 
@@ -74,24 +99,52 @@ class JsonlMetrics:
 
     def read(self) -> list[dict[str, Any]]:
         """All complete records; a half-written last line (kill -9 mid-write) is ignored."""
+        return [record for _, record in self._lines() if record is not None]
+
+    def _lines(self) -> list[tuple[str, dict[str, Any] | None]]:
+        """Each line with its record (None: not a record, warned about once per read)."""
         if not self.path.exists():
             return []
-        records = []
-        for line in self.path.read_text().splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
+        text = self.path.read_text(errors="replace")
+        lines = text.splitlines()
+        out: list[tuple[str, dict[str, Any] | None]] = []
+        bad: dict[str, list[int]] = {}
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
                 continue
-        return records
+            record, why = _parse_record(line)
+            if why == "not JSON" and number == len(lines) and not text.endswith("\n"):
+                continue  # a write cut by kill -9: dropped when the file is cut back
+            if why is not None:
+                bad.setdefault(why, []).append(number)
+            out.append((line, record))
+        if bad:
+            numbers = sorted(n for ns in bad.values() for n in ns)
+            shown = ", ".join(map(str, numbers[:10])) + (", ..." if len(numbers) > 10 else "")
+            log.warning(
+                "%s: line%s %s %s not metrics records (%s): not read and left in place; "
+                "delete them if you did not add them on purpose",
+                self.path,
+                "s" if len(numbers) > 1 else "",
+                shown,
+                "are" if len(numbers) > 1 else "is",
+                "; ".join(f"{why}: {len(ns)}" for why, ns in bad.items()),
+            )
+        return out
 
     def truncate(self, keep: Callable[[dict[str, Any]], bool]) -> int:
-        """Rewrite the file (atomically) with only the records ``keep`` accepts; returns dropped."""
+        """Rewrite the file (atomically) with only the records ``keep`` accepts; returns dropped.
+        Lines that are not records stay where they were."""
         self.close()
-        records = self.read()
-        kept = [r for r in records if keep(r)]
+        kept, dropped = [], 0
+        for line, record in self._lines():
+            if record is None or keep(record):
+                kept.append(line)
+            else:
+                dropped += 1
         if self.path.exists():
-            write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
-        return len(records) - len(kept)
+            write_text_atomic(self.path, "".join(line + "\n" for line in kept))
+        return dropped
 
     def write(self, record: dict[str, Any]) -> None:
         """Append one record; a failed write (full disk) raises OSError naming the file."""

@@ -18,9 +18,10 @@ from omegaconf import OmegaConf
 
 from xvol.config import write_run_snapshot
 from xvol.engine import JsonlMetrics, MetricsLogger
-from xvol.engine.checkpoint import CheckpointManager
+from xvol.engine.checkpoint import CheckpointManager, init_weights_from
 from xvol.formats import checkpoint as fmt
 from xvol.formats.checkpoint import load_checkpoint, save_checkpoint
+from xvol.models import ModelSpec
 
 INDEX = "checkpoints.json"
 
@@ -181,6 +182,41 @@ def test_metrics_lines_that_are_not_records_are_named_and_kept(tmp_path: Path, c
 
 
 # ----------------------------------------------------------------------------- finding 6
+
+
+def test_init_from_names_another_xvolution_spec(tmp_path: Path, caplog) -> None:
+    """shifts [2] from a shifts [1] checkpoint: the shapes match, so the weights load, and the
+    warning names the difference (as a resumed launch names its config differences)."""
+    trained = OmegaConf.to_container(
+        OmegaConf.create(
+            {
+                "_target_": "xvol.models.build_model",
+                "arch": "resnet18",
+                "num_classes": 3,
+                "stages": [4],
+                "xconv": {"_target_": "xvol.ops.XConv2d", "_partial_": True, "shifts": [1]},
+            }
+        )
+    )
+    ours = json.loads(json.dumps(trained))
+    ours["xconv"]["shifts"] = [2]
+    source = ModelSpec.from_config(trained).build()
+    path = tmp_path / "source.pt"
+    state = _state(1, 1.0)
+    state["model"], state["config"] = source.state_dict(), {"model": trained}
+    save_checkpoint(state, path)
+    model = ModelSpec.from_config(ours).build()
+    with caplog.at_level(logging.WARNING, logger="xvol"):
+        init_weights_from(model, path, model_config=trained)
+    assert not _warnings(caplog)  # the same spec: nothing to say
+    with caplog.at_level(logging.WARNING, logger="xvol"):
+        note = init_weights_from(model, path, model_config=ours)
+    messages = _warnings(caplog)
+    assert len(messages) == 1 and "\n" not in messages[0]
+    assert str(path) in messages[0] and "model.xconv.shifts ([1] -> [2])" in messages[0]
+    assert "model weights" in note
+    for key, value in source.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value)
 
 
 @pytest.mark.parametrize("text", ["a: [1, 2\nb: {", "- just\n- a list\n", "[" * 5_000])

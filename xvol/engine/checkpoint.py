@@ -116,6 +116,37 @@ def _num_classes(state: Mapping[str, Any], head: set[str]) -> int | None:
     return int(weights[0].shape[0]) if weights and weights[0].dim() >= 1 else None
 
 
+# the fields of a model spec that change what the weights compute (num_classes: the head note;
+# impl, bn_momentum, drop rates and zero_init_last are how the same network is run or trained)
+_SPEC_KEYS = {
+    "arch": "model.arch",
+    "stages": "model.stages",
+    "shifts": "model.xconv.shifts",
+    "center": "model.xconv.center",
+    "bn_eps": "model.xconv.bn_eps",
+}
+
+
+def _spec_differences(trained: Any, ours: Any, source: str) -> list[str]:
+    """``key (theirs -> ours)`` for each network-defining field where two model configs
+    differ, read as ModelSpecs (a config that is not a valid spec says so)."""
+    from xvol.models.spec import ModelSpec, ModelSpecError
+
+    try:
+        mine = ModelSpec.from_config(ours, "this run's config").to_dict()
+    except ModelSpecError:  # not a spec run (a caller's own model): nothing to compare with
+        return []
+    try:
+        theirs = ModelSpec.from_config(trained, source, "config.model").to_dict()
+    except ModelSpecError as err:
+        return [f"its model config ({err})"]
+    return [
+        f"{key} ({theirs[name]!r} -> {mine[name]!r})"
+        for name, key in _SPEC_KEYS.items()
+        if theirs[name] != mine[name]
+    ]
+
+
 def _trained_as(state: Mapping[str, Any]) -> str:
     """`` (trained as resnet18 with X-volution in stages [3])``, from the stored config."""
     config = state.get("config")
@@ -126,7 +157,13 @@ def _trained_as(state: Mapping[str, Any]) -> str:
     return f" (trained as {model.get('arch')}{xconv})"
 
 
-def init_weights_from(module: nn.Module, path: str | Path, *, ema: bool = False) -> str:
+def init_weights_from(
+    module: nn.Module,
+    path: str | Path,
+    *,
+    ema: bool = False,
+    model_config: Mapping[str, Any] | None = None,
+) -> str:
     """Start ``module`` from the weights of a training checkpoint (fine-tuning; timm's
     ``--initial-checkpoint``): weights only, read by :func:`load_checkpoint` (weights_only,
     nothing in the file is instantiated).
@@ -135,6 +172,10 @@ def init_weights_from(module: nn.Module, path: str | Path, *, ema: bool = False)
     module keeps its own freshly initialized head. Missing or unexpected keys, or any other
     shape difference, mean another architecture: CheckpointError. ``ema`` takes the
     checkpoint's EMA weights. Returns one line saying what was loaded.
+
+    ``model_config`` (this run's ``config["model"]``): another network of the same tensor
+    shapes (X-volution shifts, center tap, stages of equal width) loads without a shape error,
+    so each difference from the checkpoint's stored model config is named in one warning.
     """
     state = load_checkpoint(path)
     which = "ema" if ema else "model"
@@ -183,6 +224,18 @@ def init_weights_from(module: nn.Module, path: str | Path, *, ema: bool = False)
             f"{theirs_n} classes, this run {ours_n}"
         )
     load_state_dict_strict(module, weights, f"{path} ({which} weights)")
+    config = state.get("config")
+    trained_model = config.get("model") if isinstance(config, Mapping) else None
+    if model_config is not None and trained_model is not None:
+        differ = _spec_differences(trained_model, model_config, str(path))
+        if differ:
+            log.warning(
+                "trainer.init_from=%s was trained as another network of the same tensor shapes, "
+                "so its weights load into this run's model; it differs in %s (checkpoint -> "
+                "this run)",
+                path,
+                ", ".join(differ),
+            )
     return f"initialized from {path}: {note}"
 
 

@@ -207,10 +207,12 @@ class Trainer:
     def init_from(self, path: str | Path, *, ema: bool = False) -> str:
         """Start a fresh run from a checkpoint's weights (fine-tuning): see
         :func:`~xvol.engine.checkpoint.init_weights_from`. Every rank reads the file; when any
-        rank cannot use it, all raise the same CheckpointError. The EMA restarts from them."""
+        rank cannot use it, all raise the same CheckpointError. The EMA restarts from them.
+        Rank 0 names any difference between the checkpoint's model config and this run's."""
         note, error = "", None
+        model_config = self.config.get("model") if self.denv.is_main else None
         try:
-            note = init_weights_from(self.raw, path, ema=ema)
+            note = init_weights_from(self.raw, path, ema=ema, model_config=model_config)
         except CheckpointError as err:
             error = str(err)
         errors = [e for e in all_gather_objects(error) if e]

@@ -259,6 +259,23 @@ def test_evaluate_counts_every_image() -> None:
     assert topk_correct(model.logits, labels, (1, 2)).tolist() == [2.0, 3.0]
 
 
+
+def test_evaluate_scores_non_finite_outputs_as_non_finite() -> None:
+    """A NaN logit has no top-1: with any such image the metrics are NaN, not the share of
+    class 0 that argmax over NaN gives (which would be ranked as a real number)."""
+
+    class Broken(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = torch.zeros(x.shape[0], 3)
+            out[0] = float("nan")
+            return out
+
+    labels = torch.tensor([0, 0, 1])
+    out = evaluate(Broken(), [(torch.zeros(3, 3, 2, 2), labels)], device=torch.device("cpu"))
+    assert out.nonfinite == 1 and out["count"] == 3
+    assert all(math.isnan(out[k]) for k in ("top1", "top5", "loss"))
+
+
 # ------------------------------------------------------------------------------ metrics
 
 
@@ -473,6 +490,25 @@ def test_trainer_numbers_epochs_from_one_and_ranks_by_ema(tmp_path: Path) -> Non
     best = load_checkpoint(tmp_path / "best.pt")
     assert best["best_metric_name"] == "ema_top1"
     assert best["epoch"] == index["best_epoch"] and best["step"] == 0
+
+
+
+def test_a_nan_ema_is_never_best_and_is_named(tmp_path: Path, caplog) -> None:
+    """All-NaN EMA weights: ema_top1 is recorded as NaN, best.pt is never made from it, and each
+    epoch's evaluation warns once naming the weights (ema), not the raw model."""
+    trainer = _trainer(tmp_path)
+    with torch.no_grad():
+        for p in trainer.ema.module.parameters():
+            p.fill_(float("nan"))
+    trainer.resume("auto")
+    with caplog.at_level(logging.WARNING, logger="xvol"):
+        assert trainer.fit() == EXIT_OK
+    epochs = [r for r in JsonlMetrics(tmp_path / "metrics.jsonl").read() if r["kind"] == "epoch"]
+    assert [r["ema_top1"] for r in epochs] == ["nan", "nan"]
+    assert all(isinstance(r["val_top1"], float) for r in epochs)
+    assert not (tmp_path / "best.pt").exists()
+    warned = [r.getMessage() for r in caplog.records if "non-finite" in r.getMessage()]
+    assert len(warned) == 2 and all("ema" in m and "\n" not in m for m in warned)
 
 
 def test_checkpoint_metric_auto() -> None:

@@ -306,14 +306,18 @@ class EvalResult:
     labels: torch.Tensor | None = None  # this rank: N int64, CPU, loader order
 
     def metrics(self) -> dict[str, float]:
-        """Top-1/top-5 (%), mean cross-entropy and the image count: what the trainer logs."""
+        """Top-1/top-5 (%), mean cross-entropy and the image count: what the trainer logs.
+
+        Any image with non-finite logits makes all three NaN: its top-k is an artefact (all-NaN
+        rows rank class 0 first, so "top-1" would be the share of class 0) and a NaN is never
+        best (:func:`~xvol.engine.metrics.better`)."""
         n = max(self.count, 1)
-        return {
-            "top1": 100.0 * self.top1_correct / n,
-            "top5": 100.0 * self.top5_correct / n,
-            "loss": self.loss_sum / n,
-            "count": float(self.count),
-        }
+        if self.nonfinite:
+            top1 = top5 = loss = math.nan
+        else:
+            top1, top5 = 100.0 * self.top1_correct / n, 100.0 * self.top5_correct / n
+            loss = self.loss_sum / n
+        return {"top1": top1, "top5": top5, "loss": loss, "count": float(self.count)}
 
     def __getitem__(self, key: str) -> float:
         return self.metrics()[key]
@@ -334,7 +338,7 @@ def evaluate(
     Counts are summed over ranks (every rank must call it); ``predictions`` also keeps this
     rank's top-k predictions for the caller to gather. ``model`` must not be DDP-wrapped: ranks
     may hold different numbers of val batches. Non-finite logits are counted, not raised: the
-    trainer logs what it gets, xvol-eval refuses to score them.
+    trainer records NaN metrics (and warns), xvol-eval refuses to score them.
     """
     was_training = model.training
     model.eval()

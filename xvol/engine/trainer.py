@@ -28,7 +28,14 @@ from xvol.engine.checkpoint import (
 )
 from xvol.engine.dist import DistEnv, all_gather_objects, all_reduce_sum
 from xvol.engine.log import get_logger
-from xvol.engine.loop import NonFiniteLossError, TrainOptions, TrainState, evaluate, train_one_epoch
+from xvol.engine.loop import (
+    EvalResult,
+    NonFiniteLossError,
+    TrainOptions,
+    TrainState,
+    evaluate,
+    train_one_epoch,
+)
 from xvol.engine.metrics import MetricsLogger
 from xvol.engine.options import AUTO_METRIC, DebugOptions, TrainerOptions
 from xvol.engine.signals import EXIT_NON_FINITE, EXIT_OK, EXIT_PREEMPTED, PreemptionGuard
@@ -456,6 +463,7 @@ class Trainer:
             "channels_last": self.opts.channels_last,
         }
         val = evaluate(self.eval_model, self.data.val, **kw)
+        self._warn_nonfinite(val, "model", epoch)
         record: dict[str, Any] = {
             "kind": "epoch",
             "epoch": epoch + 1,  # 1-based, as in the logs and epoch_NNNN.pt
@@ -467,6 +475,7 @@ class Trainer:
         }
         if self.ema is not None:
             ema = evaluate(self.ema.module, self.data.val, **kw)
+            self._warn_nonfinite(ema, "ema", epoch)
             record.update(ema_top1=ema["top1"], ema_top5=ema["top5"], ema_loss=ema["loss"])
         record.update(
             lr=self.optimizer.param_groups[0]["lr"],
@@ -505,6 +514,24 @@ class Trainer:
                 f"{value:.4g}" if value is not None else "not measured",
             )
         return record
+
+    def _warn_nonfinite(self, result: EvalResult, weights: str, epoch: int) -> None:
+        """One warning per evaluation whose outputs were not all finite (its metrics are NaN)."""
+        if result.nonfinite and self.denv.is_main:
+            prefix = "ema" if weights == "ema" else "val"
+            log.warning(
+                "epoch %d/%d: the %s weights give non-finite (NaN/Inf) outputs on %d of %d val "
+                "images: %s_top1/%s_top5/%s_loss are recorded as NaN, and this epoch is never "
+                "best by them",
+                epoch + 1,
+                self.epochs,
+                weights,
+                result.nonfinite,
+                result.count,
+                prefix,
+                prefix,
+                prefix,
+            )
 
     def fit(self) -> int:
         """Train to ``options.epochs``; returns EXIT_OK, EXIT_PREEMPTED or EXIT_NON_FINITE.

@@ -1,12 +1,14 @@
-"""scripts/gpu_check.sh, the one-command GPU check, kept from rotting without a GPU.
+"""scripts/gpu_check.sh / gpu_check.py, the one GPU check, kept honest without a GPU.
 
-The slow test runs its CPU rehearsal end to end (the same steps with tiny sizes, no GPU tests):
-bench.py, 1-process torchrun trainings of xresnet50 and resnet50 on synthetic data, reparam and
-eval of the checkpoint, with wandb / mlxtend / submitit / DALI blocked as on a bare GPU machine.
+The slow test runs its CPU rehearsal end to end (the same steps at tiny sizes; the kernel step
+runs the CPU proofs that the GPU tests' checks fail on broken kernels), with wandb / mlxtend /
+submitit / DALI blocked as on a bare GPU machine. The other rehearsals must FAIL: a step that
+fails, one that times out, and one skipped because its input is missing.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -20,6 +22,29 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
 
 
+def _driver():
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_check"] = module  # dataclasses resolve their annotations through it
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(tmp_path: Path, *args: str, timeout: float = 900):
+    """(the finished process, gpu_check.json or None) of scripts/gpu_check.sh ARGS."""
+    env = dict(
+        os.environ,
+        OUT=str(tmp_path / "out"),
+        XVOL_GPU_CHECK_WORK=str(tmp_path / "work"),
+        XVOL_PYTHON=sys.executable,
+    )
+    proc = subprocess.run(
+        ["bash", str(SCRIPT), *args], capture_output=True, text=True, env=env, timeout=timeout
+    )
+    path = tmp_path / "out" / "gpu_check.json"
+    return proc, json.loads(path.read_text()) if path.exists() else None
+
+
 def test_gpu_check_is_valid_bash_and_documents_its_device_invocation() -> None:
     subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
     header = SCRIPT.read_text().split("set -uo pipefail")[0]
@@ -31,45 +56,95 @@ def test_gpu_check_is_valid_bash_and_documents_its_device_invocation() -> None:
     assert "/.whl/" in (ROOT / ".gitignore").read_text().splitlines()
 
 
-def test_gpu_check_rejects_unknown_arguments() -> None:
-    proc = subprocess.run(["bash", str(SCRIPT), "--bogus"], capture_output=True, text=True)
-    assert proc.returncode == 2 and "unknown argument" in proc.stderr
+def test_the_gpu_plan_fits_six_minutes_with_its_margin_in_deciding_order() -> None:
+    gc = _driver()
+    assert gc.check_plan(gc.STEPS, gc.GPU_BUDGET_S, gc.MARGIN_S) is None
+    assert gc.GPU_BUDGET_S <= 360 and gc.MARGIN_S >= 20
+    assert sum(s.cap_s for s in gc.STEPS) + gc.MARGIN_S <= gc.GPU_BUDGET_S
+    names = [s.name for s in gc.STEPS]
+    assert names[0] == "kernels" and names[1:3] == ["train_xresnet50", "train_resnet50"]
+    assert names.index("reparam") < names.index("bench") == len(names) - 1
+    assert "> budget 100 s" in (gc.check_plan(gc.STEPS, 100, 30) or "")
+
+
+def test_a_plan_over_its_budget_refuses_to_start(tmp_path: Path) -> None:
+    proc, record = _run(tmp_path, "--budget", "4", timeout=60)
+    assert proc.returncode == 2 and record is None
+    assert "step caps add up to" in proc.stderr and "nothing was run" in proc.stderr
+
+
+def test_gpu_check_rejects_unknown_arguments_and_steps(tmp_path: Path) -> None:
+    proc, _ = _run(tmp_path, "--bogus", timeout=60)
+    assert proc.returncode == 2 and "unrecognized arguments" in proc.stderr
+    proc, _ = _run(tmp_path, "--steps", "kernel", timeout=60)
+    assert proc.returncode == 2 and "unknown step 'kernel'" in proc.stderr
+
+
+def test_verdicts_count_skipped_and_unselected_steps_as_not_passed() -> None:
+    gc = _driver()
+    ok = {"status": "ok"}
+    assert gc.verdict({"a": ok, "b": ok}) == "PASSED"
+    assert gc.verdict({"a": ok, "b": {"status": "not selected"}}) == "INCOMPLETE"
+    assert gc.verdict({"a": ok, "b": {"status": "skipped"}}) == "FAILED"
+    assert gc.verdict({"a": ok, "b": {"status": "timed out"}}) == "FAILED"
+    assert gc.verdict({"a": {"status": "failed (3 of 10 tests skipped)"}}) == "FAILED"
+
+
+def test_a_failed_step_and_the_steps_it_starves_fail_the_check(tmp_path: Path) -> None:
+    """train_xresnet50 fails: reparam, which needs its checkpoint, is skipped, not passed; the
+    record is written and names which steps ran."""
+    proc, record = _run(
+        tmp_path, "--dry-run", "--steps", "train_xresnet50,reparam", "--break", "train_xresnet50",
+        timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "FAILED" in proc.stdout and "PASSED" not in proc.stdout
+    steps = record["steps"]
+    assert steps["train_xresnet50"]["status"] == "failed (exit 1)"
+    assert "broken on purpose" in "\n".join(steps["train_xresnet50"]["log_tail"])
+    assert steps["reparam"]["status"] == "skipped" and "needs" in steps["reparam"]["why"]
+    assert steps["kernels"]["status"] == "not selected"
+    assert record["verdict"] == "FAILED" and record["ok"] is False
+    assert record["ran"] == ["train_xresnet50"] and record["complete"] is True
+
+
+def test_a_step_that_times_out_fails_the_check(tmp_path: Path) -> None:
+    proc, record = _run(tmp_path, "--dry-run", "--steps", "kernels", "--cap", "kernels=1",
+                        timeout=120)  # fmt: skip
+    assert proc.returncode == 1
+    assert record["steps"]["kernels"]["status"] == "timed out"
+    assert record["verdict"] == "FAILED"
+
+
+def test_a_kernel_step_whose_tests_all_skip_is_not_a_pass(tmp_path: Path) -> None:
+    """On a machine without CUDA, `pytest -m gpu` skips every test with exit 0: not a pass."""
+    gc = _driver()
+    ctx = gc.Context(False, sys.executable, tmp_path, tmp_path)
+    (tmp_path / "logs").mkdir()
+    step = next(s for s in gc.STEPS if s.name == "kernels")
+    row = gc.run_step(step, ctx, 300, broken=False)
+    assert row["exit"] == 0, row  # pytest itself is content
+    assert row["status"].startswith("failed (") and "skipped" in row["status"], row
 
 
 @pytest.mark.slow
 def test_gpu_check_cpu_rehearsal_end_to_end(tmp_path: Path) -> None:
-    env = dict(
-        os.environ,
-        OUT=str(tmp_path / "out"),
-        XVOL_GPU_CHECK_WORK=str(tmp_path / "work"),
-        XVOL_PYTHON=sys.executable,
-    )
-    proc = subprocess.run(
-        ["bash", str(SCRIPT), "--dry-run"], capture_output=True, text=True, env=env, timeout=900
-    )
+    proc, record = _run(tmp_path, "--dry-run")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "PASSED" in proc.stdout and "| step" in proc.stdout
-    record = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
     assert record["mode"] == "cpu rehearsal" and record["ok"] is True
-    steps = {s["name"]: s["status"] for s in record["steps"]}
-    assert steps == {
-        "gpu_tests": "skipped",
-        "bench": "ok",
-        "train_xresnet50": "ok",
-        "train_resnet50": "ok",
-        "reparam": "ok",
-        "eval_train": "ok",
-        "eval_deploy": "ok",
-    }
-    cases = record["bench"]["cases"]
-    assert cases["train timm resnet50"]["status"] == "ok"
-    assert all(c["memory_bytes"] for n, c in cases.items() if n.startswith("train") and
-               c["status"] == "ok")  # fmt: skip
+    steps = {name: s["status"] for name, s in record["steps"].items()}
+    names = [s.name for s in _driver().STEPS]
+    assert steps == {name: "ok" for name in names} and len(names) == 7
+    results = record["results"]
+    assert results["kernels"]["tests"] >= 6 and results["kernels"]["skipped"] == 0
     for model in ("xresnet50", "resnet50"):
-        epoch = record["train"][model]["epoch"]
-        assert epoch["global_step"] == 3 and "val_top1" in epoch
-    assert record["reparam"]["verification"]["passed"] is True
-    assert record["eval_train"]["deploy"] is False and record["eval_deploy"]["deploy"] is True
-    assert record["eval_train"]["num_images"] == record["eval_deploy"]["num_images"] == 40
+        assert results[f"train_{model}"]["global_step"] == 3
+    assert results["reparam"]["verification"]["passed"] is True
+    assert results["eval_train"]["deploy"] is False and results["eval_deploy"]["deploy"] is True
+    assert results["eval_train"]["num_images"] == results["eval_deploy"]["num_images"] == 40
+    bench = results["bench"]
+    assert bench["ratio_info"]["headline"] == "xresnet50 train (auto) / resnet50 train"
+    assert all(c["status"] == "ok" for c in bench["cases"].values())
     assert (tmp_path / "out" / "bench.json").exists()
     assert (tmp_path / "out" / "gpu_check.log").exists()

@@ -511,10 +511,14 @@ def test_every_kernel_config_fits_sm80_and_sm90_shared_memory():
         assert r["shared"] <= r["limit"], r
         assert r["shared"] <= r["estimate"], r
         assert r["aligned_args"] > 0, r  # the JIT's divisibility specialization is in place
-    # The fixed configs (first of each list) fit both targets in both dtypes.
+    # Every launch has a config that fits each target in each dtype (fixed_config never raises
+    # NoConfigFitsError on an A100 or H100), and in bf16 the fixed config is the first one.
+    for key in {(r["case"], r["dtype"], r["target"]) for r in rows}:
+        kept = [r for r in compiled if (r["case"], r["dtype"], r["target"]) == key]
+        assert kept, key
     for r in rows:
         first = triton_xconv.CONFIGS[r["kernel"]][0]["blocks"]
-        if all(r["config"][k] == v for k, v in first.items()):
+        if r["dtype"] == "bf16" and all(r["config"][k] == v for k, v in first.items()):
             assert not r.get("pruned"), r
     # Hopper's bigger tiles (BLOCK_K=64, 4 stages) compile for sm_90 in bf16.
     big = [r for r in compiled if r["target"] == "sm_90" and r["dtype"] == "bf16"

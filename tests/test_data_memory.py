@@ -1,0 +1,121 @@
+"""The in-memory backend (xvol/data/memory.py): decoded once, CIFAR augmentation on the device,
+the loader contract (shapes, exact resume, disjoint shards, every val image once)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from xvol.data import memory
+from xvol.data.folder import DataError
+
+COUNTS = {"train": {"cat": 9, "ant": 8}, "val": {"cat": 3, "ant": 4}}
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """32 px JPEGs (one 40 px, resized at decode); PNG-exact pixels are not needed here."""
+    root = tmp_path_factory.mktemp("memtree")
+    rng = np.random.default_rng(0)
+    for split, classes in COUNTS.items():
+        for name, n in classes.items():
+            (root / split / name).mkdir(parents=True)
+            for i in range(n):
+                size = 40 if (split, name, i) == ("train", "ant", 0) else 32
+                pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / name / f"{i:03d}.jpg", quality=95)
+    return root
+
+
+def _build(tree: Path, **kw) -> memory.DataBundle:
+    cfg = dict(rank=0, world_size=1, device="cpu", seed=0, root=str(tree), num_classes=2,
+               img_size=32, batch_size=4, workers=2, validate="full")  # fmt: skip
+    cfg.update(kw)
+    return memory.build(**cfg)
+
+
+def _epoch(loader, epoch: int, start: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    loader.set_epoch(epoch, start)
+    return [(x.clone(), y.clone()) for x, y in loader]
+
+
+def test_bundle_shapes_classes_and_normalization(tree: Path) -> None:
+    bundle = _build(tree)
+    assert bundle.class_names == ["ant", "cat"] and bundle.num_classes == 2
+    assert (bundle.num_train, bundle.num_val, bundle.steps_per_epoch) == (17, 7, 4)
+    batches = _epoch(bundle.train, 0)
+    assert len(batches) == 4
+    for x, y in batches:
+        assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
+    # the eval view: the decoded image, normalized with CIFAR's mean/std
+    x, y = next(iter(bundle.val))
+    path = sorted((tree / "val" / "ant").iterdir())[0]
+    pixels = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)
+    mean = torch.tensor(memory.CIFAR10_MEAN).view(3, 1, 1)
+    std = torch.tensor(memory.CIFAR10_STD).view(3, 1, 1)
+    torch.testing.assert_close(x[0], (pixels / 255.0 - mean) / std)
+    assert y[0] == 0
+
+
+def test_augment_is_pad_crop_and_flip() -> None:
+    """The batched gather equals the per-sample definition (torchvision's RandomCrop with
+    padding=4, then a mirror) for every offset and flip."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (6, 3, 8, 8), generator=g, dtype=torch.uint8)
+    offsets = torch.tensor([[0, 0], [8, 8], [3, 5], [4, 4], [0, 8], [7, 1]])
+    flips = torch.tensor([False, True, True, False, True, False])
+    got = memory.augment(images, offsets, flips, pad=4, size=8)
+    for i in range(6):
+        padded = F.pad(images[i], (4, 4, 4, 4))
+        r, c = offsets[i].tolist()
+        crop = padded[:, r : r + 8, c : c + 8]
+        expected = crop.flip(-1) if flips[i] else crop
+        assert torch.equal(got[i], expected), i
+
+
+def test_resume_mid_epoch_is_exact_and_epochs_differ(tree: Path) -> None:
+    loader = _build(tree).train
+    full = _epoch(loader, 1)
+    resumed = _epoch(loader, 1, start=2)
+    assert len(resumed) == 2
+    for (a, la), (b, lb) in zip(full[2:], resumed, strict=True):
+        assert torch.equal(a, b) and torch.equal(la, lb)
+    other = _epoch(loader, 2)
+    assert not all(torch.equal(a, b) for (a, _), (b, _) in zip(full, other, strict=True))
+    again = _epoch(_build(tree).train, 1)  # a new process would draw the same
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(full, again, strict=True))
+
+
+def test_ranks_get_disjoint_shards_and_every_val_image_once(tree: Path) -> None:
+    bundles = [_build(tree, rank=r, world_size=2, batch_size=2) for r in range(2)]
+    assert {b.steps_per_epoch for b in bundles} == {4}
+    # train: the two ranks' label streams come from disjoint index sets (epoch_order)
+    seen = [torch.cat([y for _, y in _epoch(b.train, 0)]) for b in bundles]
+    assert all(len(s) == 8 for s in seen)
+    val = [torch.cat([x.flatten(1) for x, _ in b.val]) for b in bundles]
+    assert sum(len(v) for v in val) == 7
+    merged = torch.cat(val)
+    assert len({tuple(row[:16].tolist()) for row in merged}) == 7  # no image twice
+    assert sum(b.val.__len__() for b in bundles) == 4
+
+
+def test_too_large_for_memory_is_refused_naming_the_other_backends(tree: Path) -> None:
+    with pytest.raises(DataError, match="data.backend=torchvision or dali") as err:
+        _build(tree, max_gib=1e-6)
+    assert str(tree) in str(err.value)
+
+
+def test_an_undecodable_file_is_named(tmp_path: Path, tree: Path) -> None:
+    import shutil
+
+    root = tmp_path / "bad"
+    shutil.copytree(tree, root)
+    bad = root / "train" / "cat" / "000.jpg"
+    bad.write_bytes(bad.read_bytes()[:200])  # truncated: the fast scan can miss it
+    with pytest.raises(DataError, match="000.jpg.*data.validate=full"):
+        _build(root, validate="off")

@@ -90,7 +90,7 @@ def test_reparam_writes_a_verified_deploy_checkpoint(tiny: dict[str, Path]) -> N
     sidecar = json.loads((tiny["deploy"] / "deploy.json").read_text())
     assert sidecar["kind"] == "xvol.deploy" and sidecar["weights"] == "ema"
     assert sidecar["source"]["sha256"] == sha256_file(tiny["xckpt"])
-    assert sidecar["format_version"] == 2 and "model_config" not in sidecar
+    assert sidecar["format_version"] == 3 and "model_config" not in sidecar
     assert sidecar["model_spec"] == ModelSpec.from_config(model_config()).to_dict()
     assert sidecar["class_names"] == ["class_0", "class_1", "class_2"]
     assert sidecar["integrity_sha256"] == deploy_integrity(sidecar)
@@ -218,7 +218,7 @@ def _bad_checkpoint(kind: str, tiny: dict[str, Path], tmp_path: Path) -> tuple[P
         sidecar = json.loads((path / "deploy.json").read_text())
         sidecar["model_spec"]["arch"] = "resnet34"
         (path / "deploy.json").write_text(json.dumps(sidecar))
-        return path, "deploy.json: model_spec, class_names or weights were edited"
+        return path, "deploy.json: model_spec, class_names, weights or data were edited"
     if kind == "deploy_truncated":
         path = tmp_path / "deploy"
         shutil.copytree(tiny["deploy"], path)

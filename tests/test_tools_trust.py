@@ -10,7 +10,12 @@ one-line stderr matters):
   sidecars still load and an edit of theirs is refused too;
 - val class folders that differ from the checkpoint's class names are refused (unless
   --allow-class-mismatch);
-- non-finite logits fail xvol-reparam's verification, xvol-export's parity check and xvol-eval.
+- non-finite logits fail xvol-reparam's verification, xvol-export's parity check and xvol-eval;
+- (issue 19) a format 3 sidecar rewritten as format 1 cannot name another network; an edited
+  eval transform (data.img_size, crop_pct, interpolation) is refused, and that of a format 2
+  sidecar (no hash covers it) is not used; training checkpoints hold the weights under timm's
+  names, so timm's load_checkpoint(use_ema=True) reads the EMA; timm's scripts run through
+  ``python -m xvol.cli.timm_script``, which refuses a namespace-package ``xvol``.
 """
 
 from __future__ import annotations
@@ -58,7 +63,7 @@ def _one_thread(single_thread: None) -> None:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Val folder, an X-volution checkpoint, its deploy dir (format 2) and a format 1 copy."""
+    """Val folder, an X-volution checkpoint, its deploy dir (format 3) and a format 1 copy."""
     base = tmp_path_factory.mktemp("trust")
     torch.set_num_threads(1)
     data = make_val_folder(base / "data")
@@ -289,6 +294,11 @@ EDITS_V2 = {
     "class_names": _set("class_names", ["class_1", "class_0", "class_2"]),
     "weights": _set("weights", "model"),
     "integrity_removed": lambda s: s.pop("integrity_sha256"),
+    # issue 19, finding 14: the eval transform xvol-eval uses by default
+    "img_size": _set("data.img_size", 64),
+    "crop_pct": _set("data.crop_pct", 0.5),
+    "interpolation": _set("data.interpolation", "bicubic"),
+    "data_removed": lambda s: s.pop("data"),
 }
 
 
@@ -300,7 +310,9 @@ def test_edited_sidecar_is_refused(
     deploy = _edited(tiny, tmp_path, "deploy", EDITS_V2[edit])
     out = tmp_path / "out"
     message = _fails(TOOLS[tool], _tool_argv(tool, deploy, out, tiny["data"]))
-    assert f"{deploy / 'deploy.json'}: model_spec, class_names or weights were edited" in message
+    assert f"{deploy / 'deploy.json'}: model_spec, class_names, weights or data were edited" in (
+        message
+    )
     assert "re-run xvol-reparam" in message and _files(out) == []
 
 
@@ -311,7 +323,7 @@ def test_model_config_added_to_a_new_sidecar_is_refused(
     cfg["xconv"]["shifts"] = [2]
     deploy = _edited(tiny, tmp_path, "deploy", _set("model_config", cfg))
     message = _fails(eval_tool, _tool_argv("eval", deploy, tmp_path / "out", tiny["data"]))
-    assert "deploy.json: model_config is not part of deploy format 2" in message
+    assert "deploy.json: model_config is not part of deploy format 3" in message
 
 
 @pytest.mark.slow
@@ -349,6 +361,7 @@ def test_format_1_sidecars_still_load(tiny: dict[str, Path], capsys: pytest.Capt
     records = {}
     for name in ("deploy", "v1"):
         argv = [str(tiny[name]), "--data", str(tiny["data"]), "--no-record", "--json", *EVAL_ARGS]
+        argv += ["--img-size", "32", "--crop-pct", "1", "--interpolation", "bilinear"]
         assert eval_tool.main(argv) == 0
         records[name] = json.loads(capsys.readouterr().out)
     assert records["v1"]["predictions_sha256"] == records["deploy"]["predictions_sha256"]
@@ -471,3 +484,179 @@ def test_eval_refuses_nan_logits(poisoned: Path, tiny: dict[str, Path], tmp_path
     message = _fails(eval_tool, _tool_argv("eval", poisoned, results, tiny["data"]))
     assert f"{poisoned}: non-finite (NaN/Inf) logits for 12 of 12 val images" in message
     assert _files(results) == []
+
+
+# ----------------------------------------------------------------------------- issue 19
+
+
+def _downgrade(sidecar: dict, shifts: list[int]) -> None:
+    """The issue's repro: format 3 -> 1, spec/integrity/class names dropped, another config."""
+    for key in ("model_spec", "integrity_sha256", "class_names"):
+        sidecar.pop(key)
+    cfg = model_config()
+    cfg["xconv"]["shifts"] = shifts
+    sidecar.update(format_version=1, model_config=cfg)
+
+
+@pytest.mark.parametrize("shifts", [[2], [1]], ids=["other_network", "same_network"])
+def test_sidecar_downgraded_to_format_1_is_refused(
+    shifts: list[int], tiny: dict[str, Path], tmp_path: Path
+) -> None:
+    """Finding 2: format 3 weights carry model_spec, not model_config; a format 1 sidecar of
+    them must not skip the comparison (and the integrity check with it)."""
+    deploy = _edited(tiny, tmp_path, "deploy", lambda s: _downgrade(s, shifts))
+    out = tmp_path / "out"
+    message = _fails(eval_tool, _tool_argv("eval", deploy, out, tiny["data"]))
+    assert f"{deploy / 'deploy.json'}: a format 1 sidecar of format 2/3 weights" in message
+    assert _files(out) == []
+
+
+def test_format_1_weights_must_hold_their_model_config(
+    tiny: dict[str, Path], tmp_path: Path
+) -> None:
+    """A format 1 weights file without the metadata copy is not compared against nothing."""
+    from safetensors.torch import load_file, save_file
+
+    from xvol.formats.files import sha256_file
+
+    deploy = tmp_path / "v1"
+    shutil.copytree(tiny["v1"], deploy)
+    weights = deploy / "deploy.safetensors"
+    save_file(load_file(weights), weights, {"format": "pt"})
+    sidecar = json.loads((deploy / "deploy.json").read_text())
+    sidecar["model_config"]["xconv"]["shifts"] = [2]
+    sidecar["weights_sha256"] = sha256_file(weights)
+    (deploy / "deploy.json").write_text(json.dumps(sidecar))
+    message = _fails(eval_tool, _tool_argv("eval", deploy, tmp_path / "out", tiny["data"]))
+    assert "deploy.json: model_config differs from the copy in deploy.safetensors" in message
+
+
+def _as_format_2(sidecar: dict) -> None:
+    """A sidecar as xvol-reparam wrote it before format 3 (no hash over data)."""
+    from xvol.formats.deploy import deploy_integrity
+
+    sidecar["format_version"] = 2
+    sidecar["integrity_sha256"] = deploy_integrity(sidecar)
+
+
+def test_format_2_sidecar_loads_but_its_data_is_not_used(
+    tiny: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Finding 14: format 2 covers no data, so an edit there changes nothing."""
+
+    def edit(sidecar: dict) -> None:
+        _as_format_2(sidecar)
+        sidecar["data"]["img_size"] = 64  # after hashing: format 2 does not cover it
+
+    deploy = _edited(tiny, tmp_path, "deploy", edit)
+    with caplog.at_level("WARNING"):
+        loaded = load_model(deploy)
+    assert loaded.spec == load_model(tiny["deploy"]).spec
+    assert loaded.data_config["img_size"] is None and loaded.data_config["root"] is None
+    assert "deploy format 2: its data settings" in caplog.text and "not used" in caplog.text
+    assert load_model(tiny["deploy"]).data_config["img_size"] == 32  # format 3: vouched for
+
+
+def _logits_for(model: torch.nn.Module) -> torch.Tensor:
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        return model.eval()(x)
+
+
+def test_training_checkpoint_holds_timm_names(tiny: dict[str, Path]) -> None:
+    """Finding 7: timm's load_checkpoint(use_ema=True) (validate.py --use-ema) reads the EMA, and
+    without use_ema the raw weights, the ones xvol-eval reads with --ema / --no-ema."""
+    import timm
+    from timm.models import load_checkpoint as timm_load_checkpoint
+
+    state = torch.load(tiny["ckpt"], weights_only=True)
+    assert state["state_dict"].keys() == state["model"].keys()
+    assert all(state["state_dict_ema"][k] is state["ema"][k] for k in state["ema"])  # one copy
+    for use_ema in (True, False):
+        ours = load_model(tiny["ckpt"], ema=use_ema).model
+        theirs = timm.create_model("xresnet18", num_classes=3)
+        timm_load_checkpoint(theirs, str(tiny["ckpt"]), use_ema=use_ema)
+        torch.testing.assert_close(_logits_for(theirs), _logits_for(ours), atol=0, rtol=0)
+
+
+def test_checkpoint_without_timm_names_still_loads(tiny: dict[str, Path], tmp_path: Path) -> None:
+    state = torch.load(tiny["ckpt"], weights_only=True)
+    for key in ("state_dict", "state_dict_ema"):
+        state.pop(key)
+    old = tmp_path / "old.pt"
+    torch.save(state, old)
+    torch.testing.assert_close(
+        _logits_for(load_model(old).model), _logits_for(load_model(tiny["ckpt"]).model)
+    )
+
+
+def test_timm_names_that_are_other_weights_are_refused(
+    tiny: dict[str, Path], tmp_path: Path
+) -> None:
+    """timm's tools and xvol's would score two networks: one line naming the file and key."""
+    state = torch.load(tiny["ckpt"], weights_only=True)
+    state["state_dict_ema"] = state["model"]
+    bad = tmp_path / "bad.pt"
+    torch.save(state, bad)
+    out = tmp_path / "out"
+    message = _fails(eval_tool, _tool_argv("eval", bad, out, tiny["data"]))
+    assert f"{bad}: 'state_dict_ema' (what timm's tools read) is not the 'ema' weights" in message
+    assert _files(out) == []
+
+
+STUB_VALIDATE = """
+import argparse, sys
+
+import timm
+import torch
+from timm.models import load_checkpoint
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--model")
+parser.add_argument("--num-classes", type=int)
+parser.add_argument("--checkpoint")
+parser.add_argument("--use-ema", action="store_true")
+parser.add_argument("--out")
+args = parser.parse_args()
+assert sys.argv[0].endswith("validate.py"), sys.argv
+model = timm.create_model(args.model, num_classes=args.num_classes)
+load_checkpoint(model, args.checkpoint, use_ema=args.use_ema)
+x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+with torch.no_grad():
+    torch.save(model.eval()(x), args.out)
+"""
+
+
+def test_timm_script_runs_timm_scripts_with_xvol_models(
+    tiny: dict[str, Path], tmp_path: Path
+) -> None:
+    """The README's one-liner: a script of timm's validate.py shape (create_model by name, then
+    load_checkpoint(use_ema)) sees xresnet18 and scores the EMA."""
+    (tmp_path / "validate.py").write_text(STUB_VALIDATE)
+    out = tmp_path / "logits.pt"
+    argv = ["--model", "xresnet18", "--num-classes", "3", "--checkpoint", str(tiny["ckpt"])]
+    proc = subprocess.run(
+        [sys.executable, "-m", "xvol.cli.timm_script", "validate.py", *argv, "--use-ema",
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path, env=_env(),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    ema = load_model(tiny["ckpt"], ema=True).model
+    torch.testing.assert_close(torch.load(out), _logits_for(ema), atol=0, rtol=0)
+
+
+def test_timm_script_refuses_a_namespace_xvol(tmp_path: Path) -> None:
+    """Run from the parent folder of a clone named xvol, ``import xvol`` is that folder (a
+    namespace package, nothing registered): one line naming it, the script never runs."""
+    (tmp_path / "xvol").symlink_to(ROOT, target_is_directory=True)
+    marker = tmp_path / "ran"
+    (tmp_path / "validate.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "xvol.cli.timm_script", "validate.py"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path, env=_env(),
+    )  # fmt: skip
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(f"xvol-timm: error: 'import xvol' found the folder {tmp_path / 'xvol'}")
+    assert "no xvol model is registered with timm; run from another directory" in line
+    assert not marker.exists()

@@ -39,6 +39,7 @@ from xvol.formats.checkpoint import (
     stored_class_names,
 )
 from xvol.formats.deploy import (
+    DEPLOY_FORMAT_VERSION,
     DEPLOY_SIDECAR,
     DEPLOY_WEIGHTS,
     is_deploy_path,
@@ -56,6 +57,7 @@ __all__ = [
     "build_from_spec",
     "build_val_loader",
     "check_class_names",
+    "check_xvol_package",
     "count_reparameterizable",
     "eval_settings",
     "load_model",
@@ -106,9 +108,39 @@ def tool_args(
     return parent
 
 
+def check_xvol_package() -> None:
+    """ToolError unless ``import xvol`` is the xvol package and its models are in timm's registry.
+
+    Run from a directory holding a folder named ``xvol`` that has no ``__init__.py`` (the parent
+    folder of a clone named xvol), Python takes that folder for a namespace package: with an
+    editable install ``xvol.cli``/``xvol.models`` still import, but ``xvol/__init__.py`` never
+    runs, so no model is registered and timm says "Unknown model". That is refused here, naming
+    the folder. (A plain ``import xvol`` cannot check itself: no xvol code runs in that case.)
+    """
+    import timm
+
+    import xvol
+
+    if getattr(xvol, "__file__", None) is None:
+        where = ", ".join(str(p) for p in getattr(xvol, "__path__", [])) or "?"
+        raise ToolError(
+            f"'import xvol' found the folder {where}, not the xvol package (a folder named xvol "
+            "without __init__.py in the working directory or on sys.path, e.g. the parent folder "
+            "of a clone named xvol): no xvol model is registered with timm; run from another "
+            "directory"
+        )
+    if not timm.is_model("xresnet18"):
+        raise ToolError(
+            f"xvol ({xvol.__file__}) is imported but timm does not know xresnet18: "
+            "xvol.models did not register"
+        )
+
+
 @contextlib.contextmanager
 def tool_errors(prog: str, debug: bool = False) -> Iterator[None]:
     """Turn any exception into ``prog: error: <one line>`` on stderr and exit status 1.
+
+    Every tool starts with check_xvol_package (a namespace ``xvol`` fails here, in one line).
 
     ``debug`` (or XVOL_DEBUG=1) lets the traceback through instead. Known error types
     (ToolError, CheckpointError, RecordError, ModelSpecError, DataError, FileNotFoundError,
@@ -121,6 +153,7 @@ def tool_errors(prog: str, debug: bool = False) -> Iterator[None]:
 
     debug = debug or os.environ.get("XVOL_DEBUG", "") not in ("", "0")
     try:
+        check_xvol_package()
         yield
     except (KeyboardInterrupt, SystemExit):
         raise
@@ -338,6 +371,16 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def _load_deploy(path: Path) -> LoadedModel:
     """``reparameterize_model(spec.build())`` with the checked deploy weights loaded strictly."""
     ckpt = load_deploy_checkpoint(path)
+    if ckpt.data is None and ckpt.sidecar.get("data") is not None:
+        log.warning(
+            "%s: deploy format %s: its data settings (img_size, crop_pct, interpolation, root) "
+            "are not covered by its integrity hash and are not used: pass --img-size, "
+            "--crop-pct, --interpolation and --data (defaults 224, 0.875, bilinear), or re-run "
+            "xvol-reparam for a format %d sidecar",
+            ckpt.sidecar_path,
+            ckpt.sidecar.get("format_version"),
+            DEPLOY_FORMAT_VERSION,
+        )
     model = reparameterize_model(build_from_spec(ckpt.spec, str(ckpt.sidecar_path)))
     load_state_dict_strict(model, ckpt.state_dict, source=f"{ckpt.weights_path}")
     model.eval()
@@ -350,7 +393,7 @@ def _load_deploy(path: Path) -> LoadedModel:
         weights=ckpt.weights,
         spec=ckpt.spec,
         class_names=ckpt.class_names,
-        data_config=_data_defaults(ckpt.sidecar.get("data"), ckpt.sidecar_path),
+        data_config=_data_defaults(ckpt.data, ckpt.sidecar_path),
         source=dict(source) if isinstance(source, Mapping) else {},
     )
 

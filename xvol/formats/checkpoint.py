@@ -10,6 +10,12 @@ kind                  "xvol.train"
 model                 state_dict of the unwrapped model (no ``module.``/``_orig_mod.``);
                       BN running stats averaged over ranks when BN is not synchronized
 ema                   state_dict of the EMA model (timm ModelEmaV3 ``.module``) or None
+state_dict            the same tensors as ``model``, under timm's name (written by
+                      save_checkpoint; one copy in the file: torch.save stores a shared tensor
+                      once)
+state_dict_ema        the same tensors as ``ema``, under timm's name; absent without EMA, so
+                      timm's ``load_checkpoint(model, path, use_ema=True)`` (validate.py
+                      ``--use-ema``) reads the EMA and without ``use_ema`` the raw weights
 optimizer             optimizer.state_dict()
 scheduler             timm scheduler.state_dict() or None
 scaler                torch.amp.GradScaler.state_dict() (fp16) or None
@@ -48,7 +54,10 @@ time                  float, UNIX time of writing (time.time())
 
 Written by the trainer through ``xvol.engine.checkpoint.CheckpointManager`` (which names the
 files of a run directory); read by resume, fine-tuning (``init_weights_from``) and the tools.
-A reader refuses a file with a newer ``format_version`` than :data:`FORMAT_VERSION`.
+A reader refuses a file with a newer ``format_version`` than :data:`FORMAT_VERSION`, and one
+whose timm-named copies are not the very weights under xvol's names (timm's tools would score
+other weights than xvol's); it returns the state without them. Files written before the timm
+names (``model``/``ema`` only) read as before.
 """
 
 from __future__ import annotations
@@ -64,6 +73,7 @@ from xvol.formats.files import atomic_path, first_line, write_error_reason
 __all__ = [
     "FORMAT_VERSION",
     "KIND",
+    "TIMM_KEYS",
     "WEIGHTS",
     "CheckpointError",
     "checkpoint_versions",
@@ -75,6 +85,8 @@ __all__ = [
 FORMAT_VERSION = 1
 KIND = "xvol.train"
 WEIGHTS = ("ema", "model")  # the state_dicts a checkpoint holds; what a deploy/record names
+# The same weights under the keys timm's load_checkpoint/load_state_dict look for.
+TIMM_KEYS = {"model": "state_dict", "ema": "state_dict_ema"}
 
 
 class CheckpointError(RuntimeError):
@@ -97,9 +109,10 @@ def save_checkpoint(state: Mapping[str, Any], path: str | Path) -> Path:
     cause (a full disk says "no space left on device").
     """
     path = Path(path)
+    state = _with_timm_keys(state)
     try:
         with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-            torch.save(dict(state), fh)
+            torch.save(state, fh)
     except Exception as err:
         reason = write_error_reason(err)
         kept = f"the previous {path.name} is unchanged" if path.exists() else "nothing written"
@@ -107,6 +120,47 @@ def save_checkpoint(state: Mapping[str, Any], path: str | Path) -> Path:
             f"{path}: cannot write checkpoint: {reason} ({kept})", reason=reason
         ) from err
     return path
+
+
+def _with_timm_keys(state: Mapping[str, Any]) -> dict[str, Any]:
+    """``state`` plus ``state_dict``/``state_dict_ema``: the same dicts (no tensor copied)."""
+    out = dict(state)
+    for ours, theirs in TIMM_KEYS.items():
+        weights = out.get(ours)
+        if isinstance(weights, Mapping) and weights:
+            out[theirs] = weights
+        else:
+            out.pop(theirs, None)
+    return out
+
+
+def _drop_timm_keys(state: dict[str, Any], refuse: Any) -> dict[str, Any]:
+    """Check that each timm-named entry is the weights under xvol's name, then drop it."""
+    for ours, theirs in TIMM_KEYS.items():
+        if theirs not in state:
+            continue
+        copy, weights = state.pop(theirs), state.get(ours)
+        same = (
+            isinstance(copy, Mapping)
+            and isinstance(weights, Mapping)
+            and copy.keys() == weights.keys()
+            and all(
+                copy[k] is weights[k]
+                or (
+                    isinstance(copy[k], torch.Tensor)
+                    and isinstance(weights[k], torch.Tensor)
+                    and copy[k].shape == weights[k].shape
+                    and copy[k].dtype == weights[k].dtype
+                    and torch.equal(copy[k], weights[k])
+                )
+                for k in weights
+            )
+        )
+        if not same:
+            raise refuse(
+                f"'{theirs}' (what timm's tools read) is not the '{ours}' weights xvol reads"
+            )
+    return state
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -130,7 +184,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise refuse(f"format_version {version!r} is not an integer")
     if version is not None and version > FORMAT_VERSION:
         raise refuse(f"checkpoint format {version} is newer than this xvol ({FORMAT_VERSION})")
-    return state
+    return _drop_timm_keys(state, refuse)
 
 
 def stored_class_names(

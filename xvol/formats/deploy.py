@@ -1,6 +1,6 @@
 """The deploy checkpoint format: ``deploy.safetensors`` + the ``deploy.json`` sidecar.
 
-Layout (``DEPLOY_FORMAT_VERSION`` 2)::
+Layout (``DEPLOY_FORMAT_VERSION`` 3)::
 
     DIR/deploy.safetensors   state_dict of reparameterize_model(spec.build()), fp32; metadata
                              holds the model spec and class names too
@@ -11,11 +11,22 @@ Layout (``DEPLOY_FORMAT_VERSION`` 2)::
                              summary, data (eval transform defaults), versions, git, date
 
 ``integrity_sha256`` is the sha256 of the canonical JSON of format_version, weights_sha256,
-model_spec, class_names and weights: the sidecar is written last and a reader refuses a modified
-or half-copied weights file, and an edited spec, class list or weights choice (same weight shapes,
-another network). Format 1 sidecars (``model_config``, the raw Hydra model config) still load:
-their config must read as a ModelSpec and equal the copy in the safetensors metadata, which the
-weights sha256 covers.
+model_spec, class_names, weights and data: the sidecar is written last and a reader refuses a
+modified or half-copied weights file, and an edited spec, class list or weights choice (same
+weight shapes, another network) or eval transform (data.img_size, crop_pct, interpolation: how
+xvol-eval scores the model by default). The hash is unkeyed: it catches accidents and hand
+edits, not someone who edits and re-hashes.
+
+Older sidecars still load, each held to what its format can vouch for:
+
+- format 2 (integrity over the same keys but data): spec, class names and weights as above;
+  its ``data`` is not covered, so it is not returned (``DeployCheckpoint.data`` None: the
+  caller uses explicit settings or defaults, not a value anyone may have edited);
+- format 1 (``model_config``, the raw Hydra model config, no integrity hash): the config must
+  read as a ModelSpec and equal the copy in the safetensors metadata, which the weights sha256
+  covers. The weights file must be a format 1 one (its metadata holds ``model_config``); a
+  format 2/3 weights file (metadata ``model_spec``) is never read through a format 1 sidecar,
+  so a sidecar rewritten as format 1 cannot drop the integrity check and name another network.
 
 Written by xvol-reparam (after verifying the two forms agree); read by xvol-eval and xvol-export
 through ``xvol.tools_common.load_model``, which builds the network from the validated spec.
@@ -51,10 +62,13 @@ __all__ = [
 ]
 
 DEPLOY_KIND = "xvol.deploy"
-DEPLOY_FORMAT_VERSION = 2
+DEPLOY_FORMAT_VERSION = 3
 DEPLOY_WEIGHTS = "deploy.safetensors"
 DEPLOY_SIDECAR = "deploy.json"
-_INTEGRITY_KEYS = ("format_version", "weights_sha256", "model_spec", "class_names", "weights")
+_INTEGRITY_KEYS = {
+    2: ("format_version", "weights_sha256", "model_spec", "class_names", "weights"),
+    3: ("format_version", "weights_sha256", "model_spec", "class_names", "weights", "data"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +84,9 @@ class DeployCheckpoint:
     weights: str  # "ema" or "model": which weights of the training checkpoint
     sha256: str  # of the weights file
     state_dict: dict[str, torch.Tensor]
+    # the eval transform and data root the sidecar vouches for (covered by integrity_sha256);
+    # None for formats 1 and 2, whose ``data`` no hash covers
+    data: dict[str, Any] | None = None
 
 
 def is_deploy_path(path: str | Path) -> bool:
@@ -89,12 +106,16 @@ def deploy_paths(path: str | Path) -> tuple[Path, Path]:
 
 
 def deploy_integrity(sidecar: Mapping[str, Any]) -> str:
-    """sha256 of what decides the deploy network and its labels (canonical JSON).
+    """sha256 of what decides the deploy network, its labels and its default eval transform
+    (canonical JSON), for the sidecar's format_version (2 or 3; 3 when absent).
 
-    Covers the weights file (through its sha256), the model spec, the class names and which
-    weights were taken: an edit of any of them in the sidecar no longer matches.
+    Covers the weights file (through its sha256), the model spec, the class names, which
+    weights were taken and (format 3) ``data``: an edit of any of them no longer matches.
     """
-    covered = {key: sidecar.get(key) for key in _INTEGRITY_KEYS}
+    version = sidecar.get("format_version")
+    keys = _INTEGRITY_KEYS.get(version if isinstance(version, int) else 0)
+    keys = keys or _INTEGRITY_KEYS[DEPLOY_FORMAT_VERSION]
+    covered = {key: sidecar.get(key) for key in keys}
     text = json.dumps(covered, sort_keys=True, separators=(",", ":"), allow_nan=False)
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -186,8 +207,10 @@ def load_deploy_checkpoint(path: str | Path) -> DeployCheckpoint:
 
     Refused (CheckpointError or ModelSpecError, naming the file and key): a sidecar whose model
     description is not a valid ModelSpec, a weights file whose sha256 differs from the sidecar's,
-    a format 2 sidecar whose spec, class names or weights choice no longer match its
-    integrity_sha256, a format 1 sidecar whose model_config differs from the weights file's copy.
+    a format 2/3 sidecar whose spec, class names, weights choice or (3) data no longer match its
+    integrity_sha256 or whose spec differs from the weights file's copy, a format 1 sidecar
+    whose model_config differs from the weights file's copy or is missing there (a format 2/3
+    weights file: a downgraded sidecar).
     """
     from safetensors.torch import load_file
 
@@ -216,16 +239,32 @@ def load_deploy_checkpoint(path: str | Path) -> DeployCheckpoint:
             f"{weights_path}: sha256 {sha[:12]}... does not match its sidecar "
             f"({str(sidecar.get('weights_sha256'))[:12]}...): truncated or modified file"
         )
+    metadata = _weights_metadata(weights_path)
     if version >= 2:
         if sidecar.get("integrity_sha256") != deploy_integrity(sidecar):
+            edited = "model_spec, class_names, weights or data"
+            if version == 2:  # format 2 does not cover data
+                edited = "model_spec, class_names or weights"
             raise CheckpointError(
-                f"{sidecar_path}: model_spec, class_names or weights were edited (they no longer "
-                "match integrity_sha256): the network would not be the one verified; re-run "
-                "xvol-reparam instead of editing the sidecar"
+                f"{sidecar_path}: {edited} were edited (they no longer match integrity_sha256): "
+                "the network would not be the one verified; re-run xvol-reparam instead of "
+                "editing the sidecar"
+            )
+        stored = metadata.get("model_spec")
+        if stored is None or _json_or_none(stored) != sidecar.get("model_spec"):
+            raise CheckpointError(
+                f"{sidecar_path}: model_spec differs from the copy in {weights_path.name} (or "
+                "that file holds none: not a format 2/3 deploy weights file); re-run xvol-reparam"
             )
     else:
-        stored = _weights_metadata(weights_path).get("model_config")
-        if stored is not None and _json_or_none(stored) != sidecar.get("model_config"):
+        if "model_spec" in metadata:
+            raise CheckpointError(
+                f"{sidecar_path}: a format 1 sidecar of format 2/3 weights ({weights_path.name} "
+                "holds a model_spec): a downgraded sidecar would skip the integrity check; use "
+                "the deploy.json xvol-reparam wrote, or re-run xvol-reparam"
+            )
+        stored = metadata.get("model_config")
+        if stored is None or _json_or_none(stored) != sidecar.get("model_config"):
             raise CheckpointError(
                 f"{sidecar_path}: model_config differs from the copy in {weights_path.name} "
                 "(edited sidecar?): the network would not be the one verified; re-run "
@@ -244,4 +283,11 @@ def load_deploy_checkpoint(path: str | Path) -> DeployCheckpoint:
         weights=str(sidecar.get("weights", "model")),
         sha256=sha,
         state_dict=state,
+        data=_covered_data(sidecar, version),
     )
+
+
+def _covered_data(sidecar: Mapping[str, Any], version: int) -> dict[str, Any] | None:
+    """The sidecar's ``data`` when integrity_sha256 covers it (format 3), else None."""
+    data = sidecar.get("data")
+    return dict(data) if version >= 3 and isinstance(data, Mapping) else None

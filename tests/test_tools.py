@@ -340,8 +340,8 @@ def test_eval_training_and_deploy_checkpoints_agree_on_every_image(
     val = train["data"]["fingerprint"][:8]
     assert files == sorted(
         [
-            f"xresnet18_train_ema_torchvision_{sha_train[:12]}_val-{val}.json",
-            f"xresnet18_deploy_ema_torchvision_{sha_deploy[:12]}_val-{val}.json",
+            f"xresnet18_train_ema_torchvision_{sha_train[:12]}_val-{val}_32px-crop1-bilinear.json",
+            f"xresnet18_deploy_ema_torchvision_{sha_deploy[:12]}_val-{val}_32px-crop1-bilinear.json",
         ]
     )
     for name in files:

@@ -21,10 +21,11 @@ over every val image (each rank evaluates a contiguous slice, rank 0 gathers all
 throughput is measured on rank 0 with a random batch of --bench-batch-size images at --precision
 (--bench-iters 0 skips it). The record (schema
 ``RECORD_SCHEMA_VERSION``, see xvol/formats/record.py and the README) goes to
-RESULTS_DIR/<model>_<train|deploy>_<weights>_<backend>_<sha12>_val-<val8>.json (val8: the val
-set's fingerprint): the data backend is part of its name, since the two backends are two
-preprocessing implementations (equal up to rounding, see xvol/data/dali.py) and their records
-coexist; so is the val set. Existing files are refused unless --force, and
+RESULTS_DIR/<model>_<train|deploy>_<weights>_<backend>_<sha12>_val-<val8>_<size>px-crop<crop>-
+<interpolation>.json (val8: the val set's fingerprint): the data backend is part of its name,
+since the two backends are two preprocessing implementations (equal up to rounding, see
+xvol/data/dali.py) and their records coexist; so are the val set and the eval transform (one
+checkpoint at 64 and at 224 px: two records). Existing files are refused unless --force, and
 nothing is written when anything fails. stdout gets one line, ``top-1 / top-5 / images`` (the
 whole record with --json); a progress bar goes to stderr (rank 0).
 """
@@ -59,6 +60,7 @@ from xvol.formats.files import atomic_path
 from xvol.formats.record import (
     RECORD_KIND,
     RECORD_SCHEMA_VERSION,
+    eval_transform_tag,
     predictions_sha256,
     record_name,
     validate_record,
@@ -317,7 +319,13 @@ def evaluate_checkpoint(checkpoint: str | Path, opts: EvalOptions | None = None)
             **settings,
         )
         name = opts.record_file or record_name(
-            identity["model"], form, loaded.weights, opts.backend, loaded.sha256, val.fingerprint
+            identity["model"],
+            form,
+            loaded.weights,
+            opts.backend,
+            loaded.sha256,
+            val.fingerprint,
+            eval_transform_tag(**settings),
         )
         record_path = Path(opts.results_dir) / name if opts.results_dir is not None else None
         if record_path is not None:  # before the evaluation, and again before the write

@@ -25,8 +25,14 @@ paired together. Per val set:
   predictions are identical (equal ``predictions_sha256``).
 
 A deploy record without a seed takes the seed and recipe of its training checkpoint's record.
-A malformed record (not JSON, wrong schema, missing or mistyped key) or a duplicate (the same
-checkpoint, weights, val set, backend, size and precision twice) is an error naming the file.
+A malformed record (not JSON, nested too deep, too large, wrong schema, missing or mistyped
+key, numbers that contradict each other) or a duplicate (the same checkpoint, weights, val set,
+backend, eval transform and precision twice) is an error naming the file; --skip-bad skips it.
+
+Every field of a record is text from outside: each output escapes it for its own syntax (HTML
+text and attributes; markdown cells with newlines, pipes and link/emphasis syntax neutralized;
+CSV cells starting with = + - @ prefixed with ' so no spreadsheet reads a formula), and a link
+goes only to a record file found here, as a percent-encoded relative path.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ import os
 import re
 import statistics
 import sys
+import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -91,13 +98,17 @@ def _backend(record: dict[str, Any]) -> str:
 
 
 def _duplicate_key(record: dict[str, Any]) -> tuple:
-    """What identifies an evaluation: two backends' records of one checkpoint coexist."""
+    """What identifies an evaluation: two backends' (or eval transforms') records of one
+    checkpoint coexist."""
+    data = record["data"]
     return (
         record["checkpoint"]["sha256"],
         record["weights"],
-        record["data"]["fingerprint"],
+        data["fingerprint"],
         _backend(record),
-        record["data"]["img_size"],
+        data["img_size"],
+        data.get("crop_pct"),
+        data.get("interpolation"),
         record["eval"]["precision"],
     )
 
@@ -116,7 +127,8 @@ def load_records(results_dir: str | Path, skip_bad: bool = False) -> list[tuple[
             if key in seen:
                 raise RecordError(
                     f"{path}: duplicate record: same checkpoint {key[0][:12]}, weights, val set, "
-                    f"backend, image size and precision as {seen[key]}; remove one"
+                    f"backend, image size, crop_pct, interpolation and precision as {seen[key]}; "
+                    "remove one"
                 )
         except RecordError as err:
             if not skip_bad:
@@ -448,7 +460,7 @@ def tables(vs: dict[str, Any]) -> list[dict[str, Any]]:
                 _fmt(r["infer_device"]),
                 str(r["num_images"]),
                 r["checkpoint_sha256"][:12],
-                ("json", r.get("record_link", r["record"])),
+                ("json", r["record_link"]) if r.get("record_link") else "json",
             ]
             for i, r in enumerate(rows)
         ],
@@ -571,25 +583,40 @@ def tables(vs: dict[str, Any]) -> list[dict[str, Any]]:
     return [main, seeds, paired, base, deploy]
 
 
+# Markdown that would make text something else: emphasis, code, raw HTML and autolinks (<),
+# table cells (|), entities (&), images (![) and inline links (](). Escaped with a backslash,
+# each renders as itself; brackets alone stay (an interval reads [-0.24, +2.24]).
+_MD_ESCAPE = re.compile(r"([\\`*_~<>|&])")
+
+
+def _md_text(text: object) -> str:
+    """Text from a record as one line of literal markdown: every line break (\\n, \\r, U+2028,
+    ...) becomes a space, so nothing can start a heading or leave the table row, and link,
+    image, HTML and emphasis syntax is escaped."""
+    line = " ".join(str(text).split())
+    line = _MD_ESCAPE.sub(r"\\\1", line)
+    return line.replace("![", "\\![").replace("](", "]\\(")
+
+
 def _md_cell(cell: str | tuple[str, str]) -> str:
-    """A cell; a (text, href) pair becomes a link (the record file, relative to the output)."""
+    """A cell; a (text, href) pair becomes a link (href: _record_href's checked relative path)."""
     if isinstance(cell, tuple):
-        return f"[{cell[0]}]({cell[1]})"
-    return cell.replace("|", "\\|")
+        return f"[{_md_text(cell[0])}]({cell[1]})"
+    return _md_text(cell)
 
 
 def to_markdown(sets: list[dict[str, Any]]) -> str:
-    out = [f"# xvol leaderboard\n\n{_summary(sets)}\n"]
+    out = [f"# xvol leaderboard\n\n{_md_text(_summary(sets))}\n"]
     for vs in sets:
-        out.append(f"## {vs['title']}\n")
+        out.append(f"## {_md_text(vs['title'])}\n")
         for t in vs["tables"]:
-            out.append(f"### {t['title']}\n")
+            out.append(f"### {_md_text(t['title'])}\n")
             if t["rows"]:
                 out.append("| " + " | ".join(t["header"]) + " |")
                 out.append("|" + "|".join("---" for _ in t["header"]) + "|")
                 out.extend("| " + " | ".join(_md_cell(c) for c in r) + " |" for r in t["rows"])
             if t["note"]:
-                out.append(f"_{t['note']}_")
+                out.append(f"_{_md_text(t['note'])}_")
             out.append("")
         out.append(f"![top-1 on {vs['id']}]({vs['png_name']})\n")
     return "\n".join(out)
@@ -641,18 +668,37 @@ def to_html(sets: list[dict[str, Any]]) -> str:
     return "\n".join(parts) + "\n"
 
 
+# A cell a spreadsheet would read as a formula (=HYPERLINK(...), +cmd, -2+3, @SUM) or whose
+# leading tab/CR it would strip first (OWASP's CSV injection list).
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _csv_cell(value: Any) -> Any:
+    """Numbers as they are; text that a spreadsheet would evaluate prefixed with ' (kept text)."""
+    if value is None:
+        return ""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
+
+
 def to_csv(rows: Sequence[dict[str, Any]]) -> str:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
     writer.writeheader()
     for r in rows:
-        writer.writerow({k: "" if r[k] is None else r[k] for k in CSV_COLUMNS})
+        writer.writerow({k: _csv_cell(r[k]) for k in CSV_COLUMNS})
     return buf.getvalue()
+
+
+def _plain(text: str) -> str:
+    """Text for matplotlib as text: ``$...$`` would be parsed as mathtext (and may not parse)."""
+    return " ".join(text.split()).replace("$", r"\$")
 
 
 def _label(r: dict[str, Any]) -> str:
     seed = f" s{r['seed']}" if r["seed"] is not None else ""
-    return f"{r['model']} · {r['form']} · {r['weights']} · {r['backend']}{seed}"
+    return _plain(f"{r['model']} · {r['form']} · {r['weights']} · {r['backend']}{seed}")
 
 
 def plot(vs: dict[str, Any], path: Path) -> None:
@@ -695,14 +741,14 @@ def plot(vs: dict[str, Any], path: Path) -> None:
             color=cmap(models.index(model) % 10),
             s=40,
             alpha=0.85,
-            label=f"{model} ({form})",
+            label=_plain(f"{model} ({form})"),
         )
     scatter.set_xlabel("GMACs per image")
     scatter.set_ylabel("top-1 (%)")
     scatter.grid(alpha=0.3)
     scatter.ticklabel_format(axis="both", useOffset=False, style="plain")
     scatter.legend(fontsize=7, loc="best")
-    fig.suptitle(vs["title"], fontsize=10)
+    fig.suptitle(_plain(vs["title"]), fontsize=10)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
@@ -742,6 +788,20 @@ def val_sets(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(sets, key=lambda vs: (-len(vs["rows"]), vs["id"]))
 
 
+def _record_href(record: Path, out: Path) -> str | None:
+    """The record file as a link from ``out``: a relative path, each part percent-encoded (a file
+    named ``javascript:alert(1).json`` is ``./javascript%3Aalert%281%29.json``, a file, not a
+    scheme), checked to lead back to the file; None (no link) when it does not."""
+    rel = Path(os.path.relpath(record, out))
+    if (out / rel).resolve() != record.resolve() or not record.is_file():
+        log.warning(
+            "%s: not linked (its relative path from %s does not lead back to it)", record, out
+        )
+        return None
+    parts = [urllib.parse.quote(part, safe="") for part in rel.parts]
+    return "/".join(parts if parts[0] == ".." else [".", *parts])
+
+
 def build_leaderboard(
     results_dir: str | Path = "results",
     out_dir: str | Path | None = None,
@@ -756,7 +816,7 @@ def build_leaderboard(
         key=lambda r: (-r["top1"], r["model"], r["form"] != "train"),
     )
     for r in rows:
-        r["record_link"] = os.path.relpath(r["record_path"], out)
+        r["record_link"] = _record_href(Path(r["record_path"]), out)
     inherit_seeds(rows)
     sets = val_sets(rows)
     for vs in sets:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ __all__ = [
     "RECORD_KIND",
     "RECORD_SCHEMA_VERSION",
     "RecordError",
+    "eval_transform_tag",
     "predictions_sha256",
     "read_record",
     "recipe_fingerprint",
@@ -35,16 +37,46 @@ RECORD_KIND = "xvol.eval"
 RECORD_SCHEMA_VERSION = 1
 
 
+# A record is small (a few kB; per-image predictions go to their own CSV): anything much
+# larger, or nested deeper than its own keys go, is not a record and is not parsed.
+MAX_RECORD_BYTES = 1 << 20
+MAX_RECORD_DEPTH = 16
+_NAME_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
 class RecordError(ValueError):
     """A malformed or duplicate eval record; the message names the file."""
 
 
+def eval_transform_tag(img_size: int, crop_pct: float, interpolation: str) -> str:
+    """``<size>px-crop<crop_pct>-<interpolation>``: the eval transform, as record names show it."""
+    tag = f"{int(img_size)}px-crop{float(crop_pct):g}-{interpolation}"
+    if not _NAME_PART.fullmatch(tag):
+        raise RecordError(f"eval transform {tag!r} cannot be part of a record name")
+    return tag
+
+
 def record_name(
-    model: str, form: str, weights: str, backend: str, sha256: str, val_fingerprint: str
+    model: str,
+    form: str,
+    weights: str,
+    backend: str,
+    sha256: str,
+    val_fingerprint: str,
+    transform: str,
 ) -> str:
     """The default record file name: what identifies an evaluation, so that records of one
-    checkpoint with other weights, another backend or on another val set sit side by side."""
-    return f"{model}_{form}_{weights}_{backend}_{sha256[:12]}_val-{val_fingerprint[:8]}.json"
+    checkpoint with other weights, another backend, on another val set or through another eval
+    transform (``transform``: :func:`eval_transform_tag`) sit side by side."""
+    parts = (model, form, weights, backend, sha256[:12], transform)
+    bad = [p for p in parts if not _NAME_PART.fullmatch(p)]
+    if bad:
+        raise RecordError(f"{bad[0]!r} cannot be part of a record file name")
+    return (
+        f"{model}_{form}_{weights}_{backend}_{sha256[:12]}_val-{val_fingerprint[:8]}_"
+        f"{transform}.json"
+    )
 
 
 def predictions_sha256(top1: Sequence[int]) -> str:
@@ -152,6 +184,11 @@ _OPTIONAL_FIELDS: dict[str, tuple[type, ...]] = {
     "recipe": (str, type(None)),
     "data.backend": (str,),
     "data.skipped_files": (int,),
+    "data.crop_pct": (float, int),
+    "data.interpolation": (str,),
+    "top1_correct": (int,),
+    "top5_correct": (int,),
+    "gmuls": (float, int),
 }
 
 
@@ -210,7 +247,89 @@ def validate_record(record: Any, source: str | Path) -> dict[str, Any]:
             raise RecordError(f"{source}: malformed record: missing {key!r}") from None
         if value is not None and not (isinstance(value, int | float) and math.isfinite(value)):
             raise RecordError(f"{source}: malformed record: {key!r} is {value!r}")
+    _check_identity(record, source)
+    _check_numbers(record, source)
     return record
+
+
+BACKENDS = ("torchvision", "dali")
+
+
+def _check_identity(record: dict[str, Any], source: str | Path) -> None:
+    """The names a record is filed and ranked under are names, not text: model and arch as
+    ModelSpec.identity writes them (xresnet50-s34-L12), a known backend and interpolation."""
+    data = record["data"]
+    names = {"model": record["model"], "arch": record["arch"]}
+    if "interpolation" in data:
+        names["data.interpolation"] = data["interpolation"]
+    for key, value in names.items():
+        if len(value) > 100 or not _NAME_PART.fullmatch(value):
+            raise RecordError(f"{source}: malformed record: {key} {value[:80]!r} is not a name")
+    backend = data.get("backend", "torchvision")
+    if backend not in BACKENDS:
+        raise RecordError(f"{source}: malformed record: data.backend={backend!r} not in {BACKENDS}")
+
+
+def _check_numbers(record: dict[str, Any], source: str | Path) -> None:
+    """The record's numbers against each other: a score over no image, a negative count or a
+    NaN cost is not a result, and would be ranked like one."""
+
+    def refuse(text: str) -> RecordError:
+        return RecordError(f"{source}: impossible record: {text}")
+
+    n = record["num_images"]
+    if n < 1:
+        raise refuse(f"num_images={n}: a top-1 of {record['top1']} over no image")
+    if record["num_classes"] < 1:
+        raise refuse(f"num_classes={record['num_classes']}")
+    if record["params"] < 1:
+        raise refuse(f"params={record['params']}")
+    for key in ("gmacs", "gmuls"):
+        value = record.get(key, 0.0)
+        if not (math.isfinite(value) and value >= 0):
+            raise refuse(f"{key}={value}")
+    if record["top5"] < record["top1"]:
+        raise refuse(f"top5={record['top5']} below top1={record['top1']}")
+    for key in ("top1_correct", "top5_correct"):
+        if key in record and not 0 <= record[key] <= n:
+            raise refuse(f"{key}={record[key]} of num_images={n}")
+    data = record["data"]
+    if not _HEX64.fullmatch(data["fingerprint"]):
+        raise refuse(f"data.fingerprint {data['fingerprint'][:80]!r} is not a sha256")
+    if data["img_size"] < 1:
+        raise refuse(f"data.img_size={data['img_size']}")
+    crop = data.get("crop_pct", 1.0)
+    if not (math.isfinite(crop) and crop > 0):
+        raise refuse(f"data.crop_pct={crop}")
+    if data.get("skipped_files", 0) < 0:
+        raise refuse(f"data.skipped_files={data['skipped_files']}")
+    img_s = record["throughput"]["img_s"]
+    if img_s is not None and img_s <= 0:
+        raise refuse(f"throughput.img_s={img_s}")
+
+
+def _json_depth_exceeds(text: str, limit: int) -> bool:
+    """Whether JSON ``text`` nests arrays/objects deeper than ``limit`` (strings skipped), checked
+    before parsing: json.loads of a deep enough nesting ends in a RecursionError."""
+    depth = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            if depth > limit:
+                return True
+        elif char in "]}":
+            depth -= 1
+    return False
 
 
 def write_record(path: str | Path, record: dict[str, Any]) -> None:
@@ -219,9 +338,27 @@ def write_record(path: str | Path, record: dict[str, Any]) -> None:
 
 
 def read_record(path: str | Path) -> dict[str, Any]:
-    """The validated record in ``path``; RecordError naming the file otherwise."""
+    """The validated record in ``path``; RecordError naming the file otherwise.
+
+    A file is read only up to MAX_RECORD_BYTES and parsed only when it nests at most
+    MAX_RECORD_DEPTH deep, so a hostile file ends in one RecordError, never in a RecursionError
+    or a memory blow-up that would not say which file it was.
+    """
+    path = Path(path)
     try:
-        record = json.loads(Path(path).read_text())
-    except ValueError as err:
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_RECORD_BYTES + 1)
+    except OSError as err:
+        raise RecordError(f"{path}: unreadable record: {err.strerror or err}") from None
+    if len(raw) > MAX_RECORD_BYTES:
+        raise RecordError(f"{path}: malformed record: larger than {MAX_RECORD_BYTES} bytes")
+    try:
+        text = raw.decode("utf-8")
+        if _json_depth_exceeds(text, MAX_RECORD_DEPTH):
+            raise RecordError(f"{path}: malformed record: nested deeper than {MAX_RECORD_DEPTH}")
+        record = json.loads(text)
+    except RecordError:
+        raise
+    except (ValueError, RecursionError) as err:
         raise RecordError(f"{path}: malformed record: not valid JSON ({err})") from None
     return validate_record(record, path)

@@ -3,18 +3,31 @@
 Each entry is timm's ResNet with X-volution in stage 3 (the paper's choice), shifts (1,);
 ``stages=``, ``shifts=`` and ``center=`` can be passed through ``timm.create_model`` like any
 other model kwarg. No pretrained weights exist, so ``pretrained=True`` is refused.
+
+``stem="cifar"`` (xvol.models.resnet.use_stem) works on these entries and on timm's own
+resnet18/34/50/101/152: importing xvol wraps those timm entry points so that they take a
+``stem`` keyword; without it (or with ``stem="timm"``) the wrapper calls timm's function with the
+same arguments, so the baseline stays exactly timm's model.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import functools
+from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from typing import Any
 
+from timm.models import _registry as timm_registry
 from timm.models import generate_default_cfgs, register_model, resolve_pretrained_cfg
 from torch import nn
 
-from xvol.models.resnet import build_model
+from xvol.models.resnet import (
+    SUPPORTED_ARCHS,
+    build_model,
+    check_stem,
+    stem_pretrained_cfg,
+    use_stem,
+)
 from xvol.ops import XConv2d
 
 __all__: list[str] = []  # register_model appends the entry names
@@ -48,6 +61,7 @@ def _create_xresnet(
     stages: int | Iterable[int] = (3,),
     shifts: Sequence[int] = (1,),
     center: bool = False,
+    stem: str = "timm",
     pretrained_cfg: Any = None,
     pretrained_cfg_overlay: dict[str, Any] | None = None,
     cache_dir: Any = None,
@@ -59,11 +73,37 @@ def _create_xresnet(
             "train it (or load a checkpoint of your own)"
         )
     xconv = partial(XConv2d, shifts=tuple(shifts), center=center)
-    model = build_model(variant[1:], xconv=xconv, stages=stages, **kwargs)
+    model = build_model(variant[1:], xconv=xconv, stages=stages, stem=stem, **kwargs)
     cfg = resolve_pretrained_cfg(variant, pretrained_cfg, pretrained_cfg_overlay).to_dict()
     cfg["num_classes"] = model.num_classes
-    model.pretrained_cfg = model.default_cfg = cfg
+    model.pretrained_cfg = model.default_cfg = stem_pretrained_cfg(cfg, stem)
     return model
+
+
+def _with_stem(entry: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """timm's entry point ``entry`` taking ``stem=`` too; ``stem="timm"`` is ``entry`` itself."""
+
+    @functools.wraps(entry)
+    def create(pretrained: bool = False, *, stem: str = "timm", **kwargs: Any) -> nn.Module:
+        if check_stem(stem) == "timm":
+            return entry(pretrained=pretrained, **kwargs)
+        if pretrained:
+            raise ValueError(
+                f"no pretrained weights exist for {entry.__name__} with stem={stem!r} (timm's "
+                "weights are for its 7x7 stem): create it with pretrained=False"
+            )
+        return use_stem(entry(pretrained=False, **kwargs), stem)
+
+    create.xvol_stem = True  # type: ignore[attr-defined]  (wrapped once, even on reimport)
+    return create
+
+
+for _arch in SUPPORTED_ARCHS:
+    # timm has no public way to extend an entry point; its registry dict is the one place
+    # create_model looks names up, so the wrapper goes there (pretrained cfgs are untouched).
+    _entry = timm_registry._model_entrypoints[_arch]
+    if not getattr(_entry, "xvol_stem", False):
+        timm_registry._model_entrypoints[_arch] = _with_stem(_entry)
 
 
 @register_model

@@ -4,6 +4,10 @@ The backbones are timm's own ResNets, so a baseline here is bit-for-bit the mode
 compares against; X-volution only replaces ``conv2`` (the 3x3 conv of BasicBlock and Bottleneck)
 in the chosen stages, and the block's ``bn2`` becomes ``nn.Identity`` because each X-volution
 branch carries its own BN (docs: /work/shared/design/xvolution.md, "Where it goes in a ResNet").
+
+``stem="cifar"`` swaps timm's ImageNet stem (7x7 stride-2 conv, then a stride-2 max-pool) for the
+usual small-image one: a 3x3 stride-1 conv and no pool, so at 32 px stage 3 sees 8x8 maps. The
+state-dict names stay timm's (``conv1``, ``bn1``; only ``conv1.weight``'s shape changes).
 """
 
 from __future__ import annotations
@@ -19,9 +23,13 @@ from torch import nn
 __all__ = [
     "SUPPORTED_ARCHS",
     "STAGE_NAMES",
+    "STEMS",
     "XBasicBlock",
     "build_model",
     "check_stages",
+    "check_stem",
+    "stem_pretrained_cfg",
+    "use_stem",
     "xconv_slots",
 ]
 
@@ -30,6 +38,8 @@ logger = logging.getLogger(__name__)
 SUPPORTED_ARCHS: tuple[str, ...] = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 # Stage s (1-4) is timm's ResNet.layer{s}.
 STAGE_NAMES: dict[int, str] = {1: "layer1", 2: "layer2", 3: "layer3", 4: "layer4"}
+# "timm": timm's own stem (the default); "cifar": 3x3 stride-1 conv1, no max-pool (32 px images).
+STEMS: tuple[str, ...] = ("timm", "cifar")
 # pretrained_cfg keys that point at downloadable weights; a swapped model has no weights.
 _WEIGHT_SOURCES = ("url", "hf_hub_id", "hf_hub_filename", "file", "state_dict", "tag")
 
@@ -71,6 +81,62 @@ def check_stages(stages: int | Iterable[int]) -> tuple[int, ...]:
             f"stages must be ints in 1..4 (timm's layer1..layer4), got {items} (bad: {bad})"
         )
     return tuple(sorted(set(items)))
+
+
+def check_stem(stem: str) -> str:
+    """``stem`` if it is one of :data:`STEMS`, else a one-line ValueError naming the choices."""
+    if not isinstance(stem, str) or stem not in STEMS:
+        raise ValueError(f"stem must be one of {', '.join(STEMS)}, got {stem!r}")
+    return stem
+
+
+def stem_pretrained_cfg(cfg: dict[str, Any], stem: str) -> dict[str, Any]:
+    """timm's data settings for a model with ``stem``: the CIFAR stem has no weights anywhere
+    (timm's 7x7 conv1 does not fit it) and is made for 32 px, pooled 4x4 before the head."""
+    cfg = dict(cfg)
+    if check_stem(stem) == "cifar":
+        for key in (*_WEIGHT_SOURCES, "test_input_size", "test_crop_pct"):
+            cfg.pop(key, None)
+        cfg.update(input_size=(3, 32, 32), pool_size=(4, 4))
+    return cfg
+
+
+def use_stem(model: nn.Module, stem: str) -> nn.Module:
+    """``model`` (a timm ResNet) with the given stem, changed in place and returned.
+
+    ``"timm"`` leaves it as it is. ``"cifar"`` replaces ``conv1`` by a 3x3 stride-1 conv with
+    the same channels (``bn1`` and ``act1`` stay) and ``maxpool`` by ``nn.Identity``: the overall
+    stride drops from 32 to 8. The new conv gets timm's ResNet init (kaiming normal, fan_out).
+    """
+    if check_stem(stem) == "timm":
+        return model
+    conv, pool = getattr(model, "conv1", None), getattr(model, "maxpool", None)
+    if not isinstance(conv, nn.Conv2d) or not isinstance(pool, nn.Module):
+        raise ValueError(
+            f"stem={stem!r} replaces a timm ResNet's single conv1 and its maxpool; this model has "
+            f"conv1={type(conv).__name__} (a deep stem_type is not supported)"
+        )
+    model.conv1 = nn.Conv2d(
+        conv.in_channels,
+        conv.out_channels,
+        kernel_size=3,
+        stride=1,
+        padding=1,
+        bias=conv.bias is not None,
+        device=conv.weight.device,
+        dtype=conv.weight.dtype,
+    )
+    nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
+    if model.conv1.bias is not None:
+        nn.init.zeros_(model.conv1.bias)
+    model.maxpool = nn.Identity()
+    # timm's feature_info: act1 was at stride 2, every stage 4x further than now
+    for info in getattr(model, "feature_info", None) or []:
+        info["reduction"] = 1 if info.get("module") == "act1" else max(1, info["reduction"] // 4)
+    cfg = getattr(model, "pretrained_cfg", None)
+    if cfg is not None:
+        model.pretrained_cfg = model.default_cfg = stem_pretrained_cfg(cfg, stem)
+    return model
 
 
 def xconv_slots(model: nn.Module, stages: Iterable[int]) -> list[tuple[str, nn.Module]]:
@@ -127,24 +193,28 @@ def build_model(
     num_classes: int = 1000,
     xconv: Callable[..., nn.Module] | None = None,
     stages: int | Iterable[int] = (3,),
+    stem: str = "timm",
     **timm_kwargs: Any,
 ) -> nn.Module:
-    """A timm ResNet, with ``conv2`` of every block in ``stages`` built by ``xconv``.
+    """A timm ResNet with the given stem, ``conv2`` of every block in ``stages`` built by ``xconv``.
 
     ``xconv`` takes nn.Conv2d's leading arguments (in, out, kernel, stride=, padding=,
     dilation=, groups=, bias=), e.g. ``functools.partial(XConv2d, shifts=(1,))`` or a Hydra node
-    with ``_partial_: true``. With ``xconv=None`` the result is exactly
-    ``timm.create_model(arch, num_classes=num_classes, **timm_kwargs)`` and ``stages`` is unused.
+    with ``_partial_: true``. With ``xconv=None`` and ``stem="timm"`` the result is exactly
+    ``timm.create_model(arch, num_classes=num_classes, **timm_kwargs)`` and ``stages`` is unused;
+    ``stem="cifar"`` then changes only the stem (:func:`use_stem`).
     """
     if arch not in SUPPORTED_ARCHS:
         raise ValueError(f"unknown arch {arch!r}; supported: {', '.join(SUPPORTED_ARCHS)}")
     stages = check_stages(stages)
+    check_stem(stem)
     if xconv is not None and not stages:
         raise ValueError(
             "xconv was given but stages is empty: nothing would be swapped; pick stages in 1..4 "
             "(e.g. stages=[3]) or use the baseline (xconv=None)"
         )
     model = timm.create_model(arch, pretrained=False, num_classes=num_classes, **timm_kwargs)
+    use_stem(model, stem)
     if xconv is None:
         return model
 

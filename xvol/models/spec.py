@@ -15,10 +15,12 @@ Shapes read:
   ``config["model"]`` and deploy format 1 stored as ``model_config``): ``_target_:
   xvol.models.build_model``, ``arch``, ``num_classes``, ``stages``, ``xconv`` (null, or
   ``_target_: xvol.ops.XConv2d`` with ``_partial_: true``, ``shifts``, ``center`` and XConv2d's
-  ``impl``/``bn_eps``/``bn_momentum``), and the timm kwargs ``drop_path_rate``, ``drop_rate``,
+  ``impl``/``bn_eps``/``bn_momentum``), ``stem`` (``timm`` or ``cifar``; absent in files written
+  before it existed: timm's stem), and the timm kwargs ``drop_path_rate``, ``drop_rate``,
   ``zero_init_last``.
 - ``from_dict``: ``to_dict()``'s flat form (deploy format 2 sidecars): the fields below, no
-  ``_target_`` at all.
+  ``_target_`` at all; ``stem`` is there only when it is not timm's, so a description of a
+  timm-stem model is the same dict it was before the field existed.
 
 Any other key, type or value is a ``ModelSpecError`` whose one-line message names the file and
 the key.
@@ -34,7 +36,7 @@ from typing import Any
 
 from torch import nn
 
-from xvol.models.resnet import SUPPORTED_ARCHS, build_model
+from xvol.models.resnet import STEMS, SUPPORTED_ARCHS, build_model
 from xvol.ops import XConv2d
 
 __all__ = ["BUILDER_TARGETS", "XCONV_TARGETS", "ModelSpec", "ModelSpecError"]
@@ -50,6 +52,8 @@ MAX_SHIFTS = 8  # distances per slot (8 PSSA taps each)
 
 _TIMM_KEYS = ("drop_path_rate", "drop_rate", "zero_init_last")
 _XCONV_KEYS = ("shifts", "center", "impl", "bn_eps", "bn_momentum")
+# Fields a description may leave out (added after files without them were written).
+_OPTIONAL_FIELDS = ("stem",)
 
 
 class ModelSpecError(ValueError):
@@ -184,6 +188,7 @@ def _normalized(fields: Mapping[str, Any], source: str, where: str) -> dict[str,
     for name in ("bn_momentum", "drop_path_rate", "drop_rate"):
         out[name] = _float(value[name], source, key(name), 0.0, 1.0, open_lo=False)
     out["zero_init_last"] = _bool(value["zero_init_last"], source, key("zero_init_last"))
+    out["stem"] = _str_choice(value["stem"], source, key("stem"), STEMS)
     return out
 
 
@@ -192,7 +197,8 @@ class ModelSpec:
     """timm ResNet ``arch`` with X-volution in ``stages`` (empty: the plain timm baseline).
 
     ``shifts``/``center``/``impl``/``bn_eps``/``bn_momentum`` are XConv2d's arguments; a baseline
-    holds their defaults and no shifts. ``drop_*``/``zero_init_last`` are timm ResNet kwargs.
+    holds their defaults and no shifts. ``drop_*``/``zero_init_last`` are timm ResNet kwargs;
+    ``stem`` is timm's stem or the CIFAR one (xvol.models.resnet.use_stem).
     """
 
     arch: str
@@ -206,6 +212,7 @@ class ModelSpec:
     drop_path_rate: float = 0.0
     drop_rate: float = 0.0
     zero_init_last: bool = True
+    stem: str = "timm"
 
     def __post_init__(self) -> None:
         current = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -222,13 +229,13 @@ class ModelSpec:
         ``source`` (a file name) and ``where`` (the mapping's key path in it) go into messages.
         """
         _check_target(mapping, source, where, BUILDER_TARGETS, "an xvol model builder")
-        allowed = ("_target_", "arch", "num_classes", "stages", "xconv", *_TIMM_KEYS)
+        allowed = ("_target_", "arch", "num_classes", "stages", "xconv", "stem", *_TIMM_KEYS)
         _check_keys(mapping, source, where, allowed, ("arch",))
         fields: dict[str, Any] = {
             "arch": mapping["arch"],
             "num_classes": mapping.get("num_classes", 1000),
         }
-        for name in _TIMM_KEYS:
+        for name in ("stem", *_TIMM_KEYS):
             if name in mapping:
                 fields[name] = mapping[name]
         stages = _int_list(
@@ -277,9 +284,11 @@ class ModelSpec:
     def from_dict(
         cls, mapping: Any, source: str = "model spec", where: str = "model_spec"
     ) -> ModelSpec:
-        """The spec from ``to_dict()``'s form; every field is required, no other key allowed."""
+        """The spec from ``to_dict()``'s form; every field but ``stem`` is required, no other key
+        is allowed."""
         names = tuple(f.name for f in dataclasses.fields(cls))
-        _check_keys(mapping, source, where, names, names)
+        required = tuple(name for name in names if name not in _OPTIONAL_FIELDS)
+        _check_keys(mapping, source, where, names, required)
         return cls(**_normalized(mapping, source, where))
 
     # ------------------------------------------------------------------------- uses
@@ -288,24 +297,30 @@ class ModelSpec:
         return bool(self.stages)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON types, ``from_dict``'s input (what deploy sidecars store)."""
+        """Plain JSON types, ``from_dict``'s input (what deploy sidecars store); ``stem`` only when
+        it is not timm's, so older readers and older files agree on every timm-stem model."""
         out = dataclasses.asdict(self)
         out["stages"], out["shifts"] = list(self.stages), list(self.shifts)
+        if self.stem == "timm":
+            del out["stem"]
         return out
 
     def identity(self) -> dict[str, Any]:
         """Display name following the timm registry, backbone arch, X-volution or not.
 
         xresnet50 = resnet50 + X-volution in stage 3 with shifts (1,); other placements get a
-        suffix (xresnet50-s34-L12 for stages [3, 4], shifts [1, 2]; -c with the center tap).
+        suffix (xresnet50-s34-L12 for stages [3, 4], shifts [1, 2]; -c with the center tap). A
+        CIFAR stem is part of the backbone: arch resnet18-cifar, model xresnet18-cifar, so that an
+        X-volution model is only ever paired with a baseline of the same stem.
         """
+        arch = self.arch if self.stem == "timm" else f"{self.arch}-{self.stem}"
         if not self.xvolution:
-            return {"model": self.arch, "arch": self.arch, "xvolution": False}
-        name = f"x{self.arch}"
+            return {"model": arch, "arch": arch, "xvolution": False}
+        name = f"x{arch}"
         if self.stages != (3,) or self.shifts != (1,) or self.center:
             name += f"-s{''.join(map(str, self.stages))}-L{''.join(map(str, self.shifts))}"
             name += "-c" if self.center else ""
-        return {"model": name, "arch": self.arch, "xvolution": True}
+        return {"model": name, "arch": arch, "xvolution": True}
 
     def build(self) -> nn.Module:
         """``xvol.models.build_model`` with this spec's arguments (the only code a spec runs)."""
@@ -324,6 +339,7 @@ class ModelSpec:
             num_classes=self.num_classes,
             xconv=xconv,
             stages=self.stages,
+            stem=self.stem,
             drop_path_rate=self.drop_path_rate,
             drop_rate=self.drop_rate,
             zero_init_last=self.zero_init_last,

@@ -19,7 +19,7 @@ from helpers import randomize_bn
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from timm.models.resnet import BasicBlock, Bottleneck
 from torch import nn
 
@@ -407,3 +407,63 @@ def test_timm_fx_feature_extraction_traces_xresnet() -> None:
     out = extractor(x)
     assert out["stage3"].shape == (1, 256, 4, 4)
     torch.testing.assert_close(out["logits"], model(x))
+
+
+# ---------------------------------------------------------------- ImageNet A3 recipes
+
+
+def _train_config(*overrides: str) -> dict[str, Any]:
+    """The root train config composed and resolved as scripts/train.py sees it (no hydra node)."""
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
+        cfg = compose(config_name="train", overrides=list(overrides), return_hydra_config=True)
+    tree = OmegaConf.to_container(cfg, resolve=False)
+    tree.pop("hydra")
+    return OmegaConf.to_container(OmegaConf.create(tree), resolve=True)
+
+
+def _leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict) or not tree:
+        return {prefix.rstrip("."): tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(_leaves(value, f"{prefix}{key}."))
+    return out
+
+
+def test_a3_arms_differ_only_in_the_model() -> None:
+    """experiment=imagenet_a3_{resnet50,xresnet50}: one recipe (timm's RSB A3 settings where xvol
+    has the option), two models; the only leaves that differ are the model's X-volution ones."""
+    base = _leaves(_train_config("experiment=imagenet_a3_resnet50", "run_name=a3"))
+    xvol_arm = _leaves(_train_config("experiment=imagenet_a3_xresnet50", "run_name=a3"))
+    differing = sorted(k for k in base.keys() | xvol_arm.keys() if base.get(k) != xvol_arm.get(k))
+    assert differing, "the two arms compose to the same model"
+    assert all(k.startswith("model.") for k in differing), differing
+    assert base["model.arch"] == xvol_arm["model.arch"] == "resnet50"
+    assert base["model.xconv"] is None and xvol_arm["model.stages"] == [3]
+
+    a3 = {
+        "data.name": "imagenet",
+        "data.img_size": 160,
+        "data.eval_img_size": 224,
+        "data.crop_pct": 0.95,
+        "data.interpolation": "bicubic",
+        "data.auto_augment": "rand-m6-mstd0.5-inc1",
+        "data.reprob": 0.0,
+        "optim.opt": "lamb",
+        "optim.weight_decay": 0.02,
+        "optim.filter_bias_and_bn": True,
+        "sched.sched": "cosine",
+        "sched.warmup_epochs": 5,
+        "sched.num_epochs": 100,
+        "trainer.epochs": 100,
+        "trainer.label_smoothing": 0.0,
+        "trainer.mixup.mixup_alpha": 0.1,
+        "trainer.mixup.cutmix_alpha": 1.0,
+        "trainer.ema": None,
+        "model.drop_path_rate": 0.0,
+        "model.stem": "timm",
+    }
+    assert {k: base[k] for k in a3} == a3
+    # lr 8e-3 per 2048 images of global batch: 256 per rank, one rank here
+    assert base["data.batch_size"] == 256
+    assert base["optim.lr"] == pytest.approx(8e-3 * 256 / 2048)

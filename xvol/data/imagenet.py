@@ -18,7 +18,6 @@ from PIL import Image
 from timm.data import create_transform
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
-from torchvision.datasets.folder import pil_loader
 
 from xvol.data.base import DataBundle
 from xvol.data.folder import (
@@ -29,6 +28,7 @@ from xvol.data.folder import (
     epoch_order,
     eval_bounds,
     load_folder,
+    open_rgb,
     sample_seed,
     seeded_rngs,
     train_steps,
@@ -59,7 +59,9 @@ class FolderDataset(Dataset):
 
     A file that fails to decode at runtime (it slipped past a fast/off scan) is replaced, under
     on_bad_image=skip, by a deterministic other sample and counted, so an epoch never stops and
-    every rank keeps its batch count; under ``error`` it raises DataError naming the file.
+    every rank keeps its batch count; under ``error`` it raises DataError naming the file. An
+    evaluation set (``substitute=False``) never replaces an image: the other image would be
+    scored twice and the bad one not at all, so it raises DataError naming the file.
     """
 
     def __init__(
@@ -69,11 +71,13 @@ class FolderDataset(Dataset):
         *,
         seed: int = 0,
         on_bad_image: str = "skip",
+        substitute: bool = True,
     ) -> None:
         self.samples = list(samples)
         self.transform = transform
         self.seed = seed
         self.on_bad_image = on_bad_image
+        self.substitute = substitute
         self.substituted = 0  # per process (each worker counts its own)
 
     def __len__(self) -> int:
@@ -91,10 +95,16 @@ class FolderDataset(Dataset):
             j = index if attempt == 0 else (index * 2654435761 + attempt * 40503) % len(self)
             path, label = self.samples[j]
             try:
-                return pil_loader(path), label  # convert() decodes now: a bad file fails here
+                return open_rgb(path), label  # decodes now: a bad file fails here
             except Exception as e:  # whatever PIL raises for a broken file
                 if self.on_bad_image == "error":
                     raise DataError(f"cannot decode {path} (data.on_bad_image=error): {e}") from e
+                if not self.substitute:
+                    raise DataError(
+                        f"cannot decode val image {path} ({e}): a val image is never replaced by "
+                        "another (that one would count twice); remove the file, or run with "
+                        "data.validate=fast or full to drop bad files before training"
+                    ) from None
                 self.substituted += 1
                 if self.substituted <= 3:
                     logger.warning(
@@ -226,7 +236,9 @@ def eval_loader(
     uses for val; the eval tool calls it on a val folder it has already checked)."""
     lo, hi = eval_bounds(len(split.samples), rank, world_size)
     transform = eval_transform(img_size, crop_pct, interpolation)
-    dataset = FolderDataset(split.samples[lo:hi], transform, on_bad_image=on_bad_image)
+    dataset = FolderDataset(
+        split.samples[lo:hi], transform, on_bad_image=on_bad_image, substitute=False
+    )
     return TorchEvalLoader(dataset, batch_size, workers, torch.device(device))
 
 

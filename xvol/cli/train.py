@@ -169,20 +169,72 @@ def train(cfg: DictConfig, denv: engine.DistEnv, device: torch.device, run_dir: 
     return code
 
 
-def _fail(denv: engine.DistEnv, err: Exception) -> NoReturn:
-    """One line on rank 0's stderr and in train.log; every rank tells torchrun its cause."""
+def _error_line(err: Exception) -> str:
     text = str(err)
     if isinstance(err, OSError):  # a write elsewhere than a checkpoint: names the file
         text = f"{err.filename}: {err.strerror or err}"
-    line = "error: " + "; ".join(part.strip() for part in text.strip().splitlines())
-    report_to_launcher(line)
-    if denv.is_main:
-        log_to_files(logging.ERROR, line)
+    return "error: " + "; ".join(part.strip() for part in text.strip().splitlines())
+
+
+def _append_to_log(log_file: Path, line: str) -> None:
+    """``line`` as one ERROR record of ``log_file`` (train.log), from a rank other than 0, whose
+    logger writes no file."""
+    handler = logging.FileHandler(log_file, mode="a")
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    try:
+        handler.handle(
+            logging.makeLogRecord(
+                {"name": "xvol", "levelno": logging.ERROR, "levelname": "ERROR", "msg": line}
+            )
+        )
+    finally:
+        handler.close()
+
+
+def _fail(
+    denv: engine.DistEnv,
+    err: Exception,
+    store: Any = None,
+    log_file: Path | None = None,
+) -> NoReturn:
+    """One line, printed once, by the rank that met the error, and appended to train.log.
+
+    Under torchrun the ranks' failures meet in the process group's ``store``: the first rank
+    to post one reports it (rank 1's undecodable file reaches the user, not rank 0's "Connection
+    closed by peer"); the others stay quiet. Before the group exists (a bad config, which every
+    rank meets alike) rank 0 reports. torchrun's failure summary then points at that line
+    rather than repeating it once per rank.
+    """
+    line = _error_line(err)
+    first = engine.dist.claim_error_report(store, denv.rank, line) if store is not None else None
+    if first is None:
+        first = 0  # no store: rank 0 reports (every rank meets a config error alike)
+    if first == denv.rank:
+        if denv.distributed and not denv.is_main:
+            line += f" (rank {denv.rank} of {denv.world_size})"
+            if log_file is not None:
+                _append_to_log(log_file, line)
+        else:
+            log_to_files(logging.ERROR, line)
         print(line, file=sys.stderr, flush=True)
-    elif denv.distributed:
-        # torchrun SIGTERMs the other ranks as soon as one exits: give rank 0, which usually
-        # meets the same error at the same point, time to print it and write train.log
+        if denv.distributed:
+            report_to_launcher(f"xvol: rank {denv.rank} stopped on the error: line printed above")
+    else:
+        report_to_launcher(f"xvol: stopped after rank {first}'s error: line printed above")
+        # torchrun SIGTERMs the other ranks as soon as one exits: give the reporting rank time
+        # to print its line and write train.log
         time.sleep(3.0)
+    sys.exit(1)
+
+
+def _after_peer_failure(denv: engine.DistEnv, store: Any) -> None:
+    """Exit quietly when this rank's failure follows another rank's reported one (its
+    collective broke because that rank left); return otherwise."""
+    found = engine.dist.reported_error(store)
+    if found is None or found[0] == denv.rank:
+        return
+    engine.get_logger("xvol").debug("stopping: rank %d failed (%s)", *found)
+    report_to_launcher(f"xvol: stopped after rank {found[0]}'s error: line printed above")
     sys.exit(1)
 
 
@@ -196,10 +248,13 @@ def run(cfg: DictConfig) -> None:
     _jobs_started += 1
     denv = engine.read_dist_env()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    engine.setup_logging(denv.rank, run_dir / cfg.logger.log_file)
+    log_file = run_dir / cfg.logger.log_file
+    engine.setup_logging(denv.rank, log_file)
+    store = None  # the process group's, kept past its teardown to read other ranks' failures
     try:
         validate_train_config(cfg)  # every rank, before anything is built
         denv, device = engine.setup_distributed(cfg.trainer.device)
+        store = engine.dist.default_store()
         try:
             lock = engine.lock_run_dir(run_dir, denv.is_main)  # rank 0's; None elsewhere
             try:
@@ -210,11 +265,15 @@ def run(cfg: DictConfig) -> None:
         finally:
             engine.cleanup_distributed()
     except USER_ERRORS as err:
-        _fail(denv, err)
+        _fail(denv, err, store, log_file)
     except OSError as err:
         if err.filename is None:
+            _after_peer_failure(denv, store)
             raise
-        _fail(denv, err)
+        _fail(denv, err, store, log_file)
+    except Exception:
+        _after_peer_failure(denv, store)
+        raise
     if code != engine.EXIT_OK:
         sys.exit(code)
 
@@ -234,6 +293,11 @@ def main() -> None:
     except Exception as err:
         if _jobs_started:
             raise
+        cause: BaseException | None = err
+        while cause is not None and not isinstance(cause, ConfigError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:  # raised by a resolver of the hydra node (${xvol_run_name:})
+            _fail(engine.read_dist_env(), cause)
         # OmegaConf raises plain errors for some contradictory overrides, e.g. a key under a
         # node the same command sets to null (trainer.ema=null trainer.ema.decay=0.5)
         overrides = " ".join(a for a in sys.argv[1:] if "=" in a and not a.startswith("-"))

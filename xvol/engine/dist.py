@@ -27,6 +27,9 @@ __all__ = [
     "all_reduce_sum",
     "all_gather_objects",
     "barrier",
+    "claim_error_report",
+    "default_store",
+    "reported_error",
     "report_to_launcher",
 ]
 
@@ -207,3 +210,43 @@ def report_to_launcher(message: str) -> None:
             json.dump(data, fh)
     except OSError:
         pass
+
+
+# ----------------------------------------------------------------------------- failures
+
+_ERROR_KEY = "xvol/error/first"
+
+
+def default_store() -> dist.Store | None:
+    """The key-value store of the default process group (None on one process). Kept by the
+    caller, it outlives destroy_process_group; under torchrun it is the agent's, which outlives
+    every rank, so a rank can still read another's failure after the group broke."""
+    if not _active():
+        return None
+    return dist.distributed_c10d._get_default_store()
+
+
+def claim_error_report(store: dist.Store, rank: int, message: str) -> int | None:
+    """Post this rank's failure; return the rank whose failure was posted first (this one or
+    another), the one that reports it, so that the user reads one message, from the rank that
+    met it. None when the store is gone (the rank hosting it exited)."""
+    try:
+        store.set(f"xvol/error/{rank}", message)
+        first = store.compare_set(_ERROR_KEY, "", str(rank))
+        return int(first)
+    except (RuntimeError, ValueError):
+        return None
+
+
+def reported_error(store: dist.Store | None) -> tuple[int, str] | None:
+    """(rank, message) of the first failure a rank posted, if any: what another rank reads when
+    its own collective fails because that rank left (gloo's "Connection closed by peer")."""
+    if store is None:
+        return None
+    try:
+        if not store.check([_ERROR_KEY]):
+            return None
+        rank = int(store.get(_ERROR_KEY))
+        return rank, store.get(f"xvol/error/{rank}").decode()
+    except (RuntimeError, ValueError):
+        return None

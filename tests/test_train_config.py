@@ -146,6 +146,34 @@ def _error(overrides: list[str]) -> str:
         ("data.batch=3", "data.batch: Could not override 'data.batch': Key 'batch' is not in"),
         ("trainer=nope", "trainer: In 'train': Could not find 'trainer/nope' (options: default)"),
         ("model.arch=???", "model.arch: Missing mandatory value"),
+        # issue 19, finding 5: each was a traceback (Hydra's InstantiationException, KeyError)
+        ("model.arch=resnet17", "model.arch: 'resnet17' is not one of resnet18, resnet34"),
+        ("model.stages=[7]", "model.stages[0]: 7 is outside 1..4"),
+        ("model.xconv.shifts=[0]", "model.xconv.shifts[0]: 0 is outside 1..64"),
+        (
+            "data.interpolation=foo",
+            "data.interpolation: expected one of bilinear, bicubic, nearest, lanczos, got 'foo'",
+        ),
+        ("data.on_bad_image=maybe", "data.on_bad_image: expected one of skip, error, got 'maybe'"),
+        ("data.crop_pct=0", "data.crop_pct: expected a positive number, got 0"),  # timm: unset
+        ("data.validate=maybe", "data.validate: expected one of auto, full, fast, off"),
+        ("data.backend=opencv", "data.backend: expected one of torchvision, dali, got 'opencv'"),
+        ("data.scale=[0.9,0.1]", "data.scale: expected a pair [lo, hi] with 0 < lo <= hi <= 1"),
+        ("data.ratio=[1]", "data.ratio: expected a pair [lo, hi] with 0 < lo <= hi, got [1]"),
+        ("data.hflip=2", "data.hflip: expected a number in [0, 1], got 2"),
+        ("data.reprob=-1", "data.reprob: expected a number in [0, 1], got -1"),
+        ("data.remode=blur", "data.remode: expected one of const, rand, pixel, got 'blur'"),
+        ("data.dali.device=tpu", "data.dali.device: expected one of auto, gpu, cpu, got 'tpu'"),
+        ("model.xconv.center=2", "model.xconv.center: expected true or false, got 2"),
+        ("model.drop_rate=2", "model.drop_rate: 2.0 is outside [0, 1]"),
+        ("model.stages=[]", "model.stages: empty while xconv is set"),
+        # finding 4: no classifier (0) or another class count than the data's
+        ("model.num_classes=0", "model.num_classes: 0 but data.num_classes is 10: the classifier"),
+        ("model.num_classes=5", "model.num_classes: 5 but data.num_classes is 10"),
+        # finding 6: the run directory is one folder under paths.output_dir
+        ("run_name=../../escape", "run_name: expected one folder name under paths.output_dir"),
+        ("run_name=..", "run_name: expected one folder name under paths.output_dir"),
+        ("run_name=a/b", "run_name: expected one folder name under paths.output_dir"),
     ],
 )
 def test_bad_value_names_the_key(override: str, message: str) -> None:
@@ -179,6 +207,10 @@ def _leaves(tree: dict, prefix: str = "") -> list[str]:
         ("trainer.epoks=1", "error: trainer.epoks: Could not override 'trainer.epoks': Key", 0),
         ("trainer.grad_accum=0", "error: trainer.grad_accum: expected a positive integer", 1),
         ("debug.signal_at_step=-2", "error: debug.signal_at_step: expected a positive integer", 1),
+        # issue 19, findings 4 and 5: the model node is checked before Hydra instantiates it
+        ("model.xconv.shifts=[0]", "error: model.xconv.shifts[0]: 0 is outside 1..64", 1),
+        ("model.num_classes=0", "error: model.num_classes: 0 but data.num_classes is 10", 1),
+        ("data.interpolation=foo", "error: data.interpolation: expected one of bilinear", 1),
         # OmegaConf's own error, not Hydra's: a key under a node set to null by the same command
         (
             "trainer.ema=null trainer.ema.decay=0.5",
@@ -211,6 +243,23 @@ def test_the_command_fails_in_one_line(
     assert one_error_line(proc).startswith(line)
     # a config that composes has a run directory, where train.log keeps the line; else nothing
     assert [p.name for p in tmp_path.glob("bad/*")] == (["train.log"] if composes else [])
+
+
+def test_run_name_cannot_leave_the_output_dir(tmp_path: Path) -> None:
+    """Issue 19, finding 6: ``run_name=../../escape`` made the run directory (train.log and all)
+    two levels above paths.output_dir. It is refused before Hydra makes any directory."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "train.py"), "run_name=../../escape",
+         f"paths.output_dir={tmp_path / 'a' / 'b'}"],
+        cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    line = one_error_line(proc)
+    assert line == (
+        "error: run_name: expected one folder name under paths.output_dir (no '/', no '..'), "
+        "got '../../escape'"
+    )
+    assert list(tmp_path.iterdir()) == []  # neither escape/ nor a/b/
 
 
 def test_ema_metric_needs_ema() -> None:

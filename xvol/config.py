@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,9 @@ from hydra.errors import HydraException, MissingConfigException, OverrideParseEx
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException, ValidationError
 
+from xvol.data.dali import DALI_DEVICES
+from xvol.data.demo import BACKENDS as DEMO_BACKENDS
+from xvol.data.folder import BAD_IMAGE_POLICIES, INTERPOLATIONS, VALIDATE_MODES
 from xvol.engine.options import (
     INT,
     NON_NEGATIVE_INT,
@@ -28,8 +31,10 @@ from xvol.engine.options import (
     DebugOptions,
     TrainerOptions,
     check_value,
+    one_of,
     option_checks,
     optional,
+    unit_interval,
 )
 from xvol.engine.rundir import read_run_config
 from xvol.formats.files import write_text_atomic
@@ -64,9 +69,33 @@ def linear_lr(base_lr: float, base_batch: int, batch_per_rank: int) -> float:
     return float(base_lr) * int(batch_per_rank) * world_size() / int(base_batch)
 
 
+def _is_run_name(v: Any) -> bool:
+    if isinstance(v, int) and not isinstance(v, bool):
+        return True
+    return (
+        isinstance(v, str)
+        and v.strip() != ""
+        and v not in (".", "..")
+        and not any(c in v for c in ("/", "\\", "\0"))
+    )
+
+
+RUN_NAME = Check("one folder name under paths.output_dir (no '/', no '..')", _is_run_name)
+
+
+def run_name(name: Any) -> str:
+    """``run_name``, checked before Hydra makes ``${paths.output_dir}/${run_name}``: a name with
+    a separator or ``..`` (``run_name=../../escape``) would put the run directory, its train.log
+    and checkpoints outside paths.output_dir. Raises ConfigError (main() prints its one line)."""
+    check_value("run_name", RUN_NAME, name)
+    return str(name)
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("xvol_run_id"):
         OmegaConf.register_new_resolver("xvol_run_id", run_id, use_cache=True)
+    if not OmegaConf.has_resolver("xvol_run_name"):
+        OmegaConf.register_new_resolver("xvol_run_name", run_name)
     if not OmegaConf.has_resolver("xvol_linear_lr"):
         OmegaConf.register_new_resolver("xvol_linear_lr", linear_lr)
 
@@ -85,18 +114,36 @@ ConfigStore.instance().store(name="debug_schema", node=DebugOptions)
 
 # ----------------------------------------------------------------------------- validation
 
-NAME = Check("a non-empty name", lambda v: (isinstance(v, str) and v.strip() != "") or INT.ok(v))
 RESUME = Check(
     "auto, null or a checkpoint path",
     lambda v: v is False or (isinstance(v, str) and v.strip() != ""),
     nullable=True,
 )
 
+
 # The keys users set on the command line, each with what it accepts: the trainer and debug ones
 # as their options classes declare them, the others here. Keys absent from the composed config
 # (a data backend without `workers`, say) are skipped.
+def _range(lo_min: float, hi_max: float | None) -> Check:
+    """A pair [lo, hi] with lo_min < lo <= hi (<= hi_max)."""
+    bound = f" <= {hi_max:g}" if hi_max is not None else ""
+
+    def ok(v: Any) -> bool:
+        if isinstance(v, str) or not isinstance(v, Sequence) or len(v) != 2:
+            return False
+        lo, hi = v
+        return (
+            (POSITIVE_NUMBER.ok(lo) if lo_min == 0 else NON_NEGATIVE_NUMBER.ok(lo))
+            and NON_NEGATIVE_NUMBER.ok(hi)
+            and lo <= hi
+            and (hi_max is None or hi <= hi_max)
+        )
+
+    return Check(f"a pair [lo, hi] with {lo_min:g} < lo <= hi{bound}", ok)
+
+
 TRAIN_CHECKS: dict[str, Check] = {
-    "run_name": NAME,
+    "run_name": RUN_NAME,
     "seed": INT,
     "resume": RESUME,
     "data.num_classes": POSITIVE_INT,
@@ -107,6 +154,22 @@ TRAIN_CHECKS: dict[str, Check] = {
     "data.workers": NON_NEGATIVE_INT,
     "data.length": POSITIVE_INT,
     "data.val_length": POSITIVE_INT,
+    "data.root": Check("a folder path", lambda v: isinstance(v, str) and v.strip() != ""),
+    "data.jpeg_size": POSITIVE_INT,
+    # timm reads crop_pct 0 (or null) as "unset" and crops at its default 0.875
+    "data.crop_pct": POSITIVE_NUMBER,
+    "data.interpolation": one_of(*INTERPOLATIONS),
+    "data.scale": _range(0, 1),
+    "data.ratio": _range(0, None),
+    "data.hflip": unit_interval(),
+    "data.color_jitter": optional(NON_NEGATIVE_NUMBER),
+    "data.reprob": unit_interval(),
+    "data.remode": one_of("const", "rand", "pixel"),
+    "data.on_bad_image": one_of(*BAD_IMAGE_POLICIES),
+    "data.validate": one_of(*VALIDATE_MODES),
+    "data.backend": one_of(*DEMO_BACKENDS),
+    "data.dali.device": one_of(*DALI_DEVICES),
+    "data.dali.threads": optional(POSITIVE_INT),
     "optim.lr": POSITIVE_NUMBER,
     "optim.weight_decay": NON_NEGATIVE_NUMBER,
     "sched.warmup_epochs": NON_NEGATIVE_NUMBER,
@@ -114,14 +177,25 @@ TRAIN_CHECKS: dict[str, Check] = {
     **option_checks(DebugOptions, "debug"),
 }
 
-# Rules over several keys: (key the message names, broken(cfg), what is wrong).
-TRAIN_RULES: list[tuple[str, Callable[[DictConfig], bool], str]] = [
+# Rules over several keys: (key the message names, broken(cfg), what is wrong: text, or a
+# function of the config giving it).
+TRAIN_RULES: list[tuple[str, Callable[[DictConfig], bool], str | Callable[[DictConfig], str]]] = [
     (
         "trainer.checkpoint.metric",
         lambda cfg: (
             str(cfg.trainer.checkpoint.metric).startswith("ema_") and cfg.trainer.get("ema") is None
         ),
         "ranks checkpoints by an EMA metric, but trainer.ema is null (no EMA is evaluated)",
+    ),
+    (
+        "model.num_classes",
+        lambda cfg: cfg.model.get("num_classes") != cfg.data.get("num_classes"),
+        lambda cfg: (
+            f"{cfg.model.get('num_classes')!r} but data.num_classes is "
+            f"{cfg.data.get('num_classes')!r}: the classifier has one output per class of the "
+            "data (0 would train the pooled features as logits); leave model.num_classes at its "
+            "default ${data.num_classes} and set data.num_classes"
+        ),
     ),
     (
         "trainer.init_from_ema",
@@ -138,8 +212,19 @@ def _one_line(err: BaseException) -> str:
     return text[0] if text else type(err).__name__
 
 
+def _check_model(model: Any) -> None:
+    """The resolved model node as xvol.models.ModelSpec reads it (arch, stages, shifts, ...):
+    what Hydra would otherwise build into an InstantiationException with two tracebacks."""
+    from xvol.models.spec import ModelSpec, ModelSpecError  # lazy: imports timm
+
+    try:
+        ModelSpec.from_config(model, source="config", where="model")
+    except ModelSpecError as err:
+        raise ConfigError(str(err).removeprefix("config: ")) from None
+
+
 def validate_train_config(cfg: DictConfig) -> None:
-    """Check the keys of TRAIN_CHECKS, the TRAIN_RULES, then that everything resolves.
+    """Check the keys of TRAIN_CHECKS, the TRAIN_RULES, that everything resolves, then the model.
 
     Raises ConfigError with one line, ``<key>: expected <what>, got <value>``, before anything
     is built: a bad value would otherwise surface as a library traceback (or not at all).
@@ -153,12 +238,14 @@ def validate_train_config(cfg: DictConfig) -> None:
             check_value(key, check, value)
     for key, broken, message in TRAIN_RULES:
         if broken(cfg):
-            raise ConfigError(f"{key}: {message}")
+            raise ConfigError(f"{key}: {message if isinstance(message, str) else message(cfg)}")
     try:
-        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or "config"
         raise ConfigError(f"{key}: {_one_line(err)}") from None
+    if isinstance(resolved, dict) and "model" in resolved:
+        _check_model(resolved["model"])
 
 
 def composition_error(err: HydraException) -> ConfigError:

@@ -416,6 +416,11 @@ def test_demo_never_replaces_a_folder_it_did_not_write(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]  # no temp or stale tree
 
 
+def test_demo_backend_is_checked_naming_the_key(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"^data\.backend: expected one of torchvision, dali"):
+        demo.build(rank=0, world_size=1, device="cpu", seed=0, root=str(tmp_path), backend="cv")
+
+
 def test_demo_may_fill_an_empty_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An empty folder holds nothing to lose: the demo set may be written there."""
     (tmp_path / "empty").mkdir()

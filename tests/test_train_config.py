@@ -157,7 +157,6 @@ def _error(overrides: list[str]) -> str:
         ("data.on_bad_image=maybe", "data.on_bad_image: expected one of skip, error, got 'maybe'"),
         ("data.crop_pct=0", "data.crop_pct: expected a positive number, got 0"),  # timm: unset
         ("data.validate=maybe", "data.validate: expected one of auto, full, fast, off"),
-        ("data.backend=opencv", "data.backend: expected one of torchvision, dali, got 'opencv'"),
         ("data.scale=[0.9,0.1]", "data.scale: expected a pair [lo, hi] with 0 < lo <= hi <= 1"),
         ("data.ratio=[1]", "data.ratio: expected a pair [lo, hi] with 0 < lo <= hi, got [1]"),
         ("data.hflip=2", "data.hflip: expected a number in [0, 1], got 2"),

@@ -18,7 +18,6 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException, ValidationError
 
 from xvol.data.dali import DALI_DEVICES
-from xvol.data.demo import BACKENDS as DEMO_BACKENDS
 from xvol.data.folder import BAD_IMAGE_POLICIES, INTERPOLATIONS, VALIDATE_MODES
 from xvol.engine.options import (
     INT,
@@ -167,7 +166,6 @@ TRAIN_CHECKS: dict[str, Check] = {
     "data.remode": one_of("const", "rand", "pixel"),
     "data.on_bad_image": one_of(*BAD_IMAGE_POLICIES),
     "data.validate": one_of(*VALIDATE_MODES),
-    "data.backend": one_of(*DEMO_BACKENDS),
     "data.dali.device": one_of(*DALI_DEVICES),
     "data.dali.threads": optional(POSITIVE_INT),
     "optim.lr": POSITIVE_NUMBER,

@@ -34,6 +34,7 @@ from xvol.formats.record import RecordError, validate_record
 from xvol.models import ModelSpec, build_model
 from xvol.ops import XConv2d
 from xvol.reparam import reparameterize_model
+from xvol.results.render import CSV_COLUMNS
 from xvol.tools_common import ToolError, load_model, model_identity
 
 EVAL_FAST = {"device": "cpu", "workers": 0, "batch_size": 5, "bench_iters": 1, "bench_warmup": 0}
@@ -460,7 +461,7 @@ def test_leaderboard_pairs_models_with_baselines_and_deploy_forms(
     assert deploy_row.startswith("| xresnet18 | ema |")
     with open(out / "leaderboard.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
-    assert len(rows) == 3 and set(rows[0]) == set(leaderboard_tool.CSV_COLUMNS)
+    assert len(rows) == 3 and set(rows[0]) == set(CSV_COLUMNS)
     assert {r["form"] for r in rows} == {"train", "deploy"}
     assert {r["model"] for r in rows} == {"xresnet18", "resnet18"}
     assert {r["backend"] for r in rows} == {"torchvision"}

@@ -26,6 +26,7 @@ from xvol.cli import leaderboard as leaderboard_tool
 from xvol.cli import reparam as reparam_tool
 from xvol.formats.checkpoint import CheckpointError
 from xvol.formats.record import RecordError, recipe_fingerprint, validate_record
+from xvol.results import t_quantile_975
 from xvol.tools_common import ToolError, load_model
 
 EVAL_FAST = {"device": "cpu", "workers": 0, "batch_size": 5, "bench_iters": 0}
@@ -311,7 +312,7 @@ def test_t_table_matches_scipy(monkeypatch: pytest.MonkeyPatch) -> None:
     expected = {df: float(stats.t.ppf(0.975, df)) for df in [*range(1, 31), 35, 45, 80, 500]}
     monkeypatch.setitem(sys.modules, "scipy.stats", None)
     for df, value in expected.items():
-        assert leaderboard_tool.t_quantile_975(df) == pytest.approx(value, abs=2e-3), df
+        assert t_quantile_975(df) == pytest.approx(value, abs=2e-3), df
 
 
 # ----------------------------------------------------------------------------- xvol-eval UX

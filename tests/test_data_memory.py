@@ -119,3 +119,66 @@ def test_an_undecodable_file_is_named(tmp_path: Path, tree: Path) -> None:
     bad.write_bytes(bad.read_bytes()[:200])  # truncated: the fast scan can miss it
     with pytest.raises(DataError, match="000.jpg.*data.validate=full"):
         _build(root, validate="off")
+
+
+# --- data=cifar10: one config, three backends ------------------------------------------------
+
+
+def _cifar(tree: Path, backend: str, **kw) -> memory.DataBundle:
+    from xvol.data import cifar10
+
+    cfg = dict(name="cifar10", root=str(tree), num_classes=2, img_size=32, eval_img_size=None,
+               batch_size=4, eval_batch_size=None, workers=0, pad=4, hflip=0.5,
+               mean=list(memory.CIFAR10_MEAN), std=list(memory.CIFAR10_STD), crop_pct=1.0,
+               interpolation="bilinear", on_bad_image="skip", validate="full",
+               splits=["train", "val"], dali={"device": "cpu", "threads": 1})  # fmt: skip
+    cfg.update(kw)
+    return cifar10.build(rank=0, world_size=1, device="cpu", seed=0, backend=backend, **cfg)
+
+
+def _padded_fraction(x: torch.Tensor) -> float:
+    """Share of pixels that are the zero padding (0 before CIFAR's normalization)."""
+    mean = torch.tensor(memory.CIFAR10_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(memory.CIFAR10_STD).view(1, 3, 1, 1)
+    return float(((x + mean / std).abs() < 1e-4).all(1).float().mean())
+
+
+@pytest.mark.parametrize(
+    "backend", ["memory", "torchvision", pytest.param("dali", marks=pytest.mark.dali)]
+)
+def test_cifar10_backends_share_the_augmentation_and_the_eval_view(tree: Path, backend) -> None:
+    """Each backend pads and crops (some zero-padding pixels, never more than a 4-pixel band
+    can hold) and scores the same normalized eval tensors as the in-memory backend."""
+    bundle = _cifar(tree, backend)
+    bundle.train.set_epoch(0)
+    batches = [x for x, _ in bundle.train]
+    assert all(x.shape == (4, 3, 32, 32) for x in batches)
+    frac = _padded_fraction(torch.cat(batches))
+    assert 0.02 < frac < 1 - (24 / 32) ** 2, frac
+    reference = torch.cat([x for x, _ in _cifar(tree, "memory").val])
+    got = torch.cat([x for x, _ in bundle.val])
+    torch.testing.assert_close(got, reference, rtol=0, atol=1e-4)
+
+
+def test_cifar10_unknown_backend_names_the_key(tree: Path) -> None:
+    from xvol.data.folder import DataConfigError
+
+    with pytest.raises(DataConfigError, match="data.backend"):
+        _cifar(tree, "pillow")
+
+
+def test_cifar10_config_composes_into_the_memory_backend(tmp_path: Path, tree: Path) -> None:
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    import xvol.config  # noqa: F401  (resolvers and schemas)
+
+    repo = Path(__file__).resolve().parents[1]
+    with initialize_config_dir(str(repo / "configs"), version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=cifar10", f"data.root={tree}",
+                                          "data.num_classes=2", "data.batch_size=4",
+                                          "data.workers=0"])  # fmt: skip
+    assert cfg.data.name == "cifar10" and cfg.data.backend == "memory" and cfg.model.stem == "cifar"
+    assert list(cfg.data.mean) == pytest.approx(memory.CIFAR10_MEAN)
+    bundle = instantiate(cfg.data)(rank=0, world_size=1, device="cpu", seed=0)
+    assert isinstance(bundle.train, memory.MemoryTrainLoader) and bundle.num_val == 7

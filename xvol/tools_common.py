@@ -20,6 +20,7 @@ import dataclasses
 import datetime as _dt
 import hashlib
 import logging
+import math
 import os
 import platform
 import sys
@@ -269,6 +270,8 @@ def _data_defaults(data_cfg: Any, source: str | Path) -> dict[str, Any]:
         "img_size": (int,),
         "crop_pct": (float, int),
         "interpolation": (str,),
+        "mean": (list, tuple),
+        "std": (list, tuple),
     }
     out = {
         "name": data_cfg.get("name"),
@@ -277,6 +280,8 @@ def _data_defaults(data_cfg: Any, source: str | Path) -> dict[str, Any]:
         "img_size": data_cfg.get("eval_img_size") or data_cfg.get("img_size"),
         "crop_pct": data_cfg.get("crop_pct"),
         "interpolation": data_cfg.get("interpolation"),
+        "mean": data_cfg.get("mean"),
+        "std": data_cfg.get("std"),
     }
     for key, value in out.items():
         if value is not None and (isinstance(value, bool) or not isinstance(value, types[key])):
@@ -284,6 +289,20 @@ def _data_defaults(data_cfg: Any, source: str | Path) -> dict[str, Any]:
                 f"{source}: data.{key} is {type(value).__name__}, expected "
                 f"{' or '.join(t.__name__ for t in types[key])}"
             )
+    for key in ("mean", "std"):  # the normalization: 3 finite numbers, std positive
+        value = out[key]
+        if value is None:
+            continue
+        ok = len(value) == 3 and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            and (key == "mean" or v > 0) for v in value
+        )  # fmt: skip
+        if not ok:
+            raise CheckpointError(
+                f"{source}: data.{key} must be 3 finite numbers"
+                f"{' > 0' if key == 'std' else ''}, got {value!r}"
+            )
+        out[key] = [float(v) for v in value]
     return out
 
 
@@ -504,12 +523,18 @@ def eval_settings(
     crop_pct: float | None,
     interpolation: str | None,
 ) -> dict[str, Any]:
-    """Explicit values, else the checkpoint's training data config, else timm's defaults."""
+    """Explicit values, else the checkpoint's training data config, else timm's defaults. The
+    normalization (mean/std) is always the training one: ImageNet's unless the data config set
+    its own (CIFAR-10's, say)."""
+    from xvol.data.folder import IMAGENET_MEAN, IMAGENET_STD
+
     cfg = loaded.data_config
     return {
         "img_size": int(img_size or cfg.get("img_size") or 224),
         "crop_pct": float(crop_pct or cfg.get("crop_pct") or 0.875),
         "interpolation": str(interpolation or cfg.get("interpolation") or "bilinear"),
+        "mean": list(cfg.get("mean") or IMAGENET_MEAN),
+        "std": list(cfg.get("std") or IMAGENET_STD),
     }
 
 
@@ -526,6 +551,8 @@ def build_val_loader(
     batch_size: int,
     workers: int = 2,
     backend: str = "torchvision",
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
     rank: int = 0,
     world_size: int = 1,
     device: torch.device | str = "cpu",
@@ -587,6 +614,10 @@ def build_val_loader(
         "crop_pct": crop_pct,
         "interpolation": interpolation,
     }
+    if mean is not None:
+        common["mean"] = mean
+    if std is not None:
+        common["std"] = std
     if backend == "torchvision":
         from xvol.data.imagenet import eval_loader
 

@@ -325,7 +325,9 @@ def evaluate_checkpoint(checkpoint: str | Path, opts: EvalOptions | None = None)
             opts.backend,
             loaded.sha256,
             val.fingerprint,
-            eval_transform_tag(**settings),
+            eval_transform_tag(
+                settings["img_size"], settings["crop_pct"], settings["interpolation"]
+            ),
         )
         record_path = Path(opts.results_dir) / name if opts.results_dir is not None else None
         if record_path is not None:  # before the evaluation, and again before the write

@@ -1,10 +1,12 @@
 """DALI pipeline graphs (imports nvidia.dali at the top; only xvol.data.dali imports this module,
 after checking DALI is installed).
 
-They mirror timm's transforms: train = RandomResizedCrop (ROI decode) -> [RandAugment |
-colour jitter] -> flip + normalize to NCHW float -> random erasing with fill 0 (timm's
-re_mode='const'). Eval is timm's eval transform (``create_transform(is_training=False)``) pixel
-for pixel up to rounding: see ``_eval_resize_crop``.
+They mirror timm's transforms: train = RandomResizedCrop (ROI decode) -> [RandAugment | colour
+jitter] -> flip + normalize to NCHW float -> random erasing with fill 0 (timm's
+re_mode='const'); with ``pad`` > 0, CIFAR's pad-crop + flip instead (torchvision's RandomCrop
+with padding). The normalization's mean/std are the data config's (ImageNet's by default). Eval
+is timm's eval transform (``create_transform(is_training=False)``) pixel for pixel up to
+rounding: see ``_eval_resize_crop``.
 """
 
 from __future__ import annotations
@@ -24,8 +26,6 @@ from nvidia.dali.auto_aug import trivial_augment as dali_trivial_augment
 from xvol.data.folder import IMAGENET_MEAN, IMAGENET_STD
 
 READER = "Reader"
-_MEAN = [255 * m for m in IMAGENET_MEAN]
-_STD = [255 * s for s in IMAGENET_STD]
 # keys: xvol.data.folder.INTERPOLATIONS, the names the config check accepts (a test: equal)
 INTERPOLATIONS = {
     "bilinear": types.INTERP_LINEAR,
@@ -93,20 +93,36 @@ def train_pipeline(
     color_jitter: float | None,
     auto_augment: str | None,
     reprob: float,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    pad: int = 0,
 ):
     jpegs, label = _read(files, labels, file_root, shard_id, num_shards)
-    images = fn.decoders.image_random_crop(
-        jpegs,
-        device=decoder,
-        output_type=types.RGB,
-        random_area=list(scale),
-        random_aspect_ratio=list(ratio),
-        num_attempts=10,
-        **_UPRIGHT,
-    )
-    images = fn.resize(
-        images, resize_x=size, resize_y=size, interp_type=INTERPOLATIONS[interpolation]
-    )
+    if pad:  # CIFAR-style: the whole image, zero padding of `pad` pixels, a random size crop
+        images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB, **_UPRIGHT)
+        images = fn.resize(
+            images, resize_x=size, resize_y=size, interp_type=INTERPOLATIONS[interpolation]
+        )
+        offsets = fn.random.uniform(values=list(range(-pad, pad + 1)), shape=[2])
+        anchor = fn.cast(offsets, dtype=types.INT32)
+        images = fn.slice(
+            images, start=anchor, shape=[size, size], axis_names="HW",
+            out_of_bounds_policy="pad", fill_values=0,
+        )  # fmt: skip
+        auto_augment, color_jitter, reprob = None, None, 0.0
+    else:
+        images = fn.decoders.image_random_crop(
+            jpegs,
+            device=decoder,
+            output_type=types.RGB,
+            random_area=list(scale),
+            random_aspect_ratio=list(ratio),
+            num_attempts=10,
+            **_UPRIGHT,
+        )
+        images = fn.resize(
+            images, resize_x=size, resize_y=size, interp_type=INTERPOLATIONS[interpolation]
+        )
     if auto_augment:
         images = _augment(images, auto_augment, size)
     elif color_jitter:  # timm also drops colour jitter when an auto-augment policy is set
@@ -121,8 +137,8 @@ def train_pipeline(
         images,
         dtype=types.FLOAT,
         output_layout="CHW",
-        mean=_MEAN,
-        std=_STD,
+        mean=[255 * m for m in mean],
+        std=[255 * v for v in std],
         mirror=fn.random.coin_flip(probability=hflip) if hflip > 0 else 0,
     )
     if reprob > 0:
@@ -235,14 +251,17 @@ def eval_pipeline(
     size: int,
     crop_pct: float,
     interpolation: str,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
 ):
     # padded samples are trimmed by the iterator (LastBatchPolicy.PARTIAL)
     jpegs, label = _read(files, labels, file_root, shard_id, num_shards, pad_last_batch=True)
     images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB, **_UPRIGHT)
     images = _eval_resize_crop(images, size, crop_pct, interpolation)
     images = fn.crop_mirror_normalize(
-        images, dtype=types.FLOAT, output_layout="CHW", mean=_MEAN, std=_STD
-    )
+        images, dtype=types.FLOAT, output_layout="CHW", mean=[255 * m for m in mean],
+        std=[255 * v for v in std],
+    )  # fmt: skip
     return images, label
 
 

@@ -36,6 +36,8 @@ from torch import Tensor
 
 from xvol.data.base import DataBundle
 from xvol.data.folder import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     DataConfigError,
     DataError,
     Split,
@@ -326,10 +328,13 @@ def _eval_loader(
     img_size: int,
     crop_pct: float,
     interpolation: str,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
     **common: Any,
 ) -> DaliEvalLoader:
     _check_eval_settings(crop_pct, interpolation)
-    graph = {"size": img_size, "crop_pct": crop_pct, "interpolation": interpolation}
+    graph = {"size": img_size, "crop_pct": crop_pct, "interpolation": interpolation,
+             "mean": list(mean), "std": list(std)}  # fmt: skip
     return DaliEvalLoader(split, graph=graph, **common)
 
 
@@ -345,6 +350,8 @@ def eval_loader(
     crop_pct: float,
     interpolation: str,
     dali: dict | None = None,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
 ) -> DaliEvalLoader:
     """This rank's shard of ``split`` through the eval graph (what ``build`` uses for val; the
     eval tool calls it on a val folder it has already checked). ``dali`` as in ``build``."""
@@ -361,6 +368,8 @@ def eval_loader(
         img_size=img_size,
         crop_pct=crop_pct,
         interpolation=interpolation,
+        mean=mean,
+        std=std,
     )
 
 
@@ -391,6 +400,9 @@ def build(
     splits: Sequence[str] = ("train", "val"),
     name: str = "imagenet_dali",
     dali: dict | None = None,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    pad: int = 0,
 ) -> DataBundle:
     """Same keys as xvol.data.imagenet.build plus ``dali: {device: auto|gpu|cpu, threads}``
     (threads null: ``workers``). Random erasing supports timm's ``remode=const`` only."""
@@ -422,6 +434,9 @@ def build(
         "color_jitter": color_jitter,
         "auto_augment": auto_augment,
         "reprob": reprob,
+        "mean": list(mean),
+        "std": list(std),
+        "pad": pad,
     }
     train_loader = DaliTrainLoader(
         train,
@@ -443,6 +458,8 @@ def build(
         img_size=eval_img_size or img_size,
         crop_pct=crop_pct,
         interpolation=interpolation,
+        mean=mean,
+        std=std,
     )
     if rank == 0:
         logger.info(

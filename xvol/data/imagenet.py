@@ -207,16 +207,39 @@ class TorchEvalLoader:
         return _on_device(self.loader, self.device)
 
 
-def eval_transform(img_size: int, crop_pct: float, interpolation: str) -> Callable:
+def eval_transform(
+    img_size: int,
+    crop_pct: float,
+    interpolation: str,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> Callable:
     """timm's eval transform: the reference the DALI eval graph reproduces (xvol.data.dali)."""
     return create_transform(
         img_size,
         is_training=False,
         crop_pct=crop_pct,
         interpolation=interpolation,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
+        mean=tuple(mean),
+        std=tuple(std),
     )
+
+
+def pad_crop_transform(
+    img_size: int, pad: int, hflip: float, mean: Sequence[float], std: Sequence[float]
+) -> Callable:
+    """CIFAR's training augmentation: zero padding of ``pad`` pixels, a random ``img_size``
+    crop, a horizontal flip, then normalization (what the in-memory backend does on the
+    device; torchvision's own transforms, seeded per sample like timm's)."""
+    from torchvision import transforms as T
+
+    return T.Compose([
+        T.Resize((img_size, img_size)),  # a no-op on images already img_size square
+        T.RandomCrop(img_size, padding=pad),
+        T.RandomHorizontalFlip(hflip),
+        T.ToTensor(),
+        T.Normalize(tuple(mean), tuple(std)),
+    ])  # fmt: skip
 
 
 def eval_loader(
@@ -231,11 +254,13 @@ def eval_loader(
     crop_pct: float,
     interpolation: str,
     on_bad_image: str = "error",
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
 ) -> TorchEvalLoader:
     """This rank's contiguous slice of ``split`` through the eval transform (what ``build``
     uses for val; the eval tool calls it on a val folder it has already checked)."""
     lo, hi = eval_bounds(len(split.samples), rank, world_size)
-    transform = eval_transform(img_size, crop_pct, interpolation)
+    transform = eval_transform(img_size, crop_pct, interpolation, mean, std)
     dataset = FolderDataset(
         split.samples[lo:hi], transform, on_bad_image=on_bad_image, substitute=False
     )
@@ -269,9 +294,14 @@ def build(
     splits: Sequence[str] = ("train", "val"),
     name: str = "imagenet",
     dali: dict | None = None,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    pad: int = 0,
 ) -> DataBundle:
     """ImageFolder + timm transforms. ``name`` and ``dali`` are accepted (and unused) so that one
-    config serves both backends; every other key is used."""
+    config serves both backends; every other key is used. ``mean``/``std``: the normalization
+    (ImageNet's by default); ``pad`` > 0: CIFAR's pad-crop + flip (``pad_crop_transform``)
+    replaces RandomResizedCrop, colour jitter, auto-augment and erasing."""
     del name, dali
     device = torch.device(device)
     train, val = load_folder(
@@ -283,20 +313,23 @@ def build(
         rank=rank,
         splits=(splits[0], splits[1]),
     )
-    train_tf = create_transform(
-        img_size,
-        is_training=True,
-        scale=tuple(scale),
-        ratio=tuple(ratio),
-        hflip=hflip,
-        color_jitter=color_jitter or None,
-        auto_augment=auto_augment,
-        interpolation=interpolation,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        re_prob=reprob,
-        re_mode=remode,
-    )
+    if pad:  # CIFAR-style: pad-crop + flip instead of RandomResizedCrop and its colour ops
+        train_tf = pad_crop_transform(img_size, pad, hflip, mean, std)
+    else:
+        train_tf = create_transform(
+            img_size,
+            is_training=True,
+            scale=tuple(scale),
+            ratio=tuple(ratio),
+            hflip=hflip,
+            color_jitter=color_jitter or None,
+            auto_augment=auto_augment,
+            interpolation=interpolation,
+            mean=tuple(mean),
+            std=tuple(std),
+            re_prob=reprob,
+            re_mode=remode,
+        )
     sampler = ShardSampler(len(train.samples), rank, world_size, batch_size, seed)
     train_ds = FolderDataset(train.samples, train_tf, seed=seed, on_bad_image=on_bad_image)
     val_loader = eval_loader(
@@ -309,6 +342,8 @@ def build(
         img_size=eval_img_size or img_size,
         crop_pct=crop_pct,
         interpolation=interpolation,
+        mean=mean,
+        std=std,
         on_bad_image=on_bad_image,
     )
     return DataBundle(

@@ -124,6 +124,7 @@ _SPEC_KEYS = {
     "shifts": "model.xconv.shifts",
     "center": "model.xconv.center",
     "bn_eps": "model.xconv.bn_eps",
+    "stem": "model.stem",
 }
 
 

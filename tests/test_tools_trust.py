@@ -45,6 +45,7 @@ from tools_helpers import (
     poison_checkpoint,
 )
 
+import xvol.config  # noqa: F401  (registers the trainer/debug schemas the configs compose with)
 from xvol.cli import eval as eval_tool
 from xvol.cli import export as export_tool
 from xvol.cli import reparam as reparam_tool

@@ -1,7 +1,7 @@
 # xvol: two commands on a fresh machine.
 #   make demo   set up .venv, install, train -> reparam -> eval -> leaderboard on the bundled demo set
 #   make test   set up .venv, install, run the whole test suite (what CI runs)
-#   make compare  paired resnet18 vs xresnet18 over seeds on the demo set (SEEDS=0,1,2; scripts/compare.sh)
+#   make compare  paired resnet18 vs xresnet18 over seeds (DATA=demo|cifar10, SEEDS=0,1,2; scripts/compare.sh)
 #   make test-fast / make bench / make lint / make clean
 #   make gpu-check  the one-command GPU check (scripts/gpu_check.sh); make gpu-wheels first on a bare machine
 SHELL := /bin/bash
@@ -49,9 +49,10 @@ lint: venv
 demo: venv
 	bash scripts/demo.sh
 
-# Paired multi-seed comparison (scripts/compare.sh): make compare SEEDS=0,1,2,3 COMPARE_EPOCHS=8
+# Paired multi-seed comparison (scripts/compare.sh): make compare DATA=cifar10 DATA_ROOT=DIR SEEDS=0,1,2
+DATA ?= demo
 compare: venv
-	bash scripts/compare.sh
+	DATA=$(DATA) bash scripts/compare.sh
 
 # Benchmarks print a table and write bench_results/*.json; CUDA when present, else the CPU mode.
 bench: venv

@@ -1,7 +1,10 @@
-"""scripts/compare.sh end to end (what `make compare` runs): one torchrun launch (2 CPU ranks,
-gloo) runs the Hydra sweep model=resnet18,xresnet18 x seed=0,1 on the demo set for one epoch,
-one process group per job, one run directory and train.log per job; each best.pt is evaluated
-into one results directory (records carry the seed) and the leaderboard aggregates them.
+"""scripts/compare.sh end to end (what `make compare DATA=cifar10` runs), the CPU rehearsal of
+the CIFAR-10 comparison: one torchrun launch (2 CPU ranks, gloo) runs the Hydra sweep
+experiment=cifar10 model=resnet18,xresnet18 x seed=0,1 for one epoch on a small generated
+CIFAR-like folder (the in-memory backend, the CIFAR stem), one process group, run directory and
+train.log per job; each best.pt is evaluated into one results directory (records carry the
+seed), and compare.json pairs the two arms by seed with the leaderboard's 95% interval. It
+checks the pipeline and the statistics, not accuracy.
 """
 
 from __future__ import annotations
@@ -11,7 +14,9 @@ import os
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from xvol.engine import load_checkpoint
 
@@ -20,9 +25,25 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
+def _cifar_like(root: Path) -> Path:
+    """10 classes x (8 train, 3 val) 32 px JPEGs in the ImageNet layout."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 8), ("val", 3)):
+        for c in range(10):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(n):
+                pixels = np.clip(rng.normal(25 * c, 40, (32, 32, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i:04d}.jpg", quality=90)
+    return root
+
+
 def test_compare_sweeps_models_and_seeds(out_dir: Path) -> None:
+    data = _cifar_like(out_dir / "cifar")
     env = dict(
         os.environ,
+        DATA="cifar10",
+        DATA_ROOT=str(data),
         SEEDS="0,1",
         COMPARE_EPOCHS="1",
         OUT=str(out_dir),
@@ -32,7 +53,7 @@ def test_compare_sweeps_models_and_seeds(out_dir: Path) -> None:
         PYTHONUNBUFFERED="1",
     )
     proc = subprocess.run(
-        ["bash", "scripts/compare.sh"],
+        ["bash", "scripts/compare.sh", "data.batch_size=8", "data.workers=2"],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -49,16 +70,35 @@ def test_compare_sweeps_models_and_seeds(out_dir: Path) -> None:
         model, seed = name.split("_seed")
         assert best["config"]["seed"] == int(seed)
         assert best["config"]["model"]["stages"] == ([3] if model == "xresnet18" else [])
+        assert best["config"]["model"]["stem"] == "cifar"
+        assert best["config"]["data"]["name"] == "cifar10"
         assert best["best_metric_name"] == "ema_top1" and best["epoch"] == 1
         assert (run_dir / "epoch_0001.pt").is_file()
         log = (run_dir / "train.log").read_text()
         assert log.count("] - run compare in ") == 1 and str(run_dir) in log  # its own job only
     records = [json.loads(p.read_text()) for p in (out_dir / "results").glob("*.json")]
     assert sorted((r["model"], r["seed"]) for r in records) == [
-        ("resnet18", 0),
-        ("resnet18", 1),
-        ("xresnet18", 0),
-        ("xresnet18", 1),
+        ("resnet18-cifar", 0),
+        ("resnet18-cifar", 1),
+        ("xresnet18-cifar", 0),
+        ("xresnet18-cifar", 1),
     ]
-    assert all(r["weights"] == "ema" for r in records)
+    assert all(r["weights"] == "ema" and r["num_images"] == 30 for r in records)
     assert (out_dir / "results" / "leaderboard.md").is_file()
+    # the pairing and the interval: per-seed differences of the records, their mean and a
+    # t-interval with n - 1 = 1 degree of freedom around it
+    summary = json.loads((out_dir / "compare.json").read_text())
+    top1 = {(r["model"], r["seed"]): r["top1"] for r in records}
+    assert [row["seed"] for row in summary["per_seed"]] == [0, 1]
+    diffs = []
+    for row in summary["per_seed"]:
+        expected = top1[("xresnet18-cifar", row["seed"])] - top1[("resnet18-cifar", row["seed"])]
+        assert row["diff"] == pytest.approx(expected)
+        diffs.append(expected)
+    (paired,) = summary["paired"]
+    assert paired["n"] == 2 and paired["seeds"] == [0, 1]
+    assert paired["mean"] == pytest.approx(sum(diffs) / 2)
+    half = 12.706 * abs(diffs[0] - diffs[1]) / 2 ** 0.5 / 2 ** 0.5  # t(0.975, 1) * std / sqrt(n)
+    assert paired["lo"] == pytest.approx(paired["mean"] - half, abs=1e-6)
+    assert paired["hi"] == pytest.approx(paired["mean"] + half, abs=1e-6)
+    assert "paired (torchvision, n=2)" in proc.stdout

@@ -21,6 +21,12 @@ Steps (``STEPS``), each with a wall-clock cap:
        eval_deploy     xvol-eval of the deploy form on the device
     5. bench           scripts/bench.py: img/s, peak memory (with temporaries), ratios with the
                        backend auto trains with as the headline
+    6. science         the CIFAR-10 comparison, bounded: ../shared/data/cifar10-jpeg.tar.gz
+                       (or XVOL_CIFAR10_TAR) unpacked, then scripts/compare.py: resnet18 vs
+                       xresnet18 with the CIFAR stem, seeds 0,1,2, 5 epochs, one GPU; per-seed
+                       top-1 of both arms, the paired 95% interval, the time. Rehearsal: a small
+                       generated CIFAR-like folder, 2 seeds, 1 epoch (the pipeline and the
+                       statistics, not accuracy).
 
 Truth rules: a step that fails, times out or is skipped (its input missing, or not selected) is
 not a pass. PASSED means every step ran and passed; otherwise FAILED (something failed) or
@@ -54,9 +60,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# One H100/H200, one device call: at most 6 minutes for the whole check (the science run of
-# the CIFAR-10 issue comes on top, in the same call's remaining minutes).
-GPU_BUDGET_S = 360
+# One H100/H200, one device call of at most 10 minutes: the steps up to bench within 6 minutes
+# (what decides whether the GPU path works), the science run last, all of it within 9.
+FIRST_STEPS_BUDGET_S = 360
+GPU_BUDGET_S = 540
 MARGIN_S = 30  # process start-up between steps, the summary, copying $OUT back
 
 
@@ -147,6 +154,52 @@ def _bench(ctx: Context) -> list[str]:
             str(ctx.results / "bench.json")]  # fmt: skip
 
 
+def _science(ctx: Context) -> list[str]:
+    """Unpack CIFAR-10 (GPU) or write a small CIFAR-like folder (rehearsal), then compare."""
+    data, out = ctx.work / "data" / "cifar10", ctx.work / "science"
+    if ctx.cpu:
+        prepare = [ctx.py, "-c", f"import sys; sys.path.insert(0, 'scripts'); import gpu_check; "
+                   f"gpu_check.make_cifar_like({str(data)!r})"]  # fmt: skip
+        compare = ["--seeds", "0,1", "--epochs", "1", "--device", "cpu", "--", "data.batch_size=8",
+                   "data.workers=2"]  # fmt: skip
+    else:
+        tar = os.environ.get("XVOL_CIFAR10_TAR") or str(
+            ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+        )
+        prepare = ["bash", "-c", f"test -f {tar!r} || {{ echo 'no CIFAR-10 tarball at {tar} "
+                   f"(set XVOL_CIFAR10_TAR)' >&2; exit 1; }}; mkdir -p {str(data)!r} && "
+                   f"tar -xzf {tar!r} -C {str(data)!r}"]  # fmt: skip
+        compare = ["--seeds", "0,1,2", "--epochs", "5", "--device", "cuda", "--",
+                   "data.workers=16", "trainer.log_interval=50"]  # fmt: skip
+    # one command line: the step's cap covers both parts
+    script = " ".join(_quote(a) for a in prepare) + " && " + " ".join(_quote(a) for a in [
+        ctx.py, "scripts/compare.py", "--data", "cifar10", "--root", str(data), "--nproc", "1",
+        "--out", str(out), "--fresh", *compare,
+    ])  # fmt: skip
+    return ["bash", "-c", script]
+
+
+def _quote(arg: str) -> str:
+    import shlex
+
+    return shlex.quote(arg)
+
+
+def make_cifar_like(root: str | Path) -> None:
+    """10 classes x (8 train, 3 val) 32 px JPEGs: the rehearsal's stand-in for CIFAR-10."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 8), ("val", 3)):
+        for c in range(10):
+            folder = Path(root) / split / f"class{c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                pixels = np.clip(rng.normal(25 * c, 40, (32, 32, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i:04d}.jpg", quality=90)
+
+
 # Ordered by what they decide: kernels first, then training, deploy, speed. Caps: GPU estimates
 # (Triton compiles 1-6 s each in bf16, the fp32 slot test a few more; a torchrun start ~15 s).
 STEPS: list[Step] = [
@@ -157,6 +210,7 @@ STEPS: list[Step] = [
     Step("eval_train", 20, 60, _eval(CKPT), needs=(CKPT, "val")),
     Step("eval_deploy", 20, 60, _eval("deploy"), needs=("deploy", "val")),
     Step("bench", 60, 240, _bench),
+    Step("science", 180, 300, lambda ctx: _science(ctx)),
 ]
 COMMON_ENV = {
     "WANDB_MODE": "disabled",
@@ -165,8 +219,16 @@ COMMON_ENV = {
 }
 
 
-def check_plan(steps: list[Step], budget_s: int, margin_s: int) -> str | None:
-    """None when the caps fit the budget with the margin, else the reason."""
+def check_plan(
+    steps: list[Step], budget_s: int, margin_s: int, first_budget_s: int | None = None
+) -> str | None:
+    """None when the caps fit the budget with the margin (and the steps before the science
+    run fit ``first_budget_s``), else the reason."""
+    if first_budget_s is not None:
+        first = sum(s.cap_s for s in steps if s.name != "science")
+        if first + margin_s > first_budget_s:
+            return (f"the caps before the science run add up to {first} s (+{margin_s} s margin) "
+                    f"> {first_budget_s} s")  # fmt: skip
     total = sum(s.cap_s for s in steps)
     if total + margin_s > budget_s:
         caps = ", ".join(f"{s.name} {s.cap_s}" for s in steps)
@@ -296,6 +358,20 @@ def results_of(name: str, ctx: Context) -> tuple[str, dict | None]:
         speed = (ev.get("throughput") or {}).get("img_s")
         return (f"top-1 {ev.get('top1')} on {ev.get('num_images')} images"
                 + (f", {speed:,.0f} img/s" if speed else "")), ev  # fmt: skip
+    if name == "science":
+        try:
+            summary = json.loads((ctx.work / "science" / "compare.json").read_text())
+        except (OSError, ValueError):
+            return "", None
+        base, xvol = summary["models"]
+        parts = [f"{xvol} - {base} per seed: "
+                 + ", ".join(f"{r['diff']:+.2f}" for r in summary["per_seed"])]  # fmt: skip
+        for c in summary["paired"]:
+            if c["lo"] is not None:
+                parts.append(f"mean {c['mean']:+.2f}, 95% [{c['lo']:+.2f}, {c['hi']:+.2f}] "
+                             f"(n={c['n']}, {c['backend']})")  # fmt: skip
+        parts.append(f"{summary['seconds']['total']:.0f} s")
+        return "; ".join(parts), summary
     if name == "bench":
         try:
             bench = json.loads((ctx.results / "bench.json").read_text())
@@ -386,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     budget = args.budget if args.budget is not None else (
         GPU_BUDGET_S if not args.cpu else sum(caps.values()) + MARGIN_S
     )
-    problem = check_plan(plan, budget, MARGIN_S)
+    problem = check_plan(plan, budget, MARGIN_S, None if args.cpu else FIRST_STEPS_BUDGET_S)
     if problem:
         print(f"gpu_check: error: {problem}; nothing was run", file=sys.stderr)
         return 2

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # One-command GPU check: installs the wheels a bare CUDA machine lacks, then runs
 # scripts/gpu_check.py (every step in its own process: GPU kernel tests, xresnet50 and resnet50
-# training, reparam + eval on the device, bench; see its --help). Prints one table, writes
-# gpu_check.json after every step.
+# training, reparam + eval on the device, bench, then the bounded CIFAR-10 comparison; see its
+# --help). Prints one table, writes gpu_check.json after every step.
 #
 # Usage:
-#   bash scripts/gpu_check.sh                     # one H100/H200: 6 minutes at most (caps 325 s)
+#   bash scripts/gpu_check.sh                     # one H100/H200: 9 minutes at most (caps 505 s;
+#                                                 # the steps before the science run 325 s)
 #   make gpu-check                                # the same
 #   bash scripts/gpu_check.sh --steps bench       # rerun only the steps that failed
 #   bash scripts/gpu_check.sh --dry-run           # CPU rehearsal at tiny sizes (tests/test_gpu_check.py)
@@ -13,7 +14,7 @@
 # On the device tool's machine (bare CUDA Python 3.12 with torch, timm, triton; no hydra-core,
 # omegaconf, wandb or DALI):
 #   1. here, once:   make gpu-wheels      # .whl/: hydra-core, omegaconf, antlr4-python3-runtime
-#   2. device tool:  run(command="bash scripts/gpu_check.sh", carry=[".whl"], timeout_s=420)
+#   2. device tool:  run(command="bash scripts/gpu_check.sh", carry=[".whl"], timeout_s=600)
 # .whl/*.whl, when present, are installed with pip --no-index --no-deps --target into a scratch
 # folder and put on PYTHONPATH with the repo root (the package is used from the source tree).
 # wandb stays off; DALI is not used. The rehearsal blocks wandb, mlxtend, submitit and DALI, as

@@ -35,14 +35,8 @@ from PIL import Image, ImageOps
 from torch import Tensor
 
 from xvol.data.base import DataBundle
-from xvol.data.folder import (
-    DataError,
-    epoch_order,
-    eval_bounds,
-    load_folder,
-    sample_seed,
-    train_steps,
-)
+from xvol.data.folder import DataError, epoch_order, eval_bounds, load_folder, sample_seed
+from xvol.data.imagenet import ShardSampler
 
 __all__ = ["CIFAR10_MEAN", "CIFAR10_STD", "MemoryTrainLoader", "MemoryEvalLoader", "build"]
 
@@ -100,26 +94,25 @@ class MemoryTrainLoader:
         self, images: Tensor, labels: Tensor, *, rank: int, world_size: int, batch_size: int,
         seed: int, img_size: int, pad: int, hflip: float, mean: Tensor, std: Tensor,
     ) -> None:  # fmt: skip
-        self.images, self.labels = images, labels
-        self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
-        self.seed, self.img_size, self.pad, self.hflip = seed, img_size, pad, hflip
+        self.images, self.labels, self.batch_size = images, labels, batch_size
+        self.img_size, self.pad, self.hflip = img_size, pad, hflip
         self.mean, self.std = mean, std
-        self.steps = train_steps(len(labels), world_size, batch_size)
-        self.epoch, self.start_step = 0, 0
+        # the torchvision backend's sampler: the same epoch order, shards and resume checks
+        self.sampler = ShardSampler(len(labels), rank, world_size, batch_size, seed)
+        self.steps = self.sampler.steps
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        if not 0 <= start_step <= self.steps:
-            raise ValueError(f"start_step={start_step} outside [0, {self.steps}]")
-        self.epoch, self.start_step = epoch, start_step
+        self.sampler.set_epoch(epoch, start_step)
 
     def __len__(self) -> int:
         return self.steps
 
     def _epoch_table(self) -> tuple[Tensor, Tensor, Tensor]:
-        """(indices, crop offsets, flips) of this rank's epoch, on the device."""
-        order = epoch_order(len(self.labels), self.world_size, self.batch_size, self.seed,
-                            self.epoch)[self.rank]  # fmt: skip
-        g = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, self.rank))
+        """(indices, crop offsets, flips) of this rank's whole epoch, on the device."""
+        sm = self.sampler
+        order = epoch_order(sm.num_samples, sm.world_size, sm.batch_size, sm.seed, sm.epoch)
+        order = order[sm.rank]
+        g = torch.Generator().manual_seed(sample_seed(sm.seed, sm.epoch, sm.rank))
         offsets = torch.randint(0, 2 * self.pad + 1, (len(order), 2), generator=g)
         flips = torch.rand(len(order), generator=g) < self.hflip
         device = self.images.device
@@ -128,7 +121,7 @@ class MemoryTrainLoader:
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         order, offsets, flips = self._epoch_table()
         bs = self.batch_size
-        for step in range(self.start_step, self.steps):
+        for step in range(self.sampler.start_step, self.steps):
             sl = slice(step * bs, (step + 1) * bs)
             idx = order[sl]
             crops = augment(self.images[idx], offsets[sl], flips[sl], self.pad, self.img_size)

@@ -158,7 +158,8 @@ def test_triton_interpreter_matches_reference_on_a_spread_of_supported_slots(mon
     failures, n = [], 0
     for i, (k, s, d) in enumerate(itertools.product(KERNELS, STRIDES, DILATIONS)):
         kwargs = dict(kernel_size=k, stride=s, padding=d * (k - 1) // 2 if i % 3 else 0,
-                      dilation=d, groups=1, shifts=((1,), (2,))[i % 2], center=bool(i % 4 < 2))  # fmt: skip
+                      dilation=d, groups=1, shifts=((1,), (2,))[i % 2],
+                      center=bool(i % 4 < 2))  # fmt: skip
         hw = (7, 9) if i % 2 else (5, 13)
         if min(hw) + 2 * kwargs["padding"] - d * (k - 1) < 1:
             continue

@@ -134,18 +134,20 @@ def _spec_differences(trained: Any, ours: Any, source: str) -> list[str]:
     from xvol.models.spec import ModelSpec, ModelSpecError
 
     try:
-        mine = ModelSpec.from_config(ours, "this run's config").to_dict()
+        mine = ModelSpec.from_config(ours, "this run's config")
     except ModelSpecError:  # not a spec run (a caller's own model): nothing to compare with
         return []
     try:
-        theirs = ModelSpec.from_config(trained, source, "config.model").to_dict()
+        theirs = ModelSpec.from_config(trained, source, "config.model")
     except ModelSpecError as err:
         return [f"its model config ({err})"]
-    return [
-        f"{key} ({theirs[name]!r} -> {mine[name]!r})"
-        for name, key in _SPEC_KEYS.items()
-        if theirs[name] != mine[name]
-    ]
+    # the spec's fields (to_dict leaves out defaults such as timm's stem)
+    def shown(value: Any) -> Any:  # as a config writes it: [1, 2], not (1, 2)
+        return list(value) if isinstance(value, tuple) else value
+
+    pairs = [(key, shown(getattr(theirs, name)), shown(getattr(mine, name)))
+             for name, key in _SPEC_KEYS.items()]  # fmt: skip
+    return [f"{key} ({a!r} -> {b!r})" for key, a, b in pairs if a != b]
 
 
 def _trained_as(state: Mapping[str, Any]) -> str:

@@ -629,8 +629,8 @@ def plot(vs: ValSet, path: Path) -> None:
             alpha=0.85,
             label=_plain(f"{model} ({form})"),
         )
-    scatter.set_xlabel("GMACs per image")
-    scatter.set_ylabel("top-1 (%), mean ± std over seeds (zoomed: read the ticks)", fontsize=8)
+    scatter.set_xlabel("GMACs per image (mean ± std over seeds)")
+    scatter.set_ylabel("top-1 (%), zoomed axis", fontsize=8)
     scatter.grid(alpha=0.3)
     scatter.ticklabel_format(axis="both", useOffset=False, style="plain")
     scatter.legend(fontsize=7, loc="best")

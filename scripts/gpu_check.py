@@ -187,17 +187,11 @@ def _quote(arg: str) -> str:
 
 def make_cifar_like(root: str | Path) -> None:
     """10 classes x (8 train, 3 val) 32 px JPEGs: the rehearsal's stand-in for CIFAR-10."""
-    import numpy as np
-    from PIL import Image
+    from xvol.data.fake import write_image_tree
 
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 8), ("val", 3)):
-        for c in range(10):
-            folder = Path(root) / split / f"class{c}"
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                pixels = np.clip(rng.normal(25 * c, 40, (32, 32, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(pixels).save(folder / f"{i:04d}.jpg", quality=90)
+    classes = [f"class{c}" for c in range(10)]
+    counts = {"train": dict.fromkeys(classes, 8), "val": dict.fromkeys(classes, 3)}
+    write_image_tree(root, counts, kind="texture", size=(32, 32))
 
 
 # Ordered by what they decide: kernels first, then training, deploy, speed. Caps: GPU estimates

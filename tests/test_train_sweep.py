@@ -14,10 +14,9 @@ import os
 import subprocess
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
+from xvol.data.fake import write_image_tree
 from xvol.engine import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,14 +26,9 @@ pytestmark = pytest.mark.slow
 
 def _cifar_like(root: Path) -> Path:
     """10 classes x (8 train, 3 val) 32 px JPEGs in the ImageNet layout."""
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 8), ("val", 3)):
-        for c in range(10):
-            folder = root / split / f"class{c}"
-            folder.mkdir(parents=True)
-            for i in range(n):
-                pixels = np.clip(rng.normal(25 * c, 40, (32, 32, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(pixels).save(folder / f"{i:04d}.jpg", quality=90)
+    classes = [f"class{c}" for c in range(10)]
+    counts = {"train": dict.fromkeys(classes, 8), "val": dict.fromkeys(classes, 3)}
+    write_image_tree(root, counts, kind="texture", size=(32, 32))
     return root
 
 

@@ -418,6 +418,25 @@ def test_auto_training_keeps_gemm_with_one_warning_naming_the_cause(
     assert cause in warnings[0] and "using the gemm path" in warnings[0], warnings[0]
 
 
+@pytest.mark.parametrize("faster", [True, False], ids=["triton-kept", "gemm-kept"])
+def test_fine_tuning_a_deploy_module_takes_the_training_check(auto_on_cpu, monkeypatch, faster):
+    """A deploy module that autograd records (fine-tuning) is checked like a training slot
+    (the fused deploy kernel has no backward): the verdict is a "PSSA train" key, and the
+    output and its gradients are the gemm path's."""
+    _timings(monkeypatch, triton_s=1.0 if faster else 2.0, gemm_s=1.5)
+    deploy, x = _bf16_deploy()
+    ref = copy.deepcopy(deploy)
+    ref.impl = "gemm"
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    outs = [m(xi) for m, xi in zip((ref, deploy), xs)]
+    assert [(k[0], v) for k, v in dispatch._TRITON_OK.items()] == [("PSSA train", faster)]
+    for out in outs:
+        out.float().sum().backward()
+    assert_agree(outs[1], outs[0], 3e-2, what="output")
+    assert_agree(xs[1].grad, xs[0].grad, 3e-2, what="dx")
+    assert_agree(deploy.pssa_weight.grad, ref.pssa_weight.grad, 3e-2, what="pssa_weight")
+
+
 def test_fp32_dots_follow_torchs_tf32_switch(monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
     assert triton_xconv._dot_flags(torch.float32) == {"F32": True, "UPCAST": False}

@@ -1,13 +1,18 @@
 """timm registry entries, so ``import xvol; timm.create_model("xresnet50")`` works anywhere.
 
-Each entry is timm's ResNet with X-volution in stage 3 (the paper's choice), shifts (1,);
+One entry per model of timm's ResNet family (``x`` + timm's name: xresnet18..152, xresnet26d,
+xresnet50d, xresnext50_32x4d, xresnext101_32x8d, xseresnet50, xecaresnet50d, xwide_resnet50_2).
+Each is timm's model with X-volution in stage 3 (the paper's choice), shifts (1,);
 ``stages=``, ``shifts=`` and ``center=`` can be passed through ``timm.create_model`` like any
 other model kwarg. No pretrained weights exist, so ``pretrained=True`` is refused.
 
-``stem="cifar"`` (xvol.models.resnet.use_stem) works on these entries and on timm's own
-resnet18/34/50/101/152: importing xvol wraps those timm entry points so that they take a
-``stem`` keyword; without it (or with ``stem="timm"``) the wrapper calls timm's function with the
-same arguments, so the baseline stays exactly timm's model.
+Each entry's data settings (input size, crop, interpolation, mean/std) are timm's for its
+backbone, without the weight sources.
+
+``stem="cifar"`` (xvol.models.resnet.use_stem) works on the entries with a single-conv stem
+and on timm's own models of those names: importing xvol wraps those timm entry points so that
+they take a ``stem`` keyword; without it (or with ``stem="timm"``) the wrapper calls timm's
+function with the same arguments, so the baseline stays exactly timm's model.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from timm.models import generate_default_cfgs, register_model, resolve_pretraine
 from torch import nn
 
 from xvol.models.resnet import (
+    _WEIGHT_SOURCES,
+    CIFAR_STEM_ARCHS,
     SUPPORTED_ARCHS,
     build_model,
     check_stem,
@@ -33,25 +40,15 @@ from xvol.ops import XConv2d
 __all__: list[str] = []  # register_model appends the entry names
 
 
-def _cfg() -> dict[str, Any]:
-    """timm's ResNet data settings (224 px, ImageNet mean/std), without weights."""
-    return {
-        "url": "",
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": (7, 7),
-        "crop_pct": 0.875,
-        "interpolation": "bilinear",
-        "mean": (0.485, 0.456, 0.406),
-        "std": (0.229, 0.224, 0.225),
-        "first_conv": "conv1",
-        "classifier": "fc",
-    }
+def _cfg(arch: str) -> dict[str, Any]:
+    """timm's data settings for ``arch`` (its default pretrained cfg), without weights."""
+    cfg = resolve_pretrained_cfg(arch).to_dict()
+    for key in (*_WEIGHT_SOURCES, "architecture", "license", "origin_url", "paper_ids"):
+        cfg.pop(key, None)
+    return {**cfg, "url": ""}
 
 
-default_cfgs = generate_default_cfgs(
-    {f"xresnet{depth}": _cfg() for depth in (18, 34, 50, 101, 152)}
-)
+default_cfgs = generate_default_cfgs({f"x{arch}": _cfg(arch) for arch in SUPPORTED_ARCHS})
 
 
 def _create_xresnet(
@@ -98,7 +95,7 @@ def _with_stem(entry: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     return create
 
 
-for _arch in SUPPORTED_ARCHS:
+for _arch in CIFAR_STEM_ARCHS:
     # timm has no public way to extend an entry point; its registry dict is the one place
     # create_model looks names up, so the wrapper goes there (pretrained cfgs are untouched).
     _entry = timm_registry._model_entrypoints[_arch]
@@ -106,31 +103,31 @@ for _arch in SUPPORTED_ARCHS:
         timm_registry._model_entrypoints[_arch] = _with_stem(_entry)
 
 
-@register_model
-def xresnet18(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    """ResNet-18 with X-volution in stage 3 (2 slots)."""
-    return _create_xresnet("xresnet18", pretrained, **kwargs)
+_DOCS = {
+    "xresnet18": "ResNet-18 with X-volution in stage 3 (2 slots).",
+    "xresnet34": "ResNet-34 with X-volution in stage 3 (6 slots); the paper reports +1.2 top-1.",
+    "xresnet50": "ResNet-50 with X-volution in stage 3 (6 slots); the paper reports +0.9 top-1.",
+    "xresnet101": "ResNet-101 with X-volution in stage 3 (23 slots).",
+    "xresnet152": "ResNet-152 with X-volution in stage 3 (36 slots).",
+    "xresnet26d": "ResNet-26-D (deep stem, avg-pool downsample), X-volution in stage 3 (2 slots).",
+    "xresnet50d": "ResNet-50-D (deep stem, avg-pool downsample), X-volution in stage 3 (6 slots).",
+    "xresnext50_32x4d": "ResNeXt-50 32x4d, grouped X-volution (32 groups) in stage 3 (6 slots).",
+    "xresnext101_32x8d": "ResNeXt-101 32x8d, grouped X-volution (32 groups) in stage 3 (23 slots).",
+    "xseresnet50": "SE-ResNet-50 with X-volution in stage 3 (6 slots).",
+    "xecaresnet50d": "ECA-ResNet-50-D with X-volution in stage 3 (6 slots).",
+    "xwide_resnet50_2": "Wide ResNet-50-2 with X-volution in stage 3 (6 slots).",
+}
 
 
-@register_model
-def xresnet34(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    """ResNet-34 with X-volution in stage 3 (6 slots); the paper reports +1.2 top-1."""
-    return _create_xresnet("xresnet34", pretrained, **kwargs)
+def _entry(variant: str) -> Callable[..., nn.Module]:
+    def create(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+        return _create_xresnet(variant, pretrained, **kwargs)
+
+    # timm's registry reads the function's name and module (its model name and family)
+    create.__name__ = create.__qualname__ = variant
+    create.__doc__ = _DOCS[variant]
+    return create
 
 
-@register_model
-def xresnet50(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    """ResNet-50 with X-volution in stage 3 (6 slots); the paper reports +0.9 top-1."""
-    return _create_xresnet("xresnet50", pretrained, **kwargs)
-
-
-@register_model
-def xresnet101(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    """ResNet-101 with X-volution in stage 3 (23 slots)."""
-    return _create_xresnet("xresnet101", pretrained, **kwargs)
-
-
-@register_model
-def xresnet152(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    """ResNet-152 with X-volution in stage 3 (36 slots)."""
-    return _create_xresnet("xresnet152", pretrained, **kwargs)
+for _arch in SUPPORTED_ARCHS:
+    globals()[f"x{_arch}"] = register_model(_entry(f"x{_arch}"))

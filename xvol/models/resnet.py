@@ -1,9 +1,13 @@
-"""timm ResNets with X-volution swapped into the 3x3 convolution of chosen stages.
+"""timm's ResNet family with X-volution in the 3x3 convolution of chosen stages; any other timm
+CNN through :func:`xvol.models.convert.convert`.
 
-The backbones are timm's own ResNets, so a baseline here is bit-for-bit the model everyone
-compares against; X-volution only replaces ``conv2`` (the 3x3 conv of BasicBlock and Bottleneck)
-in the chosen stages, and the block's ``bn2`` becomes ``nn.Identity`` because each X-volution
-branch carries its own BN (docs: /work/shared/design/xvolution.md, "Where it goes in a ResNet").
+The backbones are timm's own models, so a baseline here is bit-for-bit the model everyone
+compares against. In the ResNet family (:data:`SUPPORTED_ARCHS`: the plain ResNets, ResNeXt,
+the ``d`` variants with a deep stem and average-pool downsample, SE/ECA ResNets and the wide
+ResNet) X-volution replaces ``conv2`` (the 3x3 conv of BasicBlock and Bottleneck, grouped in
+ResNeXt) in the chosen stages, and the block's ``bn2`` becomes ``nn.Identity`` because each
+X-volution branch carries its own BN (docs/operator.md, "Where it goes in a ResNet"). Any other
+timm model name is built by timm and converted by pattern and stage (:mod:`xvol.models.convert`).
 
 ``stem="cifar"`` swaps timm's ImageNet stem (7x7 stride-2 conv, then a stride-2 max-pool) for the
 usual small-image one: a 3x3 stride-1 conv and no pool, so at 32 px stage 3 sees 8x8 maps. The
@@ -13,7 +17,7 @@ state-dict names stay timm's (``conv1``, ``bn1``; only ``conv1.weight``'s shape 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import timm
@@ -21,11 +25,13 @@ from timm.models.resnet import BasicBlock, Bottleneck
 from torch import nn
 
 __all__ = [
+    "CONVERT_KEYS",
     "SUPPORTED_ARCHS",
     "STAGE_NAMES",
     "STEMS",
     "XBasicBlock",
     "build_model",
+    "check_convertible_arch",
     "check_stages",
     "check_stem",
     "stem_pretrained_cfg",
@@ -35,7 +41,29 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_ARCHS: tuple[str, ...] = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+# timm's ResNet family: X-volution in conv2 of the chosen stages (stage s is layer{s}).
+PLAIN_RESNETS: tuple[str, ...] = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+SUPPORTED_ARCHS: tuple[str, ...] = (
+    *PLAIN_RESNETS,
+    "resnet26d",
+    "resnet50d",
+    "resnext50_32x4d",
+    "resnext101_32x8d",
+    "seresnet50",
+    "ecaresnet50d",
+    "wide_resnet50_2",
+)
+# Archs whose stem is one conv1 and a max-pool (what stem="cifar" replaces); the "d" variants
+# (resnet26d, resnet50d, ecaresnet50d) have timm's deep stem.
+CIFAR_STEM_ARCHS: tuple[str, ...] = (
+    *PLAIN_RESNETS,
+    "resnext50_32x4d",
+    "resnext101_32x8d",
+    "seresnet50",
+    "wide_resnet50_2",
+)
+# What a `convert` node may say for an arch outside the family (xvol.models.convert.convert).
+CONVERT_KEYS: tuple[str, ...] = ("include", "exclude", "require_bn")
 # Stage s (1-4) is timm's ResNet.layer{s}.
 STAGE_NAMES: dict[int, str] = {1: "layer1", 2: "layer2", 3: "layer3", 4: "layer4"}
 # "timm": timm's own stem (the default); "cifar": 3x3 stride-1 conv1, no max-pool (32 px images).
@@ -194,20 +222,37 @@ def build_model(
     xconv: Callable[..., nn.Module] | None = None,
     stages: int | Iterable[int] = (3,),
     stem: str = "timm",
+    convert: Mapping[str, Any] | None = None,
     **timm_kwargs: Any,
 ) -> nn.Module:
-    """A timm ResNet with the given stem, ``conv2`` of every block in ``stages`` built by ``xconv``.
+    """timm model ``arch`` with the given stem, X-volution built by ``xconv`` in ``stages``.
 
     ``xconv`` takes nn.Conv2d's leading arguments (in, out, kernel, stride=, padding=,
     dilation=, groups=, bias=), e.g. ``functools.partial(XConv2d, shifts=(1,))`` or a Hydra node
     with ``_partial_: true``. With ``xconv=None`` and ``stem="timm"`` the result is exactly
     ``timm.create_model(arch, num_classes=num_classes, **timm_kwargs)`` and ``stages`` is unused;
     ``stem="cifar"`` then changes only the stem (:func:`use_stem`).
+
+    In the ResNet family (:data:`SUPPORTED_ARCHS`) ``conv2`` of every block in ``stages`` is
+    swapped. Any other timm model goes through :func:`xvol.models.convert.convert` with
+    ``stages`` and the ``convert`` options (``include``/``exclude`` module-name patterns,
+    ``require_bn``); its timm kwargs are passed only where they differ from the defaults here,
+    since not every timm model takes ``zero_init_last``.
     """
     if arch not in SUPPORTED_ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; supported: {', '.join(SUPPORTED_ARCHS)}")
+        return _build_converted(arch, num_classes, xconv, stages, stem, convert, timm_kwargs)
+    if convert is not None:
+        raise ValueError(
+            f"convert options are for archs outside timm's ResNet family; {arch} swaps conv2 of "
+            "its stages (drop the convert node)"
+        )
     stages = check_stages(stages)
     check_stem(stem)
+    if stem != "timm" and arch not in CIFAR_STEM_ARCHS:
+        raise ValueError(
+            f"stem={stem!r} replaces a single conv1 and its max-pool; {arch} has timm's deep "
+            f"stem (use one of {', '.join(CIFAR_STEM_ARCHS)})"
+        )
     if xconv is not None and not stages:
         raise ValueError(
             "xconv was given but stages is empty: nothing would be swapped; pick stages in 1..4 "
@@ -230,10 +275,72 @@ def build_model(
         cfg.pop(key, None)
     model.pretrained_cfg = model.default_cfg = cfg
     logger.info(
-        "%s: swapped %d conv2 slots for X-volution in stages %s (%s)",
+        "x%s%s: X-volution in %d conv2 slots of stages %s (%s)",
         arch,
+        "" if stem == "timm" else f" ({stem} stem)",
         len(slots),
         list(stages),
         type(block.conv2).__name__,
     )
     return model
+
+
+# timm_kwargs defaults of the family; other timm models get a kwarg only when it differs.
+_TIMM_DEFAULTS = {"drop_path_rate": 0.0, "drop_rate": 0.0, "zero_init_last": True}
+
+
+def check_convertible_arch(arch: Any) -> str:
+    """``arch`` if timm builds it and xvol may convert it, else a one-line ValueError."""
+    from xvol.models import registry  # registers xvol's names (it imports this module)
+
+    if not isinstance(arch, str) or not timm.is_model(arch):
+        raise ValueError(
+            f"unknown arch {arch!r}: not in timm's ResNet family ({', '.join(SUPPORTED_ARCHS)}) "
+            "nor a timm model name (timm.list_models())"
+        )
+    if arch in registry.__all__:
+        raise ValueError(
+            f"arch {arch!r} is xvol's own X-volution entry; name its timm backbone "
+            f"({arch[1:]}) and set xconv"
+        )
+    return arch
+
+
+def _build_converted(
+    arch: str,
+    num_classes: int,
+    xconv: Callable[..., nn.Module] | None,
+    stages: int | Iterable[int],
+    stem: str,
+    convert: Mapping[str, Any] | None,
+    timm_kwargs: dict[str, Any],
+) -> nn.Module:
+    from xvol.models.convert import convert as convert_model
+
+    check_convertible_arch(arch)
+    if check_stem(stem) != "timm":
+        raise ValueError(f"stem={stem!r} is for timm's ResNets; {arch} keeps its own stem")
+    options = dict(convert or {})
+    unknown = sorted(set(options) - set(CONVERT_KEYS))
+    if unknown:
+        raise ValueError(
+            f"convert: unknown option(s) {unknown} (allowed: {', '.join(CONVERT_KEYS)})"
+        )
+    kwargs = {k: v for k, v in timm_kwargs.items() if _TIMM_DEFAULTS.get(k, object()) != v}
+    try:
+        model = timm.create_model(arch, pretrained=False, num_classes=num_classes, **kwargs)
+    except TypeError as e:
+        raise ValueError(f"timm's {arch} does not take {sorted(kwargs)}: {e}") from None
+    if xconv is None:
+        return model
+    stages = check_stages(stages)
+    if not stages:
+        raise ValueError("xconv was given but stages is empty: pick stages in 1..4 (e.g. [3])")
+    return convert_model(
+        model,
+        xconv,
+        stages=stages,
+        include=options.get("include") or None,
+        exclude=options.get("exclude") or None,
+        require_bn=bool(options.get("require_bn", True)),
+    )

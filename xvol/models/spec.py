@@ -16,11 +16,16 @@ Shapes read:
   xvol.models.build_model``, ``arch``, ``num_classes``, ``stages``, ``xconv`` (null, or
   ``_target_: xvol.ops.XConv2d`` with ``_partial_: true``, ``shifts``, ``center`` and XConv2d's
   ``impl``/``bn_eps``/``bn_momentum``), ``stem`` (``timm`` or ``cifar``; absent in files written
-  before it existed: timm's stem), and the timm kwargs ``drop_path_rate``, ``drop_rate``,
-  ``zero_init_last``.
+  before it existed: timm's stem), the timm kwargs ``drop_path_rate``, ``drop_rate``,
+  ``zero_init_last``, and for an arch outside timm's ResNet family an optional ``convert`` node
+  (``include``/``exclude`` module-name patterns, ``require_bn``: xvol.models.convert).
 - ``from_dict``: ``to_dict()``'s flat form (deploy format 2 sidecars): the fields below, no
-  ``_target_`` at all; ``stem`` is there only when it is not timm's, so a description of a
-  timm-stem model is the same dict it was before the field existed.
+  ``_target_`` at all; ``stem`` and the convert fields are there only when they are not the
+  defaults, so a description of a timm-stem ResNet is the same dict it was before they existed.
+
+``arch`` is one of timm's ResNet family (xvol.models.resnet.SUPPORTED_ARCHS) or any other timm
+model name, compared against timm's registry as a string (``timm.is_model``): timm only ever
+builds a model it registered.
 
 Any other key, type or value is a ``ModelSpecError`` whose one-line message names the file and
 the key.
@@ -29,14 +34,24 @@ the key.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
+import re
 from collections.abc import Mapping
 from functools import partial
 from typing import Any
 
 from torch import nn
 
-from xvol.models.resnet import STEMS, SUPPORTED_ARCHS, build_model
+from xvol.models.resnet import (
+    CIFAR_STEM_ARCHS,
+    CONVERT_KEYS,
+    STEMS,
+    SUPPORTED_ARCHS,
+    build_model,
+    check_convertible_arch,
+)
 from xvol.ops import XConv2d
 
 __all__ = ["BUILDER_TARGETS", "XCONV_TARGETS", "ModelSpec", "ModelSpecError"]
@@ -53,7 +68,11 @@ MAX_SHIFTS = 8  # distances per slot (8 PSSA taps each)
 _TIMM_KEYS = ("drop_path_rate", "drop_rate", "zero_init_last")
 _XCONV_KEYS = ("shifts", "center", "impl", "bn_eps", "bn_momentum")
 # Fields a description may leave out (added after files without them were written).
-_OPTIONAL_FIELDS = ("stem",)
+_OPTIONAL_FIELDS = ("stem", *CONVERT_KEYS)
+MAX_PATTERNS = 16
+# fnmatch patterns over module names: dotted names, wildcards and character classes only
+_PATTERN = re.compile(r"[A-Za-z0-9_.*?\[\]!-]{1,200}")
+_ARCH = re.compile(r"[a-z0-9_.]{1,100}")
 
 
 class ModelSpecError(ValueError):
@@ -120,6 +139,35 @@ def _int_list(
     return tuple(_int(v, source, f"{key}[{i}]", lo, hi) for i, v in enumerate(value))
 
 
+def _arch(value: Any, source: str, key: str) -> str:
+    """timm's ResNet family, or a timm model name xvol may convert (string compare only)."""
+    if isinstance(value, str) and value in SUPPORTED_ARCHS:
+        return value
+    if not isinstance(value, str) or not _ARCH.fullmatch(value):
+        raise _fail(source, key, f"{_short(value)} is not a timm model name")
+    try:
+        return check_convertible_arch(value)
+    except ValueError as e:
+        raise _fail(source, key, str(e)) from None
+
+
+def _patterns(value: Any, source: str, key: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list | tuple):
+        raise _fail(source, key, f"expected a list of module-name patterns, got {_short(value)}")
+    if len(value) > MAX_PATTERNS:
+        raise _fail(source, key, f"at most {MAX_PATTERNS} patterns, got {len(value)}")
+    for i, p in enumerate(value):
+        if not isinstance(p, str) or not _PATTERN.fullmatch(p):
+            raise _fail(
+                source,
+                f"{key}[{i}]",
+                f"{_short(p)} is not a module-name pattern (letters, digits, _ . * ? [ ] ! -)",
+            )
+    return tuple(value)
+
+
 def _check_target(
     mapping: Any, source: str, where: str, targets: tuple[str, ...], what: str
 ) -> None:
@@ -165,7 +213,7 @@ def _normalized(fields: Mapping[str, Any], source: str, where: str) -> dict[str,
         return f"{where}.{name}"
 
     out: dict[str, Any] = {
-        "arch": _str_choice(value["arch"], source, key("arch"), SUPPORTED_ARCHS),
+        "arch": _arch(value["arch"], source, key("arch")),
         "num_classes": _int(value["num_classes"], source, key("num_classes"), 1, MAX_CLASSES),
     }
     stages = _int_list(value["stages"], source, key("stages"), 1, 4, 4, allow_int=False)
@@ -189,6 +237,24 @@ def _normalized(fields: Mapping[str, Any], source: str, where: str) -> dict[str,
         out[name] = _float(value[name], source, key(name), 0.0, 1.0, open_lo=False)
     out["zero_init_last"] = _bool(value["zero_init_last"], source, key("zero_init_last"))
     out["stem"] = _str_choice(value["stem"], source, key("stem"), STEMS)
+    if out["stem"] != "timm" and out["arch"] not in CIFAR_STEM_ARCHS:
+        raise _fail(
+            source,
+            key("stem"),
+            f"{out['stem']!r} replaces a single conv1 and max-pool; {out['arch']} has another "
+            f"stem (the {out['stem']} stem works on {', '.join(CIFAR_STEM_ARCHS)})",
+        )
+    out["include"] = _patterns(value["include"], source, key("include"))
+    out["exclude"] = _patterns(value["exclude"], source, key("exclude"))
+    out["require_bn"] = _bool(value["require_bn"], source, key("require_bn"))
+    converted = out["include"] or out["exclude"] or not out["require_bn"]
+    if converted and out["arch"] in SUPPORTED_ARCHS:
+        raise _fail(
+            source,
+            key("include" if out["include"] else "exclude" if out["exclude"] else "require_bn"),
+            f"convert options are for archs outside timm's ResNet family; {out['arch']} swaps "
+            "conv2 of its stages",
+        )
     return out
 
 
@@ -199,6 +265,8 @@ class ModelSpec:
     ``shifts``/``center``/``impl``/``bn_eps``/``bn_momentum`` are XConv2d's arguments; a baseline
     holds their defaults and no shifts. ``drop_*``/``zero_init_last`` are timm ResNet kwargs;
     ``stem`` is timm's stem or the CIFAR one (xvol.models.resnet.use_stem).
+    ``include``/``exclude``/``require_bn`` select the convolutions of an arch outside the
+    ResNet family (xvol.models.convert.convert); the family swaps conv2 of ``stages``.
     """
 
     arch: str
@@ -213,6 +281,9 @@ class ModelSpec:
     drop_rate: float = 0.0
     zero_init_last: bool = True
     stem: str = "timm"
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    require_bn: bool = True
 
     def __post_init__(self) -> None:
         current = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -229,7 +300,16 @@ class ModelSpec:
         ``source`` (a file name) and ``where`` (the mapping's key path in it) go into messages.
         """
         _check_target(mapping, source, where, BUILDER_TARGETS, "an xvol model builder")
-        allowed = ("_target_", "arch", "num_classes", "stages", "xconv", "stem", *_TIMM_KEYS)
+        allowed = (
+            "_target_",
+            "arch",
+            "num_classes",
+            "stages",
+            "xconv",
+            "stem",
+            "convert",
+            *_TIMM_KEYS,
+        )
         _check_keys(mapping, source, where, allowed, ("arch",))
         fields: dict[str, Any] = {
             "arch": mapping["arch"],
@@ -238,6 +318,22 @@ class ModelSpec:
         for name in ("stem", *_TIMM_KEYS):
             if name in mapping:
                 fields[name] = mapping[name]
+        convert = mapping.get("convert")
+        if convert is not None:
+            node = f"{where}.convert"
+            _check_keys(convert, source, node, CONVERT_KEYS, ())
+            if mapping["arch"] in SUPPORTED_ARCHS:
+                raise _fail(
+                    source,
+                    node,
+                    f"convert options are for archs outside timm's ResNet family; "
+                    f"{mapping['arch']} swaps conv2 of its stages (set convert: null)",
+                )
+            for name in ("include", "exclude"):
+                if name in convert:
+                    fields[name] = _patterns(convert[name], source, f"{node}.{name}")
+            if "require_bn" in convert:
+                fields["require_bn"] = _bool(convert["require_bn"], source, f"{node}.require_bn")
         stages = _int_list(
             mapping.get("stages", []), source, f"{where}.stages", 1, 4, 4, allow_int=True
         )
@@ -301,8 +397,10 @@ class ModelSpec:
         it is not timm's, so older readers and older files agree on every timm-stem model."""
         out = dataclasses.asdict(self)
         out["stages"], out["shifts"] = list(self.stages), list(self.shifts)
-        if self.stem == "timm":
-            del out["stem"]
+        out["include"], out["exclude"] = list(self.include), list(self.exclude)
+        for name in _OPTIONAL_FIELDS:  # left out at their defaults, as files before them
+            if out[name] == _DEFAULTS[name]:
+                del out[name]
         return out
 
     def identity(self) -> dict[str, Any]:
@@ -320,7 +418,19 @@ class ModelSpec:
         if self.stages != (3,) or self.shifts != (1,) or self.center:
             name += f"-s{''.join(map(str, self.stages))}-L{''.join(map(str, self.shifts))}"
             name += "-c" if self.center else ""
+        if self.include or self.exclude or not self.require_bn:
+            selection = json.dumps([self.include, self.exclude, self.require_bn])
+            name += f"-sel{hashlib.sha256(selection.encode()).hexdigest()[:6]}"
         return {"model": name, "arch": arch, "xvolution": True}
+
+    def _convert_options(self) -> dict[str, Any] | None:
+        if self.arch in SUPPORTED_ARCHS:
+            return None
+        return {
+            "include": list(self.include),
+            "exclude": list(self.exclude),
+            "require_bn": self.require_bn,
+        }
 
     def build(self) -> nn.Module:
         """``xvol.models.build_model`` with this spec's arguments (the only code a spec runs)."""
@@ -340,7 +450,12 @@ class ModelSpec:
             xconv=xconv,
             stages=self.stages,
             stem=self.stem,
+            convert=self._convert_options(),
             drop_path_rate=self.drop_path_rate,
             drop_rate=self.drop_rate,
             zero_init_last=self.zero_init_last,
         )
+
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelSpec)}
+_DEFAULTS.update(include=[], exclude=[])  # to_dict's list form

@@ -23,16 +23,12 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from torch import nn
 
-from xvol.engine import checkpoint as ck
-from xvol.engine.checkpoint import (
-    CheckpointManager,
-    capture_rng_state,
-    load_state_dict_strict,
-    restore_rng_state,
-    strip_prefixes,
-)
+from xvol.engine import checkpointing as ck
+from xvol.engine.checkpointing import CheckpointManager, capture_rng_state, restore_rng_state
 from xvol.formats import checkpoint as fmt
 from xvol.formats.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from xvol.formats.load import load_state_dict_strict, strip_prefixes
+from xvol.formats.provenance import git_revision
 
 
 def _net() -> nn.Module:
@@ -68,7 +64,7 @@ def _full_state(tag: float = 0.0) -> dict:
         "metrics": {"val_top1": tag},
         "best_metric": tag,
         "wandb_id": "abc123",
-        "git": ck.git_revision(),
+        "git": git_revision(),
         "versions": fmt.checkpoint_versions(),
         "time": 1.0,
     }

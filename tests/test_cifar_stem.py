@@ -24,11 +24,11 @@ from tools_helpers import make_checkpoint, model_config
 from torch import nn
 
 import xvol.config  # noqa: F401  (resolvers; xvol registers xresnet* with timm)
+from xvol.formats.load import load_train_checkpoint
 from xvol.models import ModelSpec, ModelSpecError, build_model
 from xvol.models.resnet import STEMS
 from xvol.ops import XConv2d, XConv2dDeploy
 from xvol.reparam import reparameterize_model
-from xvol.tools_common import load_train_checkpoint
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 MODEL_OPTIONS = sorted(

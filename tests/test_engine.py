@@ -19,6 +19,7 @@ from torch import nn
 from train_fake_data import build as fake_data
 
 import xvol.models  # noqa: F401  (registers xresnet18 with timm)
+from xvol.checks import ConfigError
 from xvol.engine import (
     EXIT_NON_FINITE,
     EXIT_OK,
@@ -33,7 +34,6 @@ from xvol.engine import (
     PreemptionGuard,
     Trainer,
     TrainerOptions,
-    TrainOptions,
     TrainState,
     build_optimizer,
     build_scheduler,
@@ -43,8 +43,8 @@ from xvol.engine import (
     train_one_epoch,
 )
 from xvol.engine.dist import DistEnv
+from xvol.engine.loop import LoopSettings
 from xvol.engine.metrics import topk_correct
-from xvol.engine.options import ConfigError
 from xvol.engine.trainer import checkpoint_metric
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -181,7 +181,7 @@ def test_grad_accumulation_matches_big_batch() -> None:
             state,
             steps_per_epoch=data.steps_per_epoch,
             device=torch.device("cpu"),
-            opts=TrainOptions(grad_accum=accum, progress_bar=False),
+            settings=LoopSettings(grad_accum=accum, progress_bar=False),
         )
         assert done and state.global_step == 4 and state.step == data.steps_per_epoch
         results.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
@@ -208,7 +208,7 @@ def test_nan_loss_stops_before_the_update() -> None:
             state,
             steps_per_epoch=data.steps_per_epoch,
             device=torch.device("cpu"),
-            opts=TrainOptions(debug=DebugOptions(nan_at_step=3), progress_bar=False),
+            settings=LoopSettings(debug=DebugOptions(nan_at_step=3), progress_bar=False),
             on_update=snapshot,
         )
     assert state.global_step == 2
@@ -236,7 +236,7 @@ def test_fp16_scaler_gives_up_after_consecutive_skips() -> None:
             state,
             steps_per_epoch=data.steps_per_epoch,
             device=torch.device("cpu"),
-            opts=TrainOptions(max_skipped_steps=3, progress_bar=False),
+            settings=LoopSettings(max_skipped_steps=3, progress_bar=False),
             scaler=torch.amp.GradScaler("cpu"),
         )
     assert state.skipped_in_a_row == 4
@@ -257,7 +257,6 @@ def test_evaluate_counts_every_image() -> None:
     assert out["top1"] == pytest.approx(50.0)
     assert out["top5"] == pytest.approx(100.0)
     assert topk_correct(model.logits, labels, (1, 2)).tolist() == [2.0, 3.0]
-
 
 
 def test_evaluate_scores_non_finite_outputs_as_non_finite() -> None:
@@ -490,7 +489,6 @@ def test_trainer_numbers_epochs_from_one_and_ranks_by_ema(tmp_path: Path) -> Non
     best = load_checkpoint(tmp_path / "best.pt")
     assert best["best_metric_name"] == "ema_top1"
     assert best["epoch"] == index["best_epoch"] and best["step"] == 0
-
 
 
 def test_a_nan_ema_is_never_best_and_is_named(tmp_path: Path, caplog) -> None:

@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 
 from xvol.config import write_run_snapshot
 from xvol.engine import JsonlMetrics, MetricsLogger
-from xvol.engine.checkpoint import CheckpointManager, init_weights_from
+from xvol.engine.checkpointing import CheckpointManager, init_weights_from
 from xvol.formats import checkpoint as fmt
 from xvol.formats.checkpoint import load_checkpoint, save_checkpoint
 from xvol.models import ModelSpec

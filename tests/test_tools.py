@@ -24,18 +24,18 @@ from xvol.cli import eval as eval_tool
 from xvol.cli import export as export_tool
 from xvol.cli import leaderboard as leaderboard_tool
 from xvol.cli import reparam as reparam_tool
+from xvol.cli.common import ToolError
 from xvol.data import DataError
-from xvol.engine.checkpoint import load_state_dict_strict
 from xvol.engine.loop import evaluate
 from xvol.formats.checkpoint import CheckpointError
 from xvol.formats.deploy import deploy_integrity
 from xvol.formats.files import sha256_file
+from xvol.formats.load import load_model, load_state_dict_strict, model_identity
 from xvol.formats.record import RecordError, validate_record
 from xvol.models import ModelSpec, build_model
 from xvol.ops import XConv2d
 from xvol.reparam import reparameterize_model
 from xvol.results.render import CSV_COLUMNS
-from xvol.tools_common import ToolError, load_model, model_identity
 
 EVAL_FAST = {"device": "cpu", "workers": 0, "batch_size": 5, "bench_iters": 1, "bench_warmup": 0}
 
@@ -280,7 +280,7 @@ def test_eval_missing_val_folder_is_an_error(tiny: dict[str, Path], tmp_path: Pa
 def test_eval_class_count_mismatch_is_an_error(tiny: dict[str, Path], tmp_path: Path) -> None:
     data = make_val_folder(tmp_path / "two", num_classes=2, per_class=2)
     results = tmp_path / "results"
-    with pytest.raises(ToolError, match="model predicts 3 classes but .* has 2 class folders"):
+    with pytest.raises(DataError, match="model predicts 3 classes but .* has 2 class folders"):
         eval_tool.evaluate_checkpoint(
             tiny["xckpt"], eval_tool.EvalOptions(data=data, results_dir=results, **EVAL_FAST)
         )
@@ -291,7 +291,7 @@ def test_reparam_data_class_count_mismatch_writes_nothing(
     tiny: dict[str, Path], tmp_path: Path
 ) -> None:
     data = make_val_folder(tmp_path / "two", num_classes=2, per_class=2)
-    with pytest.raises(ToolError, match="class count mismatch"):
+    with pytest.raises(DataError, match="class count mismatch"):
         reparam_tool.reparam_checkpoint(tiny["xckpt"], tmp_path / "d", data=data)
     assert not (tmp_path / "d").exists()
 

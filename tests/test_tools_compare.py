@@ -24,10 +24,11 @@ from tools_helpers import make_checkpoint, make_val_folder, model_config
 from xvol.cli import eval as eval_tool
 from xvol.cli import leaderboard as leaderboard_tool
 from xvol.cli import reparam as reparam_tool
+from xvol.data import DataError
 from xvol.formats.checkpoint import CheckpointError
+from xvol.formats.load import load_model
 from xvol.formats.record import RecordError, recipe_fingerprint, validate_record
 from xvol.results import t_quantile_975
-from xvol.tools_common import ToolError, load_model
 
 EVAL_FAST = {"device": "cpu", "workers": 0, "batch_size": 5, "bench_iters": 0}
 RECIPE = {"seed": 3, "optim": {"lr": 0.1}, "trainer": {"epochs": 4, "progress_bar": True}}
@@ -329,7 +330,7 @@ def dirty_val(tiny: dict[str, Path], tmp_path: Path) -> Path:
 
 
 def test_bad_files_stop_eval_each_named_once(tiny: dict[str, Path], dirty_val: Path) -> None:
-    with pytest.raises(ToolError) as err:
+    with pytest.raises(DataError) as err:
         eval_tool.evaluate_checkpoint(
             tiny["xckpt"], eval_tool.EvalOptions(data=dirty_val, **_no_record())
         )

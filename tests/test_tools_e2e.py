@@ -24,10 +24,9 @@ from PIL import Image
 from safetensors.torch import load_file
 from tools_helpers import ROOT, make_val_folder
 
-from xvol.engine.checkpoint import load_state_dict_strict
 from xvol.formats.checkpoint import load_checkpoint
+from xvol.formats.load import load_model, load_state_dict_strict
 from xvol.reparam import reparameterize_model
-from xvol.tools_common import load_model
 
 pytestmark = pytest.mark.slow
 

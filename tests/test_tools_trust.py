@@ -49,9 +49,9 @@ import xvol.config  # noqa: F401  (registers the trainer/debug schemas the confi
 from xvol.cli import eval as eval_tool
 from xvol.cli import export as export_tool
 from xvol.cli import reparam as reparam_tool
+from xvol.formats.load import load_model
 from xvol.models import ModelSpec, ModelSpecError
 from xvol.reparam import reparameterize_model
-from xvol.tools_common import load_model
 
 EVAL_ARGS = ["--device", "cpu", "--workers", "0", "--batch-size", "5", "--bench-iters", "0"]
 EXPORT_ARGS = ["--exporter", "torchscript", "--opset", "17"]

@@ -1,7 +1,9 @@
 """The Hydra side of the training config: OmegaConf resolvers used by configs/ and the schema of
 the trainer and debug nodes (both registered when this module is imported), the validator of
 user-set values, the one-line form of a composition error, and the run directory's config
-snapshot.
+snapshot (written by :func:`write_run_snapshot`, read back by :func:`read_run_config`: input
+like every file there, so one that does not parse as a mapping is named in one warning instead
+of being taken as empty).
 """
 
 from __future__ import annotations
@@ -17,9 +19,7 @@ from hydra.errors import HydraException, MissingConfigException, OverrideParseEx
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException, ValidationError
 
-from xvol.data.dali import DALI_DEVICES
-from xvol.data.folder import BAD_IMAGE_POLICIES, INTERPOLATIONS, VALIDATE_MODES
-from xvol.engine.options import (
+from xvol.checks import (
     INT,
     NON_NEGATIVE_INT,
     NON_NEGATIVE_NUMBER,
@@ -27,15 +27,16 @@ from xvol.engine.options import (
     POSITIVE_NUMBER,
     Check,
     ConfigError,
-    DebugOptions,
-    TrainerOptions,
     check_value,
     one_of,
     option_checks,
     optional,
     unit_interval,
 )
-from xvol.engine.rundir import read_run_config
+from xvol.data.dali import DALI_DEVICES
+from xvol.data.folder import BAD_IMAGE_POLICIES, INTERPOLATIONS, VALIDATE_MODES
+from xvol.engine.log import get_logger
+from xvol.engine.options import DebugOptions, TrainerOptions
 from xvol.formats.files import write_text_atomic
 
 
@@ -266,6 +267,41 @@ def composition_error(err: HydraException) -> ConfigError:
 
 
 # ----------------------------------------------------------------------------- run snapshot
+
+log = get_logger(__name__)
+
+MAX_CONFIG_BYTES = 4 << 20  # a resolved config is a few KiB
+
+
+def read_run_config(path: str | Path) -> dict[str, Any] | None:
+    """The mapping a run's ``config.yaml`` holds, or None with one warning naming the file when
+    it cannot be read, does not parse (safe_load: no tags, no code) or is not a mapping."""
+    import yaml
+
+    path = Path(path)
+    try:
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ValueError(f"larger than {MAX_CONFIG_BYTES >> 20} MiB")
+        value = yaml.safe_load(path.read_text())
+        if not isinstance(value, dict):
+            kind = f"a {type(value).__name__}" if value is not None else "nothing"
+            raise ValueError(f"holds {kind}, not a mapping")
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError, RecursionError) as err:
+        if isinstance(err, RecursionError):
+            why = "nested too deeply"
+        elif isinstance(err, yaml.MarkedYAMLError) and err.problem_mark is not None:
+            why = f"does not parse at line {err.problem_mark.line + 1}: {err.problem}"
+        else:
+            why = getattr(err, "strerror", None) or (str(err).splitlines() or [repr(err)])[0]
+        log.warning(
+            "%s does not hold a readable config (%s): this launch is not compared with the "
+            "values the run was started with; the file is left as it is (restore it, or delete "
+            "it to have this launch's config written there)",
+            path,
+            why,
+        )
+        return None
+    return value
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

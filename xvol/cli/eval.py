@@ -46,7 +46,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from xvol.engine.checkpoint import git_revision
+from xvol.cli.common import (
+    ToolError,
+    now_iso,
+    refuse_existing,
+    setup_tool_logging,
+    tool_args,
+    tool_errors,
+    versions,
+)
+from xvol.data.val import ValData, build_val_loader, eval_settings, resolve_val_dir
 from xvol.engine.dist import (
     all_gather_objects,
     barrier,
@@ -57,6 +66,8 @@ from xvol.engine.log import setup_logging
 from xvol.engine.loop import evaluate
 from xvol.engine.runtime import amp_dtype, autocast
 from xvol.formats.files import atomic_path
+from xvol.formats.load import check_class_names, load_model
+from xvol.formats.provenance import git_revision
 from xvol.formats.record import (
     RECORD_KIND,
     RECORD_SCHEMA_VERSION,
@@ -67,21 +78,6 @@ from xvol.formats.record import (
     write_record,
 )
 from xvol.models import count_ops, count_params
-from xvol.tools_common import (
-    ToolError,
-    ValData,
-    build_val_loader,
-    check_class_names,
-    eval_settings,
-    load_model,
-    now_iso,
-    refuse_existing,
-    resolve_val_dir,
-    setup_tool_logging,
-    tool_args,
-    tool_errors,
-    versions,
-)
 
 log = logging.getLogger("xvol.tools.eval")
 
@@ -295,7 +291,9 @@ def evaluate_checkpoint(checkpoint: str | Path, opts: EvalOptions | None = None)
             refuse_existing([pred_path], opts.force, "predictions file")
         loaded = load_model(checkpoint, opts.ema)
         identity = loaded.identity
-        settings = eval_settings(loaded, opts.img_size, opts.crop_pct, opts.interpolation)
+        settings = eval_settings(
+            loaded.data_config, opts.img_size, opts.crop_pct, opts.interpolation
+        )
         form = "deploy" if loaded.deploy else "train"
         data = opts.data
         if data is None:

@@ -36,14 +36,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from xvol.extras import require
-from xvol.formats.files import atomic_path
-from xvol.ops import XConv2d, XConv2dDeploy
-from xvol.reparam import reparameterize_model
-from xvol.tools_common import (
+from xvol.cli.common import (
     ToolError,
-    eval_settings,
-    load_model,
     now_iso,
     refuse_existing,
     setup_tool_logging,
@@ -51,6 +45,12 @@ from xvol.tools_common import (
     tool_errors,
     versions,
 )
+from xvol.data.val import eval_settings
+from xvol.extras import require
+from xvol.formats.files import atomic_path
+from xvol.formats.load import load_model
+from xvol.ops import XConv2d, XConv2dDeploy
+from xvol.reparam import reparameterize_model
 
 log = logging.getLogger("xvol.tools.export")
 
@@ -182,7 +182,7 @@ def export_onnx(
     loaded = load_model(checkpoint, ema)
     deploy = loaded.model if loaded.deploy else reparameterize_model(loaded.model)
     deploy = prepare_for_export(deploy)
-    size = eval_settings(loaded, img_size, None, None)["img_size"]
+    size = eval_settings(loaded.data_config, img_size, None, None)["img_size"]
     gen = torch.Generator().manual_seed(seed)
     example = torch.randn(batch_size, 3, size, size, generator=gen)
     checks = [example]

@@ -44,6 +44,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from xvol.cli.common import ToolError, setup_tool_logging, tool_args, tool_errors
 from xvol.extras import MissingExtra, require
 from xvol.formats.files import write_text_atomic
 from xvol.results import inherit_seeds, rank, read_rows, val_sets
@@ -56,7 +57,6 @@ from xvol.results.render import (
     to_html,
     to_markdown,
 )
-from xvol.tools_common import ToolError, setup_tool_logging, tool_args, tool_errors
 
 __all__ = ["OUTPUT_NAMES", "build_leaderboard", "build_parser", "main"]
 

@@ -30,24 +30,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from xvol.engine.checkpoint import git_revision
-from xvol.formats.deploy import DEPLOY_SIDECAR, DEPLOY_WEIGHTS, write_deploy_checkpoint
-from xvol.models import count_params, model_summary
-from xvol.reparam import reparameterize_model
-from xvol.tools_common import (
+from xvol.cli.common import (
     ToolError,
-    build_val_loader,
-    count_reparameterizable,
-    eval_settings,
-    load_train_checkpoint,
     now_iso,
     refuse_existing,
-    resolve_val_dir,
     setup_tool_logging,
     tool_args,
     tool_errors,
     versions,
 )
+from xvol.data.val import build_val_loader, eval_settings, resolve_val_dir
+from xvol.formats.deploy import DEPLOY_SIDECAR, DEPLOY_WEIGHTS, write_deploy_checkpoint
+from xvol.formats.load import count_reparameterizable, load_train_checkpoint
+from xvol.formats.provenance import git_revision
+from xvol.models import count_params, model_summary
+from xvol.reparam import reparameterize_model
 
 log = logging.getLogger("xvol.tools.reparam")
 
@@ -144,7 +141,7 @@ def reparam_checkpoint(
 
     loaded = load_train_checkpoint(checkpoint, ema)
     model = loaded.model.float().cpu().eval()
-    settings = eval_settings(loaded, img_size, None, None)
+    settings = eval_settings(loaded.data_config, img_size, None, None)
     size = settings["img_size"]
     n_swapped = count_reparameterizable(model)
     if n_swapped == 0:

@@ -21,7 +21,7 @@ import runpy
 import sys
 from pathlib import Path
 
-from xvol.tools_common import ToolError, tool_errors
+from xvol.cli.common import ToolError, tool_errors
 
 PROG = "xvol-timm"
 

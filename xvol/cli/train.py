@@ -42,11 +42,11 @@ from xvol.config import (
     write_run_snapshot,
 )
 from xvol.data import DataError
-from xvol.engine.checkpoint import git_revision
 from xvol.engine.dist import report_to_launcher
 from xvol.engine.log import log_to_files
 from xvol.engine.runtime import configure_determinism, seed_everything
 from xvol.extras import MissingExtra
+from xvol.formats.provenance import git_revision
 from xvol.models import count_params
 
 # failures whose message names the key, file or cause: one line, no traceback
@@ -145,7 +145,7 @@ def train(cfg: DictConfig, denv: engine.DistEnv, device: torch.device, run_dir: 
         data.num_val,
         data.steps_per_epoch,
         cfg.data.batch_size,
-        trainer.opts.amp_dtype,
+        trainer.loop.amp_dtype,
     )
     log.info("optimizer: %s", engine.optim.describe_param_groups(optimizer))
     code = trainer.fit()

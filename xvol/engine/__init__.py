@@ -4,10 +4,10 @@ Takes plain objects and never imports Hydra; xvol.cli.train wires the config to 
 trainer's options and what they accept are declared once, in xvol/engine/options.py.
 """
 
-from xvol.engine.checkpoint import CheckpointManager, load_state_dict_strict, strip_prefixes
+from xvol.engine.checkpointing import CheckpointManager
 from xvol.engine.dist import DistEnv, cleanup_distributed, read_dist_env, setup_distributed
 from xvol.engine.log import get_logger, setup_logging
-from xvol.engine.loop import NonFiniteLossError, TrainOptions, TrainState, evaluate, train_one_epoch
+from xvol.engine.loop import LoopSettings, NonFiniteLossError, TrainState, evaluate, train_one_epoch
 from xvol.engine.metrics import JsonlMetrics, MetricsLogger, WandbSink
 from xvol.engine.optim import build_optimizer, build_scheduler, updates_per_epoch
 from xvol.engine.options import (
@@ -17,7 +17,7 @@ from xvol.engine.options import (
     MixupOptions,
     TrainerOptions,
 )
-from xvol.engine.rundir import RunDirError, RunDirLock, lock_run_dir
+from xvol.engine.runlock import RunDirError, RunDirLock, lock_run_dir
 from xvol.engine.signals import EXIT_NON_FINITE, EXIT_OK, EXIT_PREEMPTED, PreemptionGuard
 from xvol.engine.trainer import Trainer, prepare_model
 from xvol.formats.checkpoint import (
@@ -26,6 +26,7 @@ from xvol.formats.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from xvol.formats.load import load_state_dict_strict, strip_prefixes
 
 __all__ = [
     "EXIT_NON_FINITE",
@@ -45,7 +46,7 @@ __all__ = [
     "PreemptionGuard",
     "RunDirError",
     "RunDirLock",
-    "TrainOptions",
+    "LoopSettings",
     "TrainState",
     "Trainer",
     "TrainerOptions",

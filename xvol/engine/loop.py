@@ -31,7 +31,7 @@ from xvol.engine.runtime import autocast
 __all__ = [
     "EvalResult",
     "NonFiniteLossError",
-    "TrainOptions",
+    "LoopSettings",
     "TrainState",
     "evaluate",
     "train_one_epoch",
@@ -45,9 +45,11 @@ class NonFiniteLossError(RuntimeError):
 
 
 @dataclass
-class TrainOptions:
-    """What train_one_epoch reads: the loop's part of TrainerOptions resolved for a device
-    (:meth:`resolve`, as Trainer does), or set directly by callers of the loop alone."""
+class LoopSettings:
+    """What train_one_epoch reads: the loop's part of TrainerOptions resolved for one device
+    (:meth:`resolve`, as Trainer does: ``amp`` becomes a dtype, ``channels_last`` a bool), or
+    set directly by callers of the loop alone. Not options a user sets: those are
+    TrainerOptions."""
 
     grad_accum: int = TrainerOptions.grad_accum
     clip_grad: float | None = TrainerOptions.clip_grad
@@ -62,7 +64,7 @@ class TrainOptions:
     @classmethod
     def resolve(
         cls, options: TrainerOptions, device: torch.device, debug: DebugOptions
-    ) -> TrainOptions:
+    ) -> LoopSettings:
         """``options`` for a run on ``device``: ``amp`` and ``channels_last`` decided."""
         return cls(
             grad_accum=options.grad_accum,
@@ -134,7 +136,7 @@ def train_one_epoch(
     *,
     steps_per_epoch: int,
     device: torch.device,
-    opts: TrainOptions,
+    settings: LoopSettings,
     scheduler: Any = None,
     scaler: torch.amp.GradScaler | None = None,
     ema: Any = None,
@@ -153,10 +155,10 @@ def train_one_epoch(
     a stop was requested before its last update (the state then points at the next batch).
     """
     model.train()
-    accum = max(1, opts.grad_accum)
+    accum = max(1, settings.grad_accum)
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    show = is_main and opts.progress_bar
-    of = f"/{opts.epochs}" if opts.epochs else ""
+    show = is_main and settings.progress_bar
+    of = f"/{settings.epochs}" if settings.epochs else ""
     bar = _progress(steps_per_epoch, state.step, f"epoch {state.epoch + 1}{of}", show)
     loss_acc = torch.zeros((), device=device)
     tic = time.perf_counter()
@@ -175,15 +177,15 @@ def train_one_epoch(
             last_micro = step == group_start + group_size - 1
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
-            if opts.channels_last:
+            if settings.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             targets = labels
             if mixup is not None:
                 images, targets = mixup(images, labels)
-            with autocast(device, opts.amp_dtype):
+            with autocast(device, settings.amp_dtype):
                 output = model(images)
                 loss = loss_fn(output, targets)
-            if state.global_step + 1 == opts.debug.nan_at_step:
+            if state.global_step + 1 == settings.debug.nan_at_step:
                 loss = loss * float("nan")
             loss_acc += loss.detach().float()
             scaled = loss / group_size
@@ -195,7 +197,7 @@ def train_one_epoch(
                 continue
 
             # -- one optimizer update --------------------------------------------------------
-            if is_main and state.global_step + 1 == opts.debug.signal_at_step:
+            if is_main and state.global_step + 1 == settings.debug.signal_at_step:
                 signal.raise_signal(signal.SIGTERM)
             mean_loss = loss_acc / group_size
             flags = torch.stack(
@@ -216,12 +218,12 @@ def train_one_epoch(
                     f"non-finite loss at {where} on {int(bad_ranks)} rank(s); the update was not "
                     "applied (lower the LR, enable clipping, or check the data)"
                 )
-            if opts.clip_grad is not None:
+            if settings.clip_grad is not None:
                 if scaler is not None:
                     scaler.unscale_(optimizer)
                 from timm.utils import dispatch_clip_grad
 
-                dispatch_clip_grad(params, opts.clip_grad, mode=opts.clip_mode)
+                dispatch_clip_grad(params, settings.clip_grad, mode=settings.clip_mode)
             skipped = False
             if scaler is not None:
                 scale = scaler.get_scale()
@@ -236,7 +238,7 @@ def train_one_epoch(
             state.step = step
             if skipped:
                 state.skipped_in_a_row += 1
-                if state.skipped_in_a_row > opts.max_skipped_steps:
+                if state.skipped_in_a_row > settings.max_skipped_steps:
                     raise NonFiniteLossError(
                         f"fp16: {state.skipped_in_a_row} consecutive steps skipped for inf/NaN "
                         f"gradients (last at {where}); stopping"

@@ -6,94 +6,53 @@ Hydra as the schema of configs/trainer/default.yaml, so ``trainer.epochs=3`` is 
 while composing) and what :class:`~xvol.engine.Trainer` takes; ``DebugOptions`` is the root
 ``debug`` node (testing hooks, off by default). Plain dataclasses: no Hydra here.
 
-Each field's ``check`` (:func:`option`) says what it accepts; constructing an options object
-checks every field of it, nested ones included, and a bad value raises :class:`ConfigError`
-with one line, ``trainer.<key>: expected <what>, got <value>``. The training command runs the
-same checks over the composed config before building anything (xvol.config).
+Each field's ``check`` (:func:`xvol.checks.option`) says what it accepts; constructing an
+options object checks every field of it, nested ones included, and a bad value raises
+:class:`xvol.checks.ConfigError` with one line, ``trainer.<key>: expected <what>, got <value>``.
+The training command runs the same checks over the composed config before building anything
+(xvol.config). The check vocabulary itself is :mod:`xvol.checks`, shared by every layer.
 """
 
 from __future__ import annotations
 
-import copy
-import math
 import re
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass, replace
-from typing import Any, get_args, get_type_hints
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
+from xvol.checks import (
+    AUTO_OR_BOOL,
+    BOOL,
+    NON_NEGATIVE_INT,
+    NON_NEGATIVE_NUMBER,
+    POSITIVE_INT,
+    POSITIVE_NUMBER,
+    Check,
+    check_fields,
+    is_number,
+    one_of,
+    option,
+    unit_interval,
+)
 from xvol.engine.runtime import AMP_DTYPES
 
 __all__ = [
     "AUTO_METRIC",
     "EPOCH_METRICS",
-    "Check",
     "CheckpointOptions",
-    "ConfigError",
     "DebugOptions",
     "EmaOptions",
     "MixupOptions",
     "TrainerOptions",
-    "check_value",
-    "float_options",
-    "option",
-    "option_checks",
-    "schema_numbers",
 ]
 
 
-class ConfigError(ValueError):
-    """A config value of the wrong type or out of range; the message starts with the key."""
-
-
 # ----------------------------------------------------------------------------- checks
+# the vocabulary (Check, option, POSITIVE_INT, ...) is xvol.checks; these are the trainer's own
 
-
-@dataclass(frozen=True)
-class Check:
-    """What a key accepts: ``ok(value)`` and the words for it in the error message."""
-
-    expected: str
-    ok: Callable[[Any], bool]
-    nullable: bool = False
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def optional(check: Check) -> Check:
-    """``check`` or null (a no-op on a check that already accepts null)."""
-    if check.nullable:
-        return check
-    return replace(check, expected=f"{check.expected} or null", nullable=True)
-
-
-def one_of(*choices: str) -> Check:
-    return Check("one of " + ", ".join(choices), lambda v: isinstance(v, str) and v in choices)
-
-
-def unit_interval(closed: bool = True) -> Check:
-    """A number in [0, 1] (``closed``) or [0, 1)."""
-    return Check(
-        f"a number in [0, 1{']' if closed else ')'}",
-        lambda v: _is_number(v) and 0 <= v and (v <= 1 if closed else v < 1),
-    )
-
-
-POSITIVE_INT = Check("a positive integer", lambda v: _is_int(v) and v > 0)
-NON_NEGATIVE_INT = Check("an integer >= 0", lambda v: _is_int(v) and v >= 0)
-INT = Check("an integer", _is_int)
-POSITIVE_NUMBER = Check("a positive number", lambda v: _is_number(v) and v > 0)
-NON_NEGATIVE_NUMBER = Check("a number >= 0", lambda v: _is_number(v) and v >= 0)
-BOOL = Check("true or false", lambda v: isinstance(v, bool))
-AUTO_OR_BOOL = Check("auto, true or false", lambda v: v == "auto" or isinstance(v, bool))
 PATH = Check("a checkpoint path", lambda v: isinstance(v, str) and v.strip() != "")
 DEVICE = Check(
     "auto, cpu, cuda or cuda:N",
@@ -132,88 +91,10 @@ MIN_MAX = Check(
     lambda v: (
         isinstance(v, Sequence)
         and len(v) == 2
-        and all(_is_number(x) and 0 <= x <= 1 for x in v)
+        and all(is_number(x) and 0 <= x <= 1 for x in v)
         and v[0] <= v[1]
     ),
 )
-
-
-def option(default: Any = MISSING, check: Check | None = None, *, factory: Any = MISSING) -> Any:
-    """A dataclass field with the check its values must pass (see :func:`option_checks`)."""
-    metadata = {"check": check} if check is not None else {}
-    return field(default=default, default_factory=factory, metadata=metadata)
-
-
-def option_checks(cls: type, prefix: str) -> dict[str, Check]:
-    """``{"<prefix>.<field>": check}`` for every checked field of the options class ``cls``,
-    nested options classes included; a field typed ``X | None`` also accepts null."""
-    hints = get_type_hints(cls)
-    out: dict[str, Check] = {}
-    for f in fields(cls):
-        key, args = f"{prefix}.{f.name}", get_args(hints[f.name])
-        nested = next((a for a in (*args, hints[f.name]) if is_dataclass(a)), None)
-        if nested is not None:
-            out.update(option_checks(nested, key))
-        check = f.metadata.get("check")
-        if check is not None:
-            out[key] = optional(check) if type(None) in args else check
-    return out
-
-
-def float_options(cls: type) -> set[str]:
-    """Dotted names of the float-typed fields of the options class ``cls`` (``float``,
-    ``float | None``, ``list[float]``), nested options classes included."""
-    hints = get_type_hints(cls)
-    out: set[str] = set()
-    for f in fields(cls):
-        hint = hints[f.name]
-        args = get_args(hint) or (hint,)
-        nested = next((a for a in args if is_dataclass(a)), None)
-        if nested is not None:
-            out.update(f"{f.name}.{key}" for key in float_options(nested))
-        elif float in args or any(get_args(a) == (float,) for a in args):
-            out.add(f.name)
-    return out
-
-
-def schema_numbers(trainer: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy of a stored ``trainer`` config whose float options hold floats, as the schema
-    stores them. Configs written before the schema kept what was typed: ``trainer.clip_grad=5``
-    is 5 there and 5.0 now, which would make the same recipe fingerprint differently."""
-    out = copy.deepcopy(dict(trainer))
-    for dotted in float_options(TrainerOptions):
-        *parents, leaf = dotted.split(".")
-        node: Any = out
-        for part in parents:
-            node = node.get(part) if isinstance(node, dict) else None
-        if not isinstance(node, dict) or leaf not in node:
-            continue
-        value = node[leaf]
-        if _is_int(value):
-            node[leaf] = float(value)
-        elif isinstance(value, list):
-            node[leaf] = [float(v) if _is_int(v) else v for v in value]
-    return out
-
-
-def check_value(key: str, check: Check, value: Any) -> None:
-    """Raise ConfigError ``<key>: expected <what>, got <value>`` unless ``check`` accepts it."""
-    if (value is None and check.nullable) or (value is not None and check.ok(value)):
-        return
-    raise ConfigError(f"{key}: expected {check.expected}, got {value!r}")
-
-
-def _check_fields(options: Any, prefix: str) -> None:
-    """Every check of ``options`` (a dataclass instance), nested options included."""
-    for key, check in option_checks(type(options), prefix).items():
-        *parents, leaf = key.split(".")[1:]
-        node = options
-        for part in parents:
-            node = getattr(node, part)
-            if node is None:
-                break  # a null nested node (trainer.ema=null) has no fields to check
-        else:
-            check_value(key, check, getattr(node, leaf))
 
 
 # ----------------------------------------------------------------------------- options
@@ -311,7 +192,7 @@ class TrainerOptions:
     allow_class_mismatch: bool = option(False, BOOL)
 
     def __post_init__(self) -> None:
-        _check_fields(self, "trainer")
+        check_fields(self, "trainer")
 
     def use_channels_last(self, device: torch.device) -> bool:
         return device.type == "cuda" if self.channels_last == "auto" else bool(self.channels_last)
@@ -342,4 +223,4 @@ class DebugOptions:
     signal_at_step: int | None = option(None, POSITIVE_INT)
 
     def __post_init__(self) -> None:
-        _check_fields(self, "debug")
+        check_fields(self, "debug")

@@ -19,19 +19,18 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
 from xvol.data.base import DataBundle
-from xvol.engine.checkpoint import (
+from xvol.engine.checkpointing import (
     CheckpointManager,
     capture_rng_state,
     init_weights_from,
-    load_state_dict_strict,
     restore_rng_state,
 )
 from xvol.engine.dist import DistEnv, all_gather_objects, all_reduce_sum
 from xvol.engine.log import get_logger
 from xvol.engine.loop import (
     EvalResult,
+    LoopSettings,
     NonFiniteLossError,
-    TrainOptions,
     TrainState,
     evaluate,
     train_one_epoch,
@@ -46,6 +45,7 @@ from xvol.formats.checkpoint import (
     checkpoint_versions,
     load_checkpoint,
 )
+from xvol.formats.load import load_state_dict_strict
 
 __all__ = ["Trainer", "checkpoint_metric", "prepare_model"]
 
@@ -116,14 +116,14 @@ class Trainer:
         self.denv, self.device, self.epochs = denv, device, options.epochs
         self.run_dir = Path(run_dir)
         self.options, self.config = options, config
-        self.opts = TrainOptions.resolve(options, device, debug or DebugOptions())
+        self.loop = LoopSettings.resolve(options, device, debug or DebugOptions())
         self.loss_fn = options.loss_fn().to(device)
         self.mixup = (
             options.mixup.build(data.num_classes, options.label_smoothing)
             if options.mixup is not None and options.mixup.enabled
             else None
         )
-        fp16 = self.opts.amp_dtype == torch.float16
+        fp16 = self.loop.amp_dtype == torch.float16
         self.scaler = torch.amp.GradScaler(device.type) if fp16 else None
         self.guard = guard or PreemptionGuard(signals=())
         self.git = git or {"revision": None, "dirty": None}
@@ -213,7 +213,7 @@ class Trainer:
 
     def init_from(self, path: str | Path, *, ema: bool = False) -> str:
         """Start a fresh run from a checkpoint's weights (fine-tuning): see
-        :func:`~xvol.engine.checkpoint.init_weights_from`. Every rank reads the file; when any
+        :func:`~xvol.engine.checkpointing.init_weights_from`. Every rank reads the file; when any
         rank cannot use it, all raise the same CheckpointError. The EMA restarts from them.
         Rank 0 names any difference between the checkpoint's model config and this run's."""
         note, error = "", None
@@ -459,8 +459,8 @@ class Trainer:
         tic = time.perf_counter()
         kw = {
             "device": self.device,
-            "amp_dtype": self.opts.amp_dtype,
-            "channels_last": self.opts.channels_last,
+            "amp_dtype": self.loop.amp_dtype,
+            "channels_last": self.loop.channels_last,
         }
         val = evaluate(self.eval_model, self.data.val, **kw)
         self._warn_nonfinite(val, "model", epoch)
@@ -571,7 +571,7 @@ class Trainer:
                         s,
                         steps_per_epoch=self.data.steps_per_epoch,
                         device=self.device,
-                        opts=self.opts,
+                        settings=self.loop,
                         scheduler=self.scheduler,
                         scaler=self.scaler,
                         ema=self.ema,

@@ -8,7 +8,10 @@
   record_name, write_record / read_record.
 - :mod:`xvol.formats.files`: the one atomic writer all of them (and every other in-place write)
   use, and sha256_file.
+- :mod:`xvol.formats.load`: a network from either checkpoint kind (load_model), rebuilt from
+  the validated model spec, and load_state_dict_strict.
+- :mod:`xvol.formats.provenance`: git_revision, the ``git`` every file above records.
 
-These modules read and write bytes and check them; building a network from what they read is
-the caller's (xvol.tools_common.load_model). They import neither xvol.engine nor xvol.cli.
+The format modules read and write bytes and check them; load builds the network from what they
+read. They import neither xvol.engine nor xvol.cli.
 """

@@ -52,7 +52,7 @@ versions              {"torch": str, "timm": str, "xvol": str}
 time                  float, UNIX time of writing (time.time())
 ====================  =====================================================================
 
-Written by the trainer through ``xvol.engine.checkpoint.CheckpointManager`` (which names the
+Written by the trainer through ``xvol.engine.checkpointing.CheckpointManager`` (which names the
 files of a run directory); read by resume, fine-tuning (``init_weights_from``) and the tools.
 A reader refuses a file with a newer ``format_version`` than :data:`FORMAT_VERSION`, and one
 whose timm-named copies are not the very weights under xvol's names (timm's tools would score

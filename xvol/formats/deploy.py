@@ -29,7 +29,7 @@ Older sidecars still load, each held to what its format can vouch for:
   so a sidecar rewritten as format 1 cannot drop the integrity check and name another network.
 
 Written by xvol-reparam (after verifying the two forms agree); read by xvol-eval and xvol-export
-through ``xvol.tools_common.load_model``, which builds the network from the validated spec.
+through ``xvol.formats.load.load_model``, which builds the network from the validated spec.
 """
 
 from __future__ import annotations

@@ -123,6 +123,30 @@ _NOT_RECIPE = (
 )
 
 
+# Float-typed trainer options as the trainer schema (TrainerOptions) stores them. Configs written
+# before the schema kept what was typed: ``trainer.clip_grad=5`` is 5 there and 5.0 now, which
+# would make the same recipe fingerprint differently, so these read as floats. The set is frozen
+# (part of the fingerprint's definition): options added since are stored as floats by the schema.
+_PRE_SCHEMA_FLOATS = (
+    "trainer.clip_grad",
+    "trainer.label_smoothing",
+    "trainer.ema.decay",
+    "trainer.mixup.mixup_alpha",
+    "trainer.mixup.cutmix_alpha",
+    "trainer.mixup.cutmix_minmax",
+    "trainer.mixup.prob",
+    "trainer.mixup.switch_prob",
+)
+
+
+def _as_float(value: Any) -> Any:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, list):
+        return [_as_float(v) for v in value]
+    return value
+
+
 def recipe_fingerprint(config: Mapping[str, Any]) -> str | None:
     """sha256 (16 hex) of the training recipe a stored config describes, model and seed aside.
 
@@ -139,6 +163,13 @@ def recipe_fingerprint(config: Mapping[str, Any]) -> str | None:
             node = node.get(part) if isinstance(node, dict) else None
         if isinstance(node, dict):
             node.pop(leaf, None)
+    for dotted in _PRE_SCHEMA_FLOATS:
+        *parents, leaf = dotted.split(".")
+        node = recipe
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node:
+            node[leaf] = _as_float(node[leaf])
     if set(recipe) <= {"data"}:
         return None
     text = json.dumps(recipe, sort_keys=True, separators=(",", ":"))

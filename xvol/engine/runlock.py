@@ -6,9 +6,6 @@ kernel when the holder dies, kill -9 included, so a crashed launch never leaves 
 Forked children (DataLoader workers) drop their inherited descriptor at once, so a worker that
 outlives a killed rank 0 does not keep the run locked. Only rank 0 locks (one holder per run,
 however many ranks or nodes); :func:`lock_run_dir` tells the other ranks the outcome.
-
-:func:`read_run_config` reads back the run's ``config.yaml``: input like every file there, so
-one that does not parse as a mapping is named in one warning instead of being taken as empty.
 """
 
 from __future__ import annotations
@@ -18,12 +15,11 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import Any
 
 from xvol.engine.dist import all_gather_objects
 from xvol.engine.log import get_logger
 
-__all__ = ["LOCK_NAME", "RunDirError", "RunDirLock", "lock_run_dir", "read_run_config"]
+__all__ = ["LOCK_NAME", "RunDirError", "RunDirLock", "lock_run_dir"]
 
 log = get_logger(__name__)
 
@@ -115,37 +111,3 @@ def lock_run_dir(run_dir: str | Path, is_main: bool) -> RunDirLock | None:
             lock.release()
         raise RunDirError(str(error))
     return lock
-
-
-MAX_CONFIG_BYTES = 4 << 20  # a resolved config is a few KiB
-
-
-def read_run_config(path: str | Path) -> dict[str, Any] | None:
-    """The mapping a run's ``config.yaml`` holds, or None with one warning naming the file when
-    it cannot be read, does not parse (safe_load: no tags, no code) or is not a mapping."""
-    import yaml
-
-    path = Path(path)
-    try:
-        if path.stat().st_size > MAX_CONFIG_BYTES:
-            raise ValueError(f"larger than {MAX_CONFIG_BYTES >> 20} MiB")
-        value = yaml.safe_load(path.read_text())
-        if not isinstance(value, dict):
-            kind = f"a {type(value).__name__}" if value is not None else "nothing"
-            raise ValueError(f"holds {kind}, not a mapping")
-    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError, RecursionError) as err:
-        if isinstance(err, RecursionError):
-            why = "nested too deeply"
-        elif isinstance(err, yaml.MarkedYAMLError) and err.problem_mark is not None:
-            why = f"does not parse at line {err.problem_mark.line + 1}: {err.problem}"
-        else:
-            why = getattr(err, "strerror", None) or (str(err).splitlines() or [repr(err)])[0]
-        log.warning(
-            "%s does not hold a readable config (%s): this launch is not compared with the "
-            "values the run was started with; the file is left as it is (restore it, or delete "
-            "it to have this launch's config written there)",
-            path,
-            why,
-        )
-        return None
-    return value

@@ -1,7 +1,8 @@
-"""Training checkpoints of a run: the run directory's files, resume, RNG state, fine-tuning.
+"""Checkpointing a run: which files a run directory keeps, resume, RNG state, fine-tuning.
 
 The file format itself (keys, version, atomic write, refusing reader) is
-:mod:`xvol.formats.checkpoint`; this module decides which files a run keeps and loads them.
+:mod:`xvol.formats.checkpoint`, and loading weights into a module strictly is
+:mod:`xvol.formats.load`; this module decides which files a run keeps and when they are read.
 
 Files in a run directory (``CheckpointManager``): ``last.pt`` (every save), ``prev.pt`` (the
 ``last.pt`` before it, when that one was known good), ``epoch_NNNN.pt`` (the end of epoch NNNN,
@@ -29,7 +30,6 @@ import os
 import random
 import re
 import shutil
-import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -47,56 +47,20 @@ from xvol.formats.files import (
     write_error_reason,
     write_json_atomic,
 )
+from xvol.formats.load import load_state_dict_strict, strip_prefixes
 
 __all__ = [
     "CheckpointManager",
     "capture_rng_state",
     "classifier_keys",
-    "git_revision",
     "init_weights_from",
-    "load_state_dict_strict",
     "restore_rng_state",
-    "strip_prefixes",
 ]
 
 log = get_logger(__name__)
 
 
-# ----------------------------------------------------------------------------- state_dict keys
-
-
-def strip_prefixes(state_dict: Mapping[str, Any]) -> dict[str, Any]:
-    """Drop the ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes, wrapped in either
-    order: timm's ``clean_state_dict``."""
-    from timm.models import clean_state_dict
-
-    return clean_state_dict(dict(state_dict))
-
-
-def load_state_dict_strict(
-    module: nn.Module, state_dict: Mapping[str, Any], source: str = "checkpoint"
-) -> None:
-    """Load after stripping wrapper prefixes; any missing or unexpected key is an error.
-
-    ``source`` (a file name) goes into the message, so a mismatch says where it came from.
-    """
-    state = strip_prefixes(state_dict)
-    expected = set(module.state_dict().keys())
-    missing = sorted(expected - state.keys())
-    unexpected = sorted(state.keys() - expected)
-    if missing or unexpected:
-
-        def show(keys: list[str]) -> str:
-            return ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
-
-        raise CheckpointError(
-            f"{source}: state_dict does not match {type(module).__name__}: "
-            f"missing keys [{show(missing)}]; unexpected keys [{show(unexpected)}]"
-        )
-    try:
-        module.load_state_dict(state, strict=True)
-    except RuntimeError as err:  # shape mismatches
-        raise CheckpointError(f"{source}: {err}") from err
+# ----------------------------------------------------------------------------- fine-tuning
 
 
 def classifier_keys(module: nn.Module) -> set[str]:
@@ -141,6 +105,7 @@ def _spec_differences(trained: Any, ours: Any, source: str) -> list[str]:
         theirs = ModelSpec.from_config(trained, source, "config.model")
     except ModelSpecError as err:
         return [f"its model config ({err})"]
+
     # the spec's fields (to_dict leaves out defaults such as timm's stem)
     def shown(value: Any) -> Any:  # as a config writes it: [1, 2], not (1, 2)
         return list(value) if isinstance(value, tuple) else value
@@ -287,27 +252,6 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
     )
     py = state["python"]
     random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss_next"]))
-
-
-# ----------------------------------------------------------------------------- provenance
-
-
-def git_revision(path: str | Path | None = None) -> dict[str, Any]:
-    """The checkout's commit and whether it had local edits (None outside a git checkout)."""
-    cwd = Path(path) if path is not None else Path(__file__).resolve().parent
-
-    def git(*args: str) -> str | None:
-        try:
-            out = subprocess.run(
-                ["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10, check=True
-            )
-            return out.stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return None
-
-    rev = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no") if rev else None
-    return {"revision": rev, "dirty": bool(status) if status is not None else None}
 
 
 # ----------------------------------------------------------------------------- run directory

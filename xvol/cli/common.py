@@ -1,0 +1,166 @@
+"""The plumbing the commands share (xvol-reparam, -eval, -leaderboard, -export, timm_script):
+their common options (``tool_args``), the one-line error wrapper (``tool_errors``), logging,
+refusing to overwrite, and the environment a record names (``versions``, ``now_iso``).
+
+Argument parsing and printing only: loading a model is :mod:`xvol.formats.load`, the val loader
+:mod:`xvol.data.val`, the file formats :mod:`xvol.formats`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as _dt
+import logging
+import os
+import platform
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from xvol.checks import ConfigError
+from xvol.data.folder import DataError
+from xvol.extras import MissingExtra
+from xvol.formats.checkpoint import CheckpointError, checkpoint_versions
+from xvol.formats.record import RecordError
+from xvol.models.spec import ModelSpecError
+
+__all__ = [
+    "KNOWN_ERRORS",
+    "ToolError",
+    "check_xvol_package",
+    "now_iso",
+    "refuse_existing",
+    "setup_tool_logging",
+    "tool_args",
+    "tool_errors",
+    "versions",
+]
+
+
+class ToolError(RuntimeError):
+    """A problem with the tool's inputs or outputs; the message is what the user sees."""
+
+
+# ----------------------------------------------------------------------------- options
+
+
+def tool_args(
+    *, ema: bool = False, img_size: bool = False, atol: float | None = None, force: bool = False
+) -> argparse.ArgumentParser:
+    """The options the tools share, declared once: an argparse parent (``parents=[...]``).
+    ``--debug`` always; the others when asked (``atol``: that tool's default)."""
+    parent = argparse.ArgumentParser(add_help=False)
+    if ema:
+        parent.add_argument(
+            "--ema",
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help="training checkpoint: EMA weights (default when present); --no-ema: raw weights",
+        )
+    if img_size:
+        parent.add_argument("--img-size", type=int, help="default: the checkpoint's eval size")
+    if atol is not None:
+        parent.add_argument(
+            "--atol", type=float, default=atol, help=f"max |difference| allowed (default {atol:g})"
+        )
+    if force:
+        parent.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    parent.add_argument("--debug", action="store_true", help="show tracebacks (or XVOL_DEBUG=1)")
+    return parent
+
+
+def check_xvol_package() -> None:
+    """ToolError unless ``import xvol`` is the xvol package and its models are in timm's registry.
+
+    Run from a directory holding a folder named ``xvol`` that has no ``__init__.py`` (the parent
+    folder of a clone named xvol), Python takes that folder for a namespace package: with an
+    editable install ``xvol.cli``/``xvol.models`` still import, but ``xvol/__init__.py`` never
+    runs, so no model is registered and timm says "Unknown model". That is refused here, naming
+    the folder. (A plain ``import xvol`` cannot check itself: no xvol code runs in that case.)
+    """
+    import timm
+
+    import xvol
+
+    if getattr(xvol, "__file__", None) is None:
+        where = ", ".join(str(p) for p in getattr(xvol, "__path__", [])) or "?"
+        raise ToolError(
+            f"'import xvol' found the folder {where}, not the xvol package (a folder named xvol "
+            "without __init__.py in the working directory or on sys.path, e.g. the parent folder "
+            "of a clone named xvol): no xvol model is registered with timm; run from another "
+            "directory"
+        )
+    if not timm.is_model("xresnet18"):
+        raise ToolError(
+            f"xvol ({xvol.__file__}) is imported but timm does not know xresnet18: "
+            "xvol.models did not register"
+        )
+
+
+# each layer's error, whose message names the file, key or folder: shown alone
+KNOWN_ERRORS = (
+    ToolError,
+    CheckpointError,  # LoadError (xvol.formats.load) is one
+    RecordError,
+    ModelSpecError,
+    DataError,
+    ConfigError,
+    FileNotFoundError,
+    MissingExtra,
+)
+
+
+@contextlib.contextmanager
+def tool_errors(prog: str, debug: bool = False) -> Iterator[None]:
+    """Turn any exception into ``prog: error: <one line>`` on stderr and exit status 1.
+
+    Every tool starts with check_xvol_package (a namespace ``xvol`` fails here, in one line).
+
+    ``debug`` (or XVOL_DEBUG=1) lets the traceback through instead. The layers' own errors
+    (ToolError here; CheckpointError and LoadError of the formats and loading, RecordError,
+    ModelSpecError, DataError, ConfigError of the option checks, MissingExtra) and
+    FileNotFoundError show their message alone; others show their type too, since the message
+    may not make sense without it.
+    """
+    debug = debug or os.environ.get("XVOL_DEBUG", "") not in ("", "0")
+    try:
+        check_xvol_package()
+        yield
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as err:
+        if debug:
+            raise
+        known = isinstance(err, KNOWN_ERRORS)
+        text = str(err) if known else f"{type(err).__name__}: {err}"
+        text = " ".join(line.strip() for line in text.splitlines() if line.strip())
+        hint = "" if known else " (run with --debug or XVOL_DEBUG=1 for the traceback)"
+        raise SystemExit(f"{prog}: error: {text}{hint}") from None
+
+
+def setup_tool_logging(level: int = logging.INFO) -> None:
+    """xvol's own messages to stderr at ``level``; other libraries' only from WARNING up.
+
+    stdout is kept for the tool's one JSON record (or the leaderboard's table).
+    """
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("xvol").setLevel(level)
+
+
+def refuse_existing(paths: Sequence[Path], force: bool, what: str = "output") -> None:
+    """Refuse to overwrite (the house rule) unless ``force``."""
+    if force:
+        return
+    existing = [str(p) for p in paths if p.exists()]
+    if existing:
+        raise ToolError(f"{what} already exists: {', '.join(existing)} (pass --force to overwrite)")
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def versions() -> dict[str, str]:
+    """The training checkpoint's ``versions`` (xvol, torch, timm) plus the Python version."""
+    return {**checkpoint_versions(), "python": platform.python_version()}

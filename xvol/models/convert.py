@@ -265,7 +265,7 @@ def plan_convert(
     include, exclude = _check_patterns(include, "include"), _check_patterns(exclude, "exclude")
     modules = dict(model.named_modules())
     conv_names = [n for n, m in modules.items() if isinstance(m, nn.Conv2d)]
-    stage_of = _stages(model, conv_names, img_size) if wanted is not None else {}
+    stage_of = _stages(model, conv_names, img_size)
     slots, skipped, not_selected, pointwise = [], [], 0, 0
     for name in conv_names:
         conv = modules[name]

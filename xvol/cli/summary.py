@@ -7,7 +7,8 @@ Usage:
     python scripts/model_summary.py --overrides model.stages=[3,4] model.xconv.shifts=[1,2]
 
 Each option of configs/model/ (files starting with "_" are shared bases, not options) is
-composed with Hydra's compose API, instantiated, and measured with
+composed with Hydra's compose API, read as the validated xvol.models.ModelSpec and built from it
+(as training and every tool build it), and measured with
 torch.utils.flop_counter.FlopCounterMode on one image (see xvol/models/summary.py for what is
 counted). The default device is "meta": shapes only, no compute, the same counts as on CPU.
 Prints a markdown table; --out also writes the rows as JSON.
@@ -17,23 +18,30 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from xvol.cli import config_dir
 from xvol.formats.files import write_json_atomic
-from xvol.models import model_summary
+from xvol.models import ModelSpec, model_summary
 
 CONFIG_DIR = config_dir()
 
 
 def model_options(config_dir: Path = CONFIG_DIR) -> list[str]:
-    """Selectable options of the model group, baselines then X-volution, by depth."""
+    """Selectable options of the model group, baselines then X-volution, in natural order
+    (resnet18 before resnet101)."""
     names = [p.stem for p in (config_dir / "model").glob("*.yaml") if not p.stem.startswith("_")]
-    return sorted(names, key=lambda n: (n.startswith("x"), int("".join(filter(str.isdigit, n)))))
+
+    def natural(name: str) -> tuple[bool, list[tuple[str, int]]]:
+        parts = re.findall(r"(\D*)(\d*)", name)
+        return name.startswith("x"), [(text, int(num or -1)) for text, num in parts]
+
+    return sorted(names, key=natural)
 
 
 def summarize(
@@ -41,15 +49,16 @@ def summarize(
 ) -> dict[str, object]:
     with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
         cfg = compose(overrides=[f"+model={name}", f"+data.num_classes={num_classes}", *overrides])
+    spec = ModelSpec.from_config(OmegaConf.to_container(cfg.model, resolve=True), f"model={name}")
     with torch.device(device):
-        model = instantiate(cfg.model)
+        model = spec.build()
     return {"model": name, "img_size": img_size, **model_summary(model, img_size)}
 
 
 def markdown(rows: list[dict[str, object]]) -> str:
     lines = [
         "| model | params (M) train | params (M) deploy | GMACs train | GMACs deploy "
-        "| PSSA products (M mul) |",
+        "| elementwise muls (M) |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
@@ -79,8 +88,9 @@ def main() -> None:
     print(
         f"\n{args.img_size} px, 1 image, {args.num_classes} classes. GMACs: convolutions + "
         "matmuls from torch.utils.flop_counter.FlopCounterMode (FLOPs / 2); it does not count "
-        "elementwise ops (BN, ReLU, adds, pooling), so the PSSA products x * S_d(x) are the "
-        "last column (aten.mul outputs, counted through the same mode). Deploy: "
+        "elementwise ops (BN, ReLU, adds, pooling), so the PSSA products x * S_d(x) are in the "
+        "last column (aten.mul outputs, counted through the same mode; SE/ECA gates are muls "
+        "too). Deploy: "
         "xvol.reparam.reparameterize_model (X-volution BNs folded; other BNs kept)."
     )
     if args.out is not None:

@@ -89,6 +89,9 @@ _SPEC_KEYS = {
     "center": "model.xconv.center",
     "bn_eps": "model.xconv.bn_eps",
     "stem": "model.stem",
+    "include": "model.convert.include",
+    "exclude": "model.convert.exclude",
+    "require_bn": "model.convert.require_bn",
 }
 
 

@@ -6,8 +6,8 @@ What is counted (``torch.utils.flop_counter.FlopCounterMode``, one image, eval m
   formula for elementwise ops, so BN, ReLU, residual adds, pooling and the PSSA products
   x * S_d(x) are *not* in it; the PSSA 1x1 convolution over T is.
 - ``gmuls``: elementwise multiplications (``aten.mul``), counted through the same mode with a
-  custom formula (one per output element). In these ResNets the only ones are the PSSA products,
-  so baselines show 0.
+  custom formula (one per output element). In plain ResNets the only ones are the PSSA products,
+  so baselines show 0; SE and ECA gates (seresnet, ecaresnet, regnety) are multiplications too.
 
 The deploy form is ``xvol.reparam.reparameterize_model(model)``: X-volution slots become one
 operator (BN folded); the ResNet's other BNs are not folded, as in the deploy skeleton.

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -178,6 +179,51 @@ def _error(overrides: list[str]) -> str:
 def test_bad_value_names_the_key(override: str, message: str) -> None:
     line = _error([override])
     assert line.startswith(message) and "\n" not in line
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.xconv.shifts=[80]", "model.xconv.shifts[0]: 80 is outside 1..64"),
+        ("model.xconv.shifts=[1,2,3,4,5,6,7,8,9]", "model.xconv.shifts: at most 8 entries"),
+        ("model.arch=nosuch", "model.arch: unknown arch 'nosuch'"),
+    ],
+)
+def test_train_refuses_what_the_tools_refuse(override: str, message: str) -> None:
+    """One builder (issue 21, item 1): the model node xvol-train checks before anything is built
+    (validate_train_config, which run() calls first on every rank) is the ModelSpec the tools
+    rebuild from; a value the spec refuses is one line naming the key in both."""
+    from xvol.models import ModelSpec, ModelSpecError
+
+    line = _error(["model=xresnet18", override])
+    assert line.startswith(message) and "\n" not in line
+    job = _job(_compose(["model=xresnet18", override]))
+    stored = OmegaConf.to_container(job.model, resolve=True)  # as a checkpoint stores it
+    with pytest.raises(ModelSpecError, match=re.escape(message)):
+        ModelSpec.from_config(stored, "best.pt", "config.model")
+
+
+@pytest.mark.parametrize("stages", ["[3,3]", "[4,3]", "[3]"])
+def test_train_builds_the_spec_the_tools_rebuild(stages: str) -> None:
+    """What training builds (validate_train_config's spec, built by xvol.cli.train.train) is what
+    a tool rebuilds from the stored config: stages given twice or unsorted read alike."""
+    from xvol.models import ModelSpec
+
+    job = _job(_compose(["model=xresnet18", f"model.stages={stages}"]))
+    trained = validate_train_config(job)
+    stored = OmegaConf.to_container(job.model, resolve=True)
+    assert ModelSpec.from_config(stored, "best.pt", "config.model") == trained
+    assert trained.stages == (3, 4) if "4" in stages else trained.stages == (3,)
+
+
+def test_train_builds_through_the_spec() -> None:
+    """xvol.cli.train builds the network with the validated spec, not instantiate(cfg.model)."""
+    import inspect
+
+    from xvol.cli import train as train_cli
+
+    source = inspect.getsource(train_cli)
+    assert "spec.build()" in source and "instantiate(cfg.model)" not in source
 
 
 def test_every_trainer_key_is_checked() -> None:

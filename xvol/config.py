@@ -12,7 +12,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hydra.core.config_store import ConfigStore
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
@@ -38,6 +38,9 @@ from xvol.data.folder import BAD_IMAGE_POLICIES, INTERPOLATIONS, VALIDATE_MODES
 from xvol.engine.log import get_logger
 from xvol.engine.options import DebugOptions, TrainerOptions
 from xvol.formats.files import write_text_atomic
+
+if TYPE_CHECKING:
+    from xvol.models.spec import ModelSpec
 
 
 def run_id() -> str:
@@ -211,22 +214,25 @@ def _one_line(err: BaseException) -> str:
     return text[0] if text else type(err).__name__
 
 
-def _check_model(model: Any) -> None:
-    """The resolved model node as xvol.models.ModelSpec reads it (arch, stages, shifts, ...):
-    what Hydra would otherwise build into an InstantiationException with two tracebacks."""
+def model_spec(model: Any) -> ModelSpec:
+    """The resolved model node as xvol.models.ModelSpec reads it (arch, stages, shifts, ...),
+    the one description training and every tool build the network from; a node the spec
+    refuses is a ConfigError naming the key (``model.xconv.shifts[0]: 80 is outside 1..64``)."""
     from xvol.models.spec import ModelSpec, ModelSpecError  # lazy: imports timm
 
     try:
-        ModelSpec.from_config(model, source="config", where="model")
+        return ModelSpec.from_config(model, source="config", where="model")
     except ModelSpecError as err:
         raise ConfigError(str(err).removeprefix("config: ")) from None
 
 
-def validate_train_config(cfg: DictConfig) -> None:
-    """Check the keys of TRAIN_CHECKS, the TRAIN_RULES, that everything resolves, then the model.
+def validate_train_config(cfg: DictConfig) -> ModelSpec:
+    """Check the keys of TRAIN_CHECKS, the TRAIN_RULES, that everything resolves, then the model;
+    return the model's validated spec, which training builds (``spec.build()``).
 
     Raises ConfigError with one line, ``<key>: expected <what>, got <value>``, before anything
-    is built: a bad value would otherwise surface as a library traceback (or not at all).
+    is built: a bad value would otherwise surface as a library traceback (or not at all). The
+    model is checked here once, so a model xvol-train accepts is one every tool accepts.
     """
     for key, check in TRAIN_CHECKS.items():
         try:
@@ -243,8 +249,9 @@ def validate_train_config(cfg: DictConfig) -> None:
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or "config"
         raise ConfigError(f"{key}: {_one_line(err)}") from None
-    if isinstance(resolved, dict) and "model" in resolved:
-        _check_model(resolved["model"])
+    if not isinstance(resolved, dict) or not isinstance(resolved.get("model"), dict):
+        raise ConfigError("model: missing (pick one: model=NAME)")
+    return model_spec(resolved["model"])
 
 
 def composition_error(err: HydraException) -> ConfigError:

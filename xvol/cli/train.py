@@ -47,7 +47,7 @@ from xvol.engine.log import log_to_files
 from xvol.engine.runtime import configure_determinism, seed_everything
 from xvol.extras import MissingExtra
 from xvol.formats.provenance import git_revision
-from xvol.models import count_params
+from xvol.models import ModelSpec, count_params
 
 # failures whose message names the key, file or cause: one line, no traceback
 USER_ERRORS = (ConfigError, DataError, engine.CheckpointError, engine.RunDirError, MissingExtra)
@@ -75,7 +75,11 @@ def _metrics_opener(
     return open_metrics
 
 
-def train(cfg: DictConfig, denv: engine.DistEnv, device: torch.device, run_dir: Path) -> int:
+def train(
+    cfg: DictConfig, spec: ModelSpec, denv: engine.DistEnv, device: torch.device, run_dir: Path
+) -> int:
+    """One run: ``spec`` (the validated model node, validate_train_config's) is built as every
+    tool rebuilds it (``spec.build()``); the other groups are instantiated from the config."""
     options: engine.TrainerOptions = OmegaConf.to_object(cfg.trainer)
     log = engine.get_logger("xvol")
     config = OmegaConf.to_container(cfg, resolve=True)
@@ -86,7 +90,7 @@ def train(cfg: DictConfig, denv: engine.DistEnv, device: torch.device, run_dir: 
         rank=denv.rank, world_size=denv.world_size, device=device, seed=cfg.seed
     )
     model = engine.prepare_model(
-        instantiate(cfg.model),
+        spec.build(),
         device,
         sync_bn=options.use_sync_bn(device, denv.distributed),
         channels_last=options.use_channels_last(device),
@@ -252,13 +256,13 @@ def run(cfg: DictConfig) -> None:
     engine.setup_logging(denv.rank, log_file)
     store = None  # the process group's, kept past its teardown to read other ranks' failures
     try:
-        validate_train_config(cfg)  # every rank, before anything is built
+        spec = validate_train_config(cfg)  # every rank, before anything is built
         denv, device = engine.setup_distributed(cfg.trainer.device)
         store = engine.dist.default_store()
         try:
             lock = engine.lock_run_dir(run_dir, denv.is_main)  # rank 0's; None elsewhere
             try:
-                code = train(cfg, denv, device, run_dir)
+                code = train(cfg, spec, denv, device, run_dir)
             finally:
                 if lock is not None:
                     lock.release()

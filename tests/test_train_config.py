@@ -347,3 +347,16 @@ def test_init_from_values(overrides: list[str], message: str) -> None:
     assert _error(overrides).startswith(message)
     ok = ["trainer.init_from=/runs/a/best.pt", "trainer.init_from_ema=true"]
     validate_train_config(_job(_compose(ok)))
+
+
+def test_help_lists_options_not_shared_bases() -> None:
+    """``xvol-train --help`` lists model options, not the ``_``-prefixed bases they extend."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "train.py"), "--help"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    (models,) = [line for line in proc.stdout.splitlines() if line.startswith("model: ")]
+    options = models.removeprefix("model: ").split(", ")
+    assert "xresnet18" in options and "resnet50" in options
+    assert [o for o in options if o.startswith("_")] == []

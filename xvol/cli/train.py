@@ -282,6 +282,29 @@ def run(cfg: DictConfig) -> None:
         sys.exit(code)
 
 
+def _help_without_shared_bases() -> None:
+    """``--help`` lists each group's options; files whose names start with ``_`` (model/_base,
+    model/_xresnet) are shared bases the options list in ``defaults``, not options: leave them
+    out of the list (Hydra's own formatter, filtered; used for --help only)."""
+    from hydra._internal.hydra import Hydra
+
+    def format_config_groups(
+        self: Any, predicate: Callable[[str], bool], compact: bool = True
+    ) -> str:
+        lines = []
+        for group in sorted(g for g in self.list_all_config_groups() if predicate(g)):
+            options = sorted(
+                o for o in self.config_loader.get_group_options(group) if not o.startswith("_")
+            )
+            if compact:
+                lines.append(f"{group}: {', '.join(options)}")
+            else:
+                lines.append(f"{group}:\n" + "\n".join(f"  {o}" for o in options))
+        return "".join(f"{line}\n" for line in lines)
+
+    Hydra.format_config_groups = format_config_groups  # type: ignore[method-assign]
+
+
 def main() -> None:
     """``xvol-train``: Hydra composes the config from the command line, then :func:`run`.
 
@@ -290,6 +313,8 @@ def main() -> None:
     to us instead of printing its own message (HYDRA_FULL_ERROR=1, unless set otherwise).
     """
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    if "--help" in sys.argv[1:] or "-h" in sys.argv[1:]:
+        _help_without_shared_bases()
     try:
         run()
     except (ConfigCompositionException, OverrideParseException) as err:

@@ -384,12 +384,14 @@ def convert(
             norm_parent, _, norm_child = s.norm.rpartition(".")
             setattr(modules[norm_parent], norm_child, _without_bn(bn))
     cfg = getattr(model, "pretrained_cfg", None)
+    label = cfg.get("architecture") if isinstance(cfg, dict) else None
+    label = f"x{label}" if isinstance(label, str) else type(model).__name__
     if isinstance(cfg, dict):
         cfg = {k: v for k, v in cfg.items() if k not in _WEIGHT_SOURCES}
         model.pretrained_cfg = model.default_cfg = cfg
     logger.info(
         "%s: X-volution in %d slot(s) (%s), %d selected convolution(s) kept",
-        type(model).__name__,
+        label,
         len(plan.slots),
         ", ".join(s.name for s in plan.slots[:3]) + (", ..." if len(plan.slots) > 3 else ""),
         len(plan.skipped),

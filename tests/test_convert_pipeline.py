@@ -1,0 +1,63 @@
+"""A converted model through the whole pipeline: xregnety_008 (timm's regnety_008 with
+xvol.convert in stage 3) trained by scripts/train.py, then xvol-reparam, xvol-eval of both
+checkpoints, and xvol-leaderboard, each launched as its CLI. Nothing in the tools knows about
+conversion: the validated model spec in the checkpoint carries it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import ROOT, TRAIN, run_command
+from tools_helpers import make_val_folder
+
+from xvol.formats.checkpoint import load_checkpoint
+
+pytestmark = pytest.mark.slow  # four subprocesses, about a minute on 2 shared cores
+
+
+def _ok(argv: list[str]) -> subprocess.CompletedProcess:
+    proc = run_command(argv)
+    assert proc.returncode == 0, proc.output[-3000:]
+    return proc
+
+
+def _tool(name: str, *args: str) -> dict[str, Any]:
+    return json.loads(_ok([sys.executable, str(ROOT / "tools" / f"{name}.py"), *args]).stdout)
+
+
+def test_xregnety_008_trains_reparameterizes_evaluates_and_ranks(tmp_path: Path) -> None:
+    _ok([
+        sys.executable, TRAIN, "model=xregnety_008", "data=synthetic", "data.num_classes=3",
+        "data.img_size=32", "data.batch_size=4", "data.length=2", "data.val_length=1",
+        "trainer.epochs=1", "trainer.progress_bar=false", "sched.warmup_epochs=0",
+        "run_name=xreg", f"paths.output_dir={tmp_path / 'out'}",
+    ])  # fmt: skip
+    ckpt = tmp_path / "out" / "xreg" / "best.pt"
+    stored = load_checkpoint(ckpt)["config"]["model"]
+    assert stored["arch"] == "regnety_008" and stored["convert"]["require_bn"] is True
+
+    data = make_val_folder(tmp_path / "data", num_classes=3, per_class=4)
+    deploy = tmp_path / "deploy"
+    record = _tool("reparam", str(ckpt), "--out", str(deploy), "--data", str(data))
+    assert record["verification"]["passed"]
+    results = tmp_path / "results"
+    common = ["--data", str(data), "--results-dir", str(results), "--workers", "0"]
+    common += ["--device", "cpu", "--json", "--allow-class-mismatch"]  # synthetic: no names
+    train = _tool("eval", str(ckpt), *common)
+    deployed = _tool("eval", str(deploy), *common)
+    assert train["num_images"] == deployed["num_images"] == 12
+    assert train["predictions_sha256"] == deployed["predictions_sha256"]
+    assert train["model"] == "xregnety_008" == deployed["model"]
+
+    board = _ok([sys.executable, str(ROOT / "tools" / "leaderboard.py"), "--results-dir",
+                 str(results)]).stdout  # fmt: skip
+    rows = [line for line in board.splitlines() if line.startswith("| ") and ".json" in line]
+    assert len(rows) == 2 and all("xregnety_008" in r for r in rows)
+    # the deploy-vs-training table (markdown escapes the underscore)
+    pair = [line for line in board.splitlines() if line.startswith("| xregnety\\_008 | ema |")]
+    assert len(pair) == 1 and "| yes |" in pair[0], board  # identical predictions

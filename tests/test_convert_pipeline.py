@@ -1,6 +1,6 @@
 """A converted model through the whole pipeline: xregnety_008 (timm's regnety_008 with
 xvol.convert in stage 3) trained by scripts/train.py, then xvol-reparam, xvol-eval of both
-checkpoints, and xvol-leaderboard, each launched as its CLI. Nothing in the tools knows about
+checkpoints, xvol-export (ONNX, with its parity check) and xvol-leaderboard, each launched as its CLI. Nothing in the tools knows about
 conversion: the validated model spec in the checkpoint carries it."""
 
 from __future__ import annotations
@@ -53,6 +53,8 @@ def test_xregnety_008_trains_reparameterizes_evaluates_and_ranks(tmp_path: Path)
     assert train["num_images"] == deployed["num_images"] == 12
     assert train["predictions_sha256"] == deployed["predictions_sha256"]
     assert train["model"] == "xregnety_008" == deployed["model"]
+    onnx = _tool("export", str(deploy), "--out", str(tmp_path / "xregnety_008.onnx"))
+    assert onnx["parity"]["max_abs_diff"] <= 1e-4
 
     board = _ok([sys.executable, str(ROOT / "tools" / "leaderboard.py"), "--results-dir",
                  str(results)]).stdout  # fmt: skip

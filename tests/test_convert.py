@@ -124,6 +124,20 @@ def test_family_entries_are_timms_models_with_xvolution_in_stage3(name: str) -> 
     assert x.pretrained_cfg["architecture"] == name and not x.pretrained_cfg.get("hf_hub_id")
 
 
+def test_family_entries_take_stages_shifts_and_center() -> None:
+    model = on_meta(
+        timm.create_model, "xresnext50_32x4d", stages=[3, 4], shifts=[1, 2], center=True
+    )
+    assert len(slots(model)) == 6 + 3
+    assert all(m.shifts == (1, 2) and m.center and len(m.taps) == 17 for m in slots(model))
+    spec = ModelSpec.from_config({
+        "_target_": "xvol.models.build_model", "arch": "resnet50d", "num_classes": 10,
+        "stages": [2], "xconv": {"_target_": "xvol.ops.XConv2d", "_partial_": True, "shifts": [2]},
+    })  # fmt: skip
+    assert spec.identity()["model"] == "xresnet50d-s2-L2"
+    assert len(slots(on_meta(spec.build))) == 4  # resnet50d's layer2 has 4 blocks
+
+
 @pytest.mark.parametrize("name", family_params())
 def test_family_entries_reparameterize_exactly(name: str) -> None:
     model = timm.create_model(name, num_classes=10)

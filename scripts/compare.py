@@ -100,7 +100,7 @@ def evaluate(args: argparse.Namespace, cuda: bool, data_root: Path) -> Path:
         for seed in args.seed_list:
             best = args.out / "runs" / f"{model}_seed{seed}" / "best.pt"
             _run([_python(), "tools/eval.py", str(best), "--data", str(data_root), "--results-dir",
-                  str(results), "--no-progress", "--bench-iters", "0", "--workers", "2",
+                  str(results), "--no-progress", "--workers", "2",
                   *device], f"evaluating {best}")  # fmt: skip
     return results
 

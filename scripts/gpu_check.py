@@ -123,9 +123,9 @@ CKPT = "runs/gpu_check_xresnet50/last.pt"
 def _eval_args(ctx: Context) -> list[str]:
     if ctx.cpu:
         return ["--device", "cpu", "--precision", "fp32", "--batch-size", "8", "--workers", "0",
-                "--bench-iters", "1", "--bench-warmup", "0"]  # fmt: skip
+                "--bench", "--bench-iters", "1", "--bench-warmup", "0"]  # fmt: skip
     return ["--device", "cuda", "--precision", "bf16", "--channels-last", "--batch-size", "64",
-            "--workers", "2", "--bench-batch-size", "256", "--bench-iters", "10",
+            "--workers", "2", "--bench", "--bench-batch-size", "256", "--bench-iters", "10",
             "--bench-warmup", "3"]  # fmt: skip
 
 

@@ -181,7 +181,7 @@ def test_grad_accumulation_matches_big_batch() -> None:
             state,
             steps_per_epoch=data.steps_per_epoch,
             device=torch.device("cpu"),
-            settings=LoopSettings(grad_accum=accum, progress_bar=False),
+            opts=LoopSettings(grad_accum=accum, progress_bar=False),
         )
         assert done and state.global_step == 4 and state.step == data.steps_per_epoch
         results.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
@@ -208,7 +208,7 @@ def test_nan_loss_stops_before_the_update() -> None:
             state,
             steps_per_epoch=data.steps_per_epoch,
             device=torch.device("cpu"),
-            settings=LoopSettings(debug=DebugOptions(nan_at_step=3), progress_bar=False),
+            opts=LoopSettings(debug=DebugOptions(nan_at_step=3), progress_bar=False),
             on_update=snapshot,
         )
     assert state.global_step == 2
@@ -236,7 +236,7 @@ def test_fp16_scaler_gives_up_after_consecutive_skips() -> None:
             state,
             steps_per_epoch=data.steps_per_epoch,
             device=torch.device("cpu"),
-            settings=LoopSettings(max_skipped_steps=3, progress_bar=False),
+            opts=LoopSettings(max_skipped_steps=3, progress_bar=False),
             scaler=torch.amp.GradScaler("cpu"),
         )
     assert state.skipped_in_a_row == 4

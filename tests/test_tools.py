@@ -7,6 +7,7 @@ tests/tools_helpers.py) on a tiny val folder of 3 classes x 4 noise images at 32
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import shutil
@@ -20,6 +21,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from tools_helpers import ROOT, make_checkpoint, make_val_folder, model_config
 
+from xvol.checks import ConfigError
 from xvol.cli import eval as eval_tool
 from xvol.cli import export as export_tool
 from xvol.cli import leaderboard as leaderboard_tool
@@ -37,7 +39,8 @@ from xvol.ops import XConv2d
 from xvol.reparam import reparameterize_model
 from xvol.results.render import CSV_COLUMNS
 
-EVAL_FAST = {"device": "cpu", "workers": 0, "batch_size": 5, "bench_iters": 1, "bench_warmup": 0}
+EVAL_FAST = {"device": "cpu", "workers": 0, "batch_size": 5}
+EVAL_BENCH = {**EVAL_FAST, "bench": True, "bench_iters": 1, "bench_warmup": 0}
 
 
 @pytest.fixture(autouse=True)
@@ -311,7 +314,7 @@ def test_eval_training_and_deploy_checkpoints_agree_on_every_image(
     train = eval_tool.evaluate_checkpoint(
         tiny["xckpt"],
         eval_tool.EvalOptions(
-            data=tiny["data"], results_dir=results, predictions=tmp_path / "train.csv", **EVAL_FAST
+            data=tiny["data"], results_dir=results, predictions=tmp_path / "train.csv", **EVAL_BENCH
         ),
     )
     deploy = eval_tool.evaluate_checkpoint(
@@ -320,7 +323,7 @@ def test_eval_training_and_deploy_checkpoints_agree_on_every_image(
             data=tiny["data"] / "val",  # the val folder itself works too
             results_dir=results,
             predictions=tmp_path / "deploy.csv",
-            **EVAL_FAST,
+            **EVAL_BENCH,
         ),
     )
     assert (train["deploy"], deploy["deploy"]) == (False, True)
@@ -379,13 +382,40 @@ def test_eval_defaults_to_the_checkpoints_data_root(tiny: dict[str, Path]) -> No
     assert record["data"]["img_size"] == 32 and record["data"]["crop_pct"] == 1.0
 
 
-def test_eval_without_benchmark_records_no_throughput(tiny: dict[str, Path]) -> None:
-    fast = {**EVAL_FAST, "bench_iters": 0}
+def test_eval_without_benchmark_records_no_throughput(
+    tiny: dict[str, Path], tmp_path: Path
+) -> None:
+    """Throughput is opt-in (--bench): without it the record's img_s is null, and the
+    leaderboard reads such records (its rows show no img/s)."""
+    assert eval_tool.EvalOptions().bench is False
+    assert eval_tool.build_parser().parse_args(["x.pt"]).bench is False
+    assert eval_tool.build_parser().parse_args(["x.pt", "--bench"]).bench is True
+    results = tmp_path / "results"
     record = eval_tool.evaluate_checkpoint(
-        tiny["xckpt"], eval_tool.EvalOptions(results_dir=None, **fast)
+        tiny["xckpt"], eval_tool.EvalOptions(data=tiny["data"], results_dir=results, **EVAL_FAST)
     )
     assert record["throughput"]["img_s"] is None
     validate_record(record, "in memory")
+    board = leaderboard_tool.build_leaderboard(results, tmp_path / "board")
+    assert board["records"] == 1
+    (row,) = list(csv.DictReader((tmp_path / "board" / "leaderboard.csv").open()))
+    assert row["infer_samples_per_sec"] == ""
+
+
+def test_eval_flags_come_from_the_options() -> None:
+    """Each xvol-eval option is declared once, in EvalOptions: the flags' defaults are its
+    defaults, a bad value is refused naming the flag, choices come from its checks."""
+    parser = eval_tool.build_parser()
+    args = parser.parse_args(["x.pt"])
+    for f in dataclasses.fields(eval_tool.EvalOptions):
+        if hasattr(args, f.name) and f.name != "results_dir":
+            assert getattr(args, f.name) == f.default, f.name
+    with pytest.raises(ConfigError, match=r"^--batch-size: expected a positive integer, got 0"):
+        eval_tool.EvalOptions(batch_size=0)
+    with pytest.raises(ConfigError, match=r"^--precision: expected one of fp32, bf16, fp16"):
+        eval_tool.EvalOptions(precision="fp8")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["x.pt", "--on-bad-image", "maybe"])
 
 
 @pytest.mark.dali

@@ -92,7 +92,7 @@ def deployed(run: dict[str, Path]) -> dict[str, Any]:
 def evaluated(run: dict[str, Path], deployed: dict[str, Any]) -> dict[str, Any]:
     results = run["base"] / "results"
     common = ["--results-dir", str(results), "--workers", "0", "--device", "cpu"]
-    common += ["--bench-iters", "3", "--batch-size", "50", "--json"]
+    common += ["--bench", "--bench-iters", "3", "--batch-size", "50", "--json"]
     train = _tool("eval", str(run["ckpt"]), *common, "--predictions", str(run["base"] / "t.csv"))
     deploy = _tool(
         "eval", str(deployed["dir"]), *common, "--predictions", str(run["base"] / "d.csv")
@@ -148,8 +148,6 @@ def test_torchrun_eval_matches_single_process(
         "--workers",
         "0",
         "--no-record",
-        "--bench-iters",
-        "0",
         "--predictions",
         str(preds),
         "--json",

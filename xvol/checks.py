@@ -28,6 +28,7 @@ __all__ = [
     "ConfigError",
     "check_fields",
     "check_value",
+    "flag_name",
     "float_options",
     "is_int",
     "is_number",
@@ -151,10 +152,16 @@ def check_value(key: str, check: Check, value: Any) -> None:
     raise ConfigError(f"{key}: expected {check.expected}, got {value!r}")
 
 
-def check_fields(options: Any, prefix: str) -> None:
+def flag_name(name: str) -> str:
+    """A command's flag for the options field ``name``: ``batch_size`` -> ``--batch-size``."""
+    return "--" + name.replace("_", "-")
+
+
+def check_fields(options: Any, prefix: str | None) -> None:
     """Every check of ``options`` (a dataclass instance), nested options included: what an
-    options class's ``__post_init__`` calls."""
-    for key, check in option_checks(type(options), prefix).items():
+    options class's ``__post_init__`` calls. ``prefix`` None: a command's options, whose
+    messages name the flag (``--batch-size: expected a positive integer, got 0``)."""
+    for key, check in option_checks(type(options), prefix or "_").items():
         *parents, leaf = key.split(".")[1:]
         node = options
         for part in parents:
@@ -162,4 +169,5 @@ def check_fields(options: Any, prefix: str) -> None:
             if node is None:
                 break  # a null nested node (trainer.ema=null) has no fields to check
         else:
-            check_value(key, check, getattr(node, leaf))
+            shown = key if prefix is not None else flag_name(key.split(".", 1)[1])
+            check_value(shown, check, getattr(node, leaf))

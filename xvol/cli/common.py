@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime as _dt
 import logging
 import os
@@ -17,8 +18,9 @@ import platform
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any, get_args, get_type_hints
 
-from xvol.checks import ConfigError
+from xvol.checks import ConfigError, flag_name
 from xvol.data.folder import DataError
 from xvol.extras import MissingExtra
 from xvol.formats.checkpoint import CheckpointError, checkpoint_versions
@@ -28,8 +30,10 @@ from xvol.models.spec import ModelSpecError
 __all__ = [
     "KNOWN_ERRORS",
     "ToolError",
+    "add_options",
     "check_xvol_package",
     "now_iso",
+    "options_from_args",
     "refuse_existing",
     "setup_tool_logging",
     "tool_args",
@@ -68,6 +72,38 @@ def tool_args(
         parent.add_argument("--force", action="store_true", help="overwrite existing outputs")
     parent.add_argument("--debug", action="store_true", help="show tracebacks (or XVOL_DEBUG=1)")
     return parent
+
+
+def add_options(parser: argparse.ArgumentParser, cls: type, *, exclude: Sequence[str] = ()) -> None:
+    """One flag per field of the options dataclass ``cls`` declared with a ``help``
+    (xvol.checks.option): its default, type, choices (a one_of check) and help come from the
+    field, so each option is declared once. A bool defaulting to False is a switch; one
+    defaulting to None or True takes ``--x``/``--no-x``. Checks run when the options object is
+    made (its ``__post_init__``), naming the flag."""
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in exclude or "help" not in f.metadata:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kinds = [a for a in (get_args(hints[f.name]) or (hints[f.name],)) if a is not type(None)]
+        kwargs: dict[str, Any] = {"dest": f.name, "default": default, "help": f.metadata["help"]}
+        if kinds[0] is bool:
+            switch = default is False
+            kwargs["action"] = "store_true" if switch else argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = kinds[0] if kinds[0] in (int, float) else str
+            check = f.metadata.get("check")
+            if check is not None and check.choices:
+                kwargs["choices"] = check.choices
+            if default is not None:
+                kwargs["help"] += f" (default: {default})"
+        parser.add_argument(flag_name(f.name), **kwargs)
+
+
+def options_from_args(cls: type, args: argparse.Namespace, **derived: Any) -> Any:
+    """``cls`` from a parsed command line: every field the namespace holds, plus ``derived``."""
+    names = {f.name for f in dataclasses.fields(cls)} - derived.keys()
+    return cls(**{n: getattr(args, n) for n in names if hasattr(args, n)}, **derived)
 
 
 def check_xvol_package() -> None:

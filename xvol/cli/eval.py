@@ -3,7 +3,7 @@
 Usage:
     python tools/eval.py outputs/demo --data ~/.cache/xvol/demo      # a run dir: its best.pt
     xvol-eval outputs/demo/deploy --data ~/.cache/xvol/demo --predictions preds.csv
-    xvol-eval CKPT --data /imagenet --batch-size 256 --precision bf16 --device cuda --json
+    xvol-eval CKPT --data /imagenet --batch-size 256 --precision bf16 --device cuda --json --bench
     xvol-eval CKPT --data photos/ --on-bad-image skip        # leave unreadable files out
     torchrun --standalone --nproc_per_node=2 tools/eval.py CKPT --data /imagenet --device cpu
 
@@ -18,8 +18,9 @@ evaluation (--on-bad-image error, the default: a top-1 over fewer images is anot
 is rebuilt from the checkpoint's validated model spec (xvol.models.ModelSpec), never from a
 ``_target_`` read from the file; non-finite logits are an error. Top-1/top-5 are exact counts
 over every val image (each rank evaluates a contiguous slice, rank 0 gathers all predictions);
-throughput is measured on rank 0 with a random batch of --bench-batch-size images at --precision
-(--bench-iters 0 skips it). The record (schema
+with --bench, throughput is measured on rank 0 with a random batch of --bench-batch-size images at
+--precision (off by default: it takes seconds to minutes on a CPU; the record's
+throughput.img_s is then null). The record (schema
 ``RECORD_SCHEMA_VERSION``, see xvol/formats/record.py and the README) goes to
 RESULTS_DIR/<model>_<train|deploy>_<weights>_<backend>_<sha12>_val-<val8>_<size>px-crop<crop>-
 <interpolation>.json (val8: the val set's fingerprint): the data backend is part of its name,
@@ -46,16 +47,28 @@ from typing import Any
 import torch
 from torch import nn
 
+from xvol.checks import (
+    BOOL,
+    NON_NEGATIVE_INT,
+    POSITIVE_INT,
+    POSITIVE_NUMBER,
+    check_fields,
+    one_of,
+    option,
+)
 from xvol.cli.common import (
     ToolError,
+    add_options,
     now_iso,
+    options_from_args,
     refuse_existing,
     setup_tool_logging,
     tool_args,
     tool_errors,
     versions,
 )
-from xvol.data.val import ValData, build_val_loader, eval_settings, resolve_val_dir
+from xvol.data.folder import BAD_IMAGE_POLICIES, INTERPOLATIONS, VALIDATE_MODES
+from xvol.data.val import EVAL_BACKENDS, ValData, build_val_loader, eval_settings, resolve_val_dir
 from xvol.engine.dist import (
     all_gather_objects,
     barrier,
@@ -169,46 +182,83 @@ def _write_predictions(path: Path, samples: list[tuple[str, int]], preds: torch.
 
 @dataclasses.dataclass
 class EvalOptions:
-    """What to evaluate and how: xvol-eval's options (:meth:`from_args`), same defaults.
+    """What to evaluate and how: xvol-eval's options, each declared once here; the command's
+    flags are derived from these fields (xvol.cli.common.add_options: default, type, choices,
+    help), and making an EvalOptions checks every value, naming the flag.
 
-    ``results_dir`` None writes no record; ``progress`` shows a bar on stderr (rank 0 only).
+    ``ema``, ``img_size`` and ``force`` are the tools' shared flags (xvol.cli.common.tool_args);
+    ``results_dir`` None writes no record (--no-record); ``progress`` shows a bar on stderr
+    (rank 0 only; --no-progress turns off the command's).
     """
 
-    data: str | Path | None = None  # ROOT with val/ or the val folder; None: the checkpoint's
+    data: str | Path | None = option(
+        None, help="ROOT with val/, or the val folder (default: the checkpoint's data root)"
+    )
     ema: bool | None = None
-    backend: str = "torchvision"
-    batch_size: int = 64
-    workers: int = 2
-    img_size: int | None = None
-    crop_pct: float | None = None
-    interpolation: str | None = None
-    precision: str = "fp32"
-    device: str = "auto"
-    channels_last: bool = False
-    bench_batch_size: int | None = None
-    bench_iters: int = 10
-    bench_warmup: int = 3
-    results_dir: str | Path | None = "results"
+    backend: str = option("torchvision", one_of(*EVAL_BACKENDS), help="data backend")
+    batch_size: int = option(64, POSITIVE_INT, help="eval batch size per rank")
+    workers: int = option(2, NON_NEGATIVE_INT, help="loader workers per rank")
+    img_size: int | None = option(None, POSITIVE_INT)
+    crop_pct: float | None = option(
+        None, POSITIVE_NUMBER, help="center crop fraction (default: the checkpoint's crop_pct)"
+    )
+    interpolation: str | None = option(
+        None, one_of(*INTERPOLATIONS), help="default: the checkpoint's interpolation"
+    )
+    precision: str = option("fp32", one_of(*PRECISIONS), help="autocast precision of the eval")
+    device: str = option("auto", help="auto (GPU if present), cpu, cuda, cuda:N")
+    channels_last: bool = option(False, BOOL, help="channels_last memory format")
+    bench: bool = option(
+        False,
+        BOOL,
+        help="also measure inference throughput on rank 0 (a random batch of --bench-batch-size "
+        "images at --precision; seconds to minutes on a CPU); without it the record's "
+        "throughput.img_s is null",
+    )
+    bench_batch_size: int | None = option(
+        None, POSITIVE_INT, help="throughput batch with --bench (default: --batch-size)"
+    )
+    bench_iters: int = option(
+        10, NON_NEGATIVE_INT, help="timed forward passes with --bench (0: none)"
+    )
+    bench_warmup: int = option(3, NON_NEGATIVE_INT, help="untimed passes before them")
+    results_dir: str | Path | None = option("results", help="where the record goes")
     record_file: str | None = None
-    predictions: str | Path | None = None
+    predictions: str | Path | None = option(
+        None, help="also write per-image predictions (CSV) here"
+    )
     force: bool = False
-    validate: str = "auto"
-    allow_class_mismatch: bool = False
-    on_bad_image: str = "error"
+    validate: str = option(
+        "auto",
+        one_of(*VALIDATE_MODES),
+        help="up-front image check of the data builders (auto: full decode up to 50k files)",
+    )
+    allow_class_mismatch: bool = option(
+        False,
+        BOOL,
+        help="evaluate even when the val class folders differ from the checkpoint's class names",
+    )
+    on_bad_image: str = option(
+        "error",
+        one_of(*BAD_IMAGE_POLICIES),
+        help="a val file that is not a readable image: stop (error) or leave it out (skip; the "
+        "record counts it)",
+    )
     progress: bool = False
+
+    def __post_init__(self) -> None:
+        check_fields(self, None)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> EvalOptions:
         """The options of a parsed xvol-eval command line (:func:`build_parser`)."""
-        derived = {
-            "results_dir": None if args.no_record else args.results_dir,
-            "record_file": args.record_name,
-            "progress": not args.no_progress,
-        }
-        same = {
-            f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.name not in derived
-        }
-        return cls(**same, **derived)
+        return options_from_args(
+            cls,
+            args,
+            results_dir=None if args.no_record else args.results_dir,
+            record_file=args.record_name,
+            progress=not args.no_progress,
+        )
 
 
 @dataclasses.dataclass
@@ -278,8 +328,6 @@ def evaluate_checkpoint(checkpoint: str | Path, opts: EvalOptions | None = None)
     variables are present, gloo on CPU, and torn down again). Returns the record on every rank.
     """
     opts = opts if opts is not None else EvalOptions()
-    if opts.precision not in PRECISIONS:
-        raise ToolError(f"--precision must be one of {PRECISIONS}, got {opts.precision!r}")
     already = torch.distributed.is_available() and torch.distributed.is_initialized()
     denv, dev = setup_distributed(opts.device)
     rank, world_size = denv.rank, denv.world_size
@@ -344,7 +392,7 @@ def evaluate_checkpoint(checkpoint: str | Path, opts: EvalOptions | None = None)
         n = len(val.samples)
         bench_batch = opts.bench_batch_size or opts.batch_size
         throughput: dict[str, Any] = {"img_s": None, "batch_size": bench_batch}
-        if opts.bench_iters > 0 and rank == 0:
+        if opts.bench and opts.bench_iters > 0 and rank == 0:
             throughput = measure_throughput(
                 model,
                 batch_size=bench_batch,
@@ -421,10 +469,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="xvol-eval",
         description=(
-            "Top-1/top-5 over every image of an ImageNet-layout val folder plus inference "
-            "throughput, for a training checkpoint (.pt or its run directory) or a deploy "
-            "checkpoint (from xvol-reparam). Writes one JSON record to --results-dir and prints "
-            "a top-1 / top-5 / images line (the record with --json)."
+            "Top-1/top-5 over every image of an ImageNet-layout val folder (plus inference "
+            "throughput with --bench), for a training checkpoint (.pt or its run directory) or "
+            "a deploy checkpoint (from xvol-reparam). Writes one JSON record to --results-dir "
+            "and prints a top-1 / top-5 / images line (the record with --json)."
         ),
         epilog=(
             "examples:\n"
@@ -441,46 +489,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "checkpoint", help="training .pt, run dir (its best.pt), deploy dir/.safetensors/.json"
     )
-    parser.add_argument(
-        "--data", help="ROOT with val/, or the val folder (default: the checkpoint's data root)"
-    )
-    parser.add_argument("--backend", choices=("torchvision", "dali"), default="torchvision")
-    parser.add_argument("--batch-size", type=int, default=64, help="eval batch size per rank")
-    parser.add_argument("--workers", type=int, default=2, help="loader workers per rank")
-    parser.add_argument("--crop-pct", type=float, help="default: the checkpoint's crop_pct")
-    parser.add_argument("--interpolation", help="default: the checkpoint's interpolation")
-    parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
-    parser.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda")
-    parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument("--bench-batch-size", type=int, help="throughput batch (default: eval's)")
-    parser.add_argument("--bench-iters", type=int, default=10, help="0 skips throughput")
-    parser.add_argument("--bench-warmup", type=int, default=3)
-    parser.add_argument("--results-dir", default="results", help="where the record goes")
+    add_options(parser, EvalOptions)
     parser.add_argument("--record-name", help="record file name (default: derived, see above)")
     parser.add_argument("--no-record", action="store_true", help="print only, write no record")
-    parser.add_argument("--predictions", help="also write per-image predictions (CSV) here")
-    parser.add_argument(
-        "--validate",
-        choices=("auto", "full", "fast", "off"),
-        default="auto",
-        help="up-front image check of the data builders (auto: full decode up to 50k files)",
-    )
-    parser.add_argument(
-        "--on-bad-image",
-        choices=("error", "skip"),
-        default="error",
-        help="a val file that is not a readable image: stop (error) or leave it out (skip; the "
-        "record counts it)",
-    )
     parser.add_argument(
         "--json", action="store_true", help="print the whole record instead of the summary line"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    parser.add_argument(
-        "--allow-class-mismatch",
-        action="store_true",
-        help="evaluate even when the val class folders differ from the checkpoint's class names",
-    )
     return parser
 
 

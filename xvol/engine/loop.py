@@ -79,6 +79,10 @@ class LoopSettings:
         )
 
 
+
+# The old name, kept only while scripts/bench.py (edited elsewhere) imports it; delete with it.
+TrainOptions = LoopSettings
+
 @dataclass
 class TrainState:
     """Where the run is; everything here goes into the checkpoint."""
@@ -136,7 +140,7 @@ def train_one_epoch(
     *,
     steps_per_epoch: int,
     device: torch.device,
-    settings: LoopSettings,
+    opts: LoopSettings,
     scheduler: Any = None,
     scaler: torch.amp.GradScaler | None = None,
     ema: Any = None,
@@ -155,10 +159,10 @@ def train_one_epoch(
     a stop was requested before its last update (the state then points at the next batch).
     """
     model.train()
-    accum = max(1, settings.grad_accum)
+    accum = max(1, opts.grad_accum)
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    show = is_main and settings.progress_bar
-    of = f"/{settings.epochs}" if settings.epochs else ""
+    show = is_main and opts.progress_bar
+    of = f"/{opts.epochs}" if opts.epochs else ""
     bar = _progress(steps_per_epoch, state.step, f"epoch {state.epoch + 1}{of}", show)
     loss_acc = torch.zeros((), device=device)
     tic = time.perf_counter()
@@ -177,15 +181,15 @@ def train_one_epoch(
             last_micro = step == group_start + group_size - 1
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
-            if settings.channels_last:
+            if opts.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             targets = labels
             if mixup is not None:
                 images, targets = mixup(images, labels)
-            with autocast(device, settings.amp_dtype):
+            with autocast(device, opts.amp_dtype):
                 output = model(images)
                 loss = loss_fn(output, targets)
-            if state.global_step + 1 == settings.debug.nan_at_step:
+            if state.global_step + 1 == opts.debug.nan_at_step:
                 loss = loss * float("nan")
             loss_acc += loss.detach().float()
             scaled = loss / group_size
@@ -197,7 +201,7 @@ def train_one_epoch(
                 continue
 
             # -- one optimizer update --------------------------------------------------------
-            if is_main and state.global_step + 1 == settings.debug.signal_at_step:
+            if is_main and state.global_step + 1 == opts.debug.signal_at_step:
                 signal.raise_signal(signal.SIGTERM)
             mean_loss = loss_acc / group_size
             flags = torch.stack(
@@ -218,12 +222,12 @@ def train_one_epoch(
                     f"non-finite loss at {where} on {int(bad_ranks)} rank(s); the update was not "
                     "applied (lower the LR, enable clipping, or check the data)"
                 )
-            if settings.clip_grad is not None:
+            if opts.clip_grad is not None:
                 if scaler is not None:
                     scaler.unscale_(optimizer)
                 from timm.utils import dispatch_clip_grad
 
-                dispatch_clip_grad(params, settings.clip_grad, mode=settings.clip_mode)
+                dispatch_clip_grad(params, opts.clip_grad, mode=opts.clip_mode)
             skipped = False
             if scaler is not None:
                 scale = scaler.get_scale()
@@ -238,7 +242,7 @@ def train_one_epoch(
             state.step = step
             if skipped:
                 state.skipped_in_a_row += 1
-                if state.skipped_in_a_row > settings.max_skipped_steps:
+                if state.skipped_in_a_row > opts.max_skipped_steps:
                     raise NonFiniteLossError(
                         f"fp16: {state.skipped_in_a_row} consecutive steps skipped for inf/NaN "
                         f"gradients (last at {where}); stopping"

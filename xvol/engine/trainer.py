@@ -571,7 +571,7 @@ class Trainer:
                         s,
                         steps_per_epoch=self.data.steps_per_epoch,
                         device=self.device,
-                        settings=self.loop,
+                        opts=self.loop,
                         scheduler=self.scheduler,
                         scaler=self.scaler,
                         ema=self.ema,

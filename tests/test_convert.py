@@ -14,6 +14,7 @@ models (resnext101_32x8d, wide_resnet50_2) are slow-marked (in ``make test``, no
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -90,19 +91,37 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out - ref).abs().max() / ref.abs().max()).item()
 
 
-def assert_reparameterizes_exactly(model: nn.Module, n_slots: int) -> None:
+def assert_reparameterizes_exactly(
+    model: nn.Module,
+    n_slots: int,
+    float32_bound: float | None = 1e-5,
+    *,
+    float64: bool = False,
+    img_size: int = 64,
+) -> None:
     """xvol's and timm's helpers give a deploy form (no XConv2d left, ``n_slots`` deploy
-    operators) whose logits equal the training form's within float32 rel. error 1e-5."""
+    operators) whose logits equal the training form's in float32 within ``float32_bound``
+    relative error; with ``float64``, also in float64 to 1e-10 (the algebra alone).
+    ``float32_bound=None``: within the training form's own float32 rounding (its distance from
+    float64), for a network deep enough that rounding alone is past 1e-5."""
     torch.manual_seed(0)
-    x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    x = torch.randn(4, 3, img_size, img_size, generator=torch.Generator().manual_seed(2))
     randomize_for_reparam(model, x)
+    float64 = float64 or float32_bound is None
+    model64 = copy.deepcopy(model).double() if float64 else None
     with torch.no_grad():
         ref = model(x)
+        ref64 = model64(x.double()) if model64 is not None else None
+        if float32_bound is None:
+            float32_bound = max(1e-5, relative_error(ref.double(), ref64))
         for helper in (reparameterize_model, timm_reparameterize_model):
             deploy = helper(model).eval()
             assert not slots(deploy)
             assert sum(isinstance(m, XConv2dDeploy) for m in deploy.modules()) == n_slots
-            assert relative_error(deploy(x), ref) <= 1e-5, helper.__module__
+            assert relative_error(deploy(x), ref) <= float32_bound, helper.__module__
+            if model64 is not None:
+                deploy64 = helper(model64).eval()
+                assert relative_error(deploy64(x.double()), ref64) <= 1e-10, helper.__module__
     assert len(slots(model)) == n_slots  # both helpers left the model as it was
 
 
@@ -141,7 +160,10 @@ def test_family_entries_take_stages_shifts_and_center() -> None:
 @pytest.mark.parametrize("name", family_params())
 def test_family_entries_reparameterize_exactly(name: str) -> None:
     model = timm.create_model(name, num_classes=10)
-    assert_reparameterizes_exactly(model, FAMILY[name])
+    # resnext101_32x8d: 23 slots (and 100 random BNs) deep, its float32 logits are 1.5e-4 from
+    # float64 on their own; deploy vs training stays within that (and is 1e-14 in float64)
+    bound = None if name == "xresnext101_32x8d" else 1e-5
+    assert_reparameterizes_exactly(model, FAMILY[name], bound)
 
 
 def test_family_summary_rows_have_params_and_macs() -> None:
@@ -180,7 +202,7 @@ def test_convert_regnety_008_trains_one_step_and_reparameterizes_exactly() -> No
         if ".conv2.conv." in name and name.startswith("s3."):  # every slot parameter learns
             assert p.grad is not None and p.grad.abs().sum() > 0, name
             assert not torch.equal(p, before[name]), name
-    assert_reparameterizes_exactly(model, 8)
+    assert_reparameterizes_exactly(model, 8, float64=True)
 
 
 def test_convert_torchvision_resnet_and_regnet() -> None:

@@ -16,8 +16,8 @@ from xvol.reparam import reparameterize_model
 def synthetic_targets(n: int, gen: torch.Generator) -> list[dict[str, torch.Tensor]]:
     targets = []
     for _ in range(n):
-        xy = torch.randint(0, 40, (2, 2), generator=gen).float()
-        boxes = torch.cat([xy, xy + 16 + torch.randint(0, 20, (2, 2), generator=gen)], dim=1)
+        xy = torch.randint(0, 24, (2, 2), generator=gen).float()
+        boxes = torch.cat([xy, xy + 12 + torch.randint(0, 16, (2, 2), generator=gen)], dim=1)
         targets.append({"boxes": boxes, "labels": torch.randint(1, 3, (2,), generator=gen)})
     return targets
 
@@ -27,8 +27,8 @@ def test_faster_rcnn_with_an_xresnet50_fpn_trains_one_step() -> None:
     gen = torch.Generator().manual_seed(0)
     backbone = fpn_backbone("xresnet50")
     assert sum(isinstance(m, XConv2d) for m in backbone.modules()) == 6
-    detector = FasterRCNN(backbone, num_classes=3, min_size=96, max_size=96)
-    images = list(torch.rand(2, 3, 96, 96, generator=gen))
+    detector = FasterRCNN(backbone, num_classes=3, min_size=64, max_size=64)
+    images = list(torch.rand(2, 3, 64, 64, generator=gen))
     optimizer = torch.optim.SGD(detector.parameters(), lr=0.01, momentum=0.9)
     losses = detector.train()(images, synthetic_targets(2, gen))
     assert set(losses) >= {"loss_classifier", "loss_box_reg", "loss_objectness"}
@@ -50,7 +50,7 @@ def test_faster_rcnn_with_an_xresnet50_fpn_trains_one_step() -> None:
 def test_deploy_backbone_features_equal_the_training_form() -> None:
     torch.manual_seed(0)
     backbone = fpn_backbone("xresnet50", out_channels=64)
-    x = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     randomize_for_reparam(backbone, x)
     deploy = reparameterize_model(backbone)
     assert not any(isinstance(m, XConv2d) for m in deploy.modules())

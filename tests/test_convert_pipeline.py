@@ -1,7 +1,8 @@
 """A converted model through the whole pipeline: xregnety_008 (timm's regnety_008 with
 xvol.convert in stage 3) trained by scripts/train.py, then xvol-reparam, xvol-eval of both
-checkpoints, xvol-export (ONNX, with its parity check) and xvol-leaderboard, each launched as its CLI. Nothing in the tools knows about
-conversion: the validated model spec in the checkpoint carries it."""
+checkpoints, xvol-export (ONNX, with its parity check) and xvol-leaderboard, each launched as
+its CLI. Nothing in the tools knows about conversion: the validated model spec in the
+checkpoint carries it."""
 
 from __future__ import annotations
 

@@ -63,7 +63,7 @@ LONG_FIRST = (
     # then the files with a few subprocess runs of 5-30 s each, so that quick unit files end it
     "test_train_config.py",
     "test_packaging.py",
-    "test_tools_trust.py",
+    "test_load.py",
     "test_reparam_device.py",
     "test_data_dist.py",
     "test_tools.py",

@@ -269,7 +269,7 @@ EXIF_EVAL = {"num_classes": 1, "splits": ("val", "val"), "crop_pct": 1.0, "batch
 
 
 def test_torchvision_turns_exif_rotated_photos_upright(tmp_path: Path) -> None:
-    """Issue 19, finding 9: PIL ignores EXIF Orientation (DALI applies it). The PIL path now
+    """PIL ignores EXIF Orientation (DALI applies it). The PIL path now
     applies it too: the rotated file gives the tensor of the upright one."""
     _exif_rotated(tmp_path / "val" / "a")
     rotated, plain = torch.cat([x for x, _ in build("torchvision", tmp_path, **EXIF_EVAL).val])
@@ -347,7 +347,7 @@ def test_epoch_order_is_disjoint_equal_sized_and_seeded() -> None:
 
 
 def test_too_large_a_batch_says_which_key_to_lower() -> None:
-    """Issue 19, finding 6: the message names the fix, not only the arithmetic."""
+    """The message names the fix, not only the arithmetic."""
     with pytest.raises(DataError, match=r"lower data\.batch_size \(per rank\) to at most 3$"):
         epoch_order(7, 2, 4, seed=0, epoch=0)
 
@@ -399,7 +399,7 @@ def _photos(root: Path) -> dict[str, bytes]:
 def test_demo_never_replaces_a_folder_it_did_not_write(
     tmp_path: Path, manifest: str | None
 ) -> None:
-    """Issue 19, finding 8: data=demo is the default group, so ``data.root=/my/photos`` without
+    """data=demo is the default group, so ``data.root=/my/photos`` without
     ``data=imagenet`` reached demo.materialize, which deleted the photos and wrote MNIST."""
     root = tmp_path / "photos"
     small_tree(root)
@@ -555,7 +555,7 @@ def test_undetected_bad_file_is_substituted_at_runtime(tmp_path: Path) -> None:
 
 
 def test_a_bad_val_image_is_never_replaced_by_another(tmp_path: Path) -> None:
-    """Issue 19, finding 14: under data.validate=off a val image that fails to decode was
+    """Under data.validate=off a val image that fails to decode was
     replaced by another val image, which was then scored twice. The loader stops instead,
     naming the file (training images are still substituted: the test above)."""
     root = small_tree(tmp_path)
@@ -625,7 +625,7 @@ def test_num_classes_mismatch_names_both_numbers(tmp_path: Path) -> None:
         build("torchvision", root, num_classes=1000)
 
 
-# --- symlinks (issue 12, item 5) ------------------------------------------------------------
+# --- symlinks ------------------------------------------------------------
 
 
 def test_symlink_loops_in_the_tree_are_refused_naming_the_link(tmp_path: Path) -> None:
@@ -725,7 +725,7 @@ def test_dali_reads_through_links_outside_the_tree(tmp_path: Path) -> None:
     assert sum(len(y) for _, y in bundle.val) == 4
 
 
-# --- damaged JPEG data past a fast scan (issue 12, item 9) ---------------------------------
+# --- damaged JPEG data past a fast scan ---------------------------------
 
 
 def damage_scan(path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Core xvol works without its extras; a missing extra is one line naming it (issue 14).
+"""Core xvol works without its extras; a missing extra is one line naming it.
 
 The optional modules are hidden from a fresh interpreter as if they were not installed.
 """
@@ -96,7 +96,7 @@ def test_extras_in_setup_cfg_match_the_dockerfile_and_torch() -> None:
 @pytest.mark.slow
 def test_tools_name_their_missing_extra(tmp_path: Path) -> None:
     """xvol-export without onnx: one line naming the extra, nothing written (the leaderboard
-    without matplotlib: tests/test_tools_compare.py)."""
+    without matplotlib: tests/test_eval.py)."""
     export = _run(
         f"""
         sys.argv = ["xvol-export", "missing.pt", "--out", "{tmp_path / "m.onnx"}"]

@@ -268,7 +268,7 @@ def test_geometry_padding_matches_reference_transform_reads():
 
 
 # --------------------------------------------------------------------------------------------
-# Saved tensors per slot (the target: lean saves <= 2x an nn.Conv2d's activations)
+# Saved tensors per slot (the target: lean saves <= 2x an nn.Conv2d's activations)
 
 
 def _owned(m: nn.Module) -> list[torch.Tensor]:

@@ -1,4 +1,4 @@
-"""The built wheel works on its own (issue 14): console commands, configs as package data.
+"""The built wheel works on its own: console commands, configs as package data.
 
 The wheel is built from this checkout and installed with ``pip --target`` into an empty folder;
 the commands run from another empty folder with only that folder on PYTHONPATH, so neither the

@@ -147,7 +147,7 @@ def _error(overrides: list[str]) -> str:
         ("data.batch=3", "data.batch: Could not override 'data.batch': Key 'batch' is not in"),
         ("trainer=nope", "trainer: In 'train': Could not find 'trainer/nope' (options: default)"),
         ("model.arch=???", "model.arch: Missing mandatory value"),
-        # issue 19, finding 5: each was a traceback (Hydra's InstantiationException, KeyError)
+        # each was a traceback (Hydra's InstantiationException, KeyError)
         ("model.arch=resnet17", "model.arch: 'resnet17' is not one of resnet18, resnet34"),
         ("model.stages=[7]", "model.stages[0]: 7 is outside 1..4"),
         ("model.xconv.shifts=[0]", "model.xconv.shifts[0]: 0 is outside 1..64"),
@@ -167,10 +167,10 @@ def _error(overrides: list[str]) -> str:
         ("model.xconv.center=2", "model.xconv.center: expected true or false, got 2"),
         ("model.drop_rate=2", "model.drop_rate: 2.0 is outside [0, 1]"),
         ("model.stages=[]", "model.stages: empty while xconv is set"),
-        # finding 4: no classifier (0) or another class count than the data's
+        # no classifier (0) or another class count than the data's
         ("model.num_classes=0", "model.num_classes: 0 but data.num_classes is 10: the classifier"),
         ("model.num_classes=5", "model.num_classes: 5 but data.num_classes is 10"),
-        # finding 6: the run directory is one folder under paths.output_dir
+        # the run directory is one folder under paths.output_dir
         ("run_name=../../escape", "run_name: expected one folder name under paths.output_dir"),
         ("run_name=..", "run_name: expected one folder name under paths.output_dir"),
         ("run_name=a/b", "run_name: expected one folder name under paths.output_dir"),
@@ -190,7 +190,7 @@ def test_bad_value_names_the_key(override: str, message: str) -> None:
     ],
 )
 def test_train_refuses_what_the_tools_refuse(override: str, message: str) -> None:
-    """One builder (issue 21, item 1): the model node xvol-train checks before anything is built
+    """One builder: the model node xvol-train checks before anything is built
     (validate_train_config, which run() calls first on every rank) is the ModelSpec the tools
     rebuild from; a value the spec refuses is one line naming the key in both."""
     from xvol.models import ModelSpec, ModelSpecError
@@ -252,7 +252,7 @@ def _leaves(tree: dict, prefix: str = "") -> list[str]:
         ("trainer.epoks=1", "error: trainer.epoks: Could not override 'trainer.epoks': Key", 0),
         ("trainer.grad_accum=0", "error: trainer.grad_accum: expected a positive integer", 1),
         ("debug.signal_at_step=-2", "error: debug.signal_at_step: expected a positive integer", 1),
-        # issue 19, findings 4 and 5: the model node is checked before Hydra instantiates it
+        # the model node is checked before Hydra instantiates it
         ("model.xconv.shifts=[0]", "error: model.xconv.shifts[0]: 0 is outside 1..64", 1),
         ("model.num_classes=0", "error: model.num_classes: 0 but data.num_classes is 10", 1),
         ("data.interpolation=foo", "error: data.interpolation: expected one of bilinear", 1),
@@ -291,7 +291,7 @@ def test_the_command_fails_in_one_line(
 
 
 def test_run_name_cannot_leave_the_output_dir(tmp_path: Path) -> None:
-    """Issue 19, finding 6: ``run_name=../../escape`` made the run directory (train.log and all)
+    """``run_name=../../escape`` made the run directory (train.log and all)
     two levels above paths.output_dir. It is refused before Hydra makes any directory."""
     proc = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "train.py"), "run_name=../../escape",

@@ -1,6 +1,6 @@
 """scripts/train.py refuses what would lose a run or train on the wrong thing, in one line.
 
-Each case is a subprocess on tiny synthetic (or 8-image folder) data. Issue 12: a run whose
+Each case is a subprocess on tiny synthetic (or 8-image folder) data. A run whose
 checkpoints all fail to load is left untouched; rotation after a fallback keeps the good
 ``prev.pt``; class names must match on resume; one launch per run directory; the config
 snapshot keeps what the checkpoints were trained with; bad values, a full disk and a DataError
@@ -271,12 +271,12 @@ def test_bad_value_is_one_line_naming_the_key(out_dir: Path) -> None:
 @pytest.mark.slow  # torchrun, two processes, ~15 s each
 @pytest.mark.parametrize("case", ["rank1_val_image", "bad_override"])
 def test_an_error_under_torchrun_is_printed_once(out_dir: Path, case: str) -> None:
-    """Issue 19, findings 13 and 5/6. rank1_val_image: only rank 1 meets an undecodable val
+    """rank1_val_image: only rank 1 meets an undecodable val
     image (data.validate=off; its shard is the second half of the sorted val list) while rank 0
     waits for it in a collective. Rank 0 used to print gloo's "Connection closed by peer"
     traceback, and the real cause was only in torchrun's summary, not in train.log. Now the
     rank that met the error prints it, once, and train.log keeps it. bad_override: an error
-    every rank meets before the process group exists (one of finding 5's overrides) is
+    every rank meets before the process group exists is
     printed once by rank 0; torchrun's summary points at the line instead of repeating it."""
     data = out_dir / f"data_{case}"
     _image_folder(data, ["ant", "bee"])

@@ -1,4 +1,4 @@
-"""Files a run reads back from its run directory are input (issue 19, findings 1, 6, 12).
+"""Files a run reads back from its run directory are input.
 
 checkpoints.json may only name the epoch files the manager writes: anything else is refused and
 nothing outside the run directory is read, linked or deleted; a malformed index is rebuilt from
@@ -54,7 +54,7 @@ def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
 
 
-# ----------------------------------------------------------------------------- finding 1
+# ----------------------------------------------------------------------------- checkpoints.json
 
 
 def test_index_entries_outside_the_run_are_never_deleted(tmp_path: Path, caplog) -> None:
@@ -102,7 +102,7 @@ def test_index_never_resumes_from_a_file_outside_the_run(tmp_path: Path) -> None
     assert manager.load_latest() is None and outside.is_file()
 
 
-# ----------------------------------------------------------------------------- finding 12
+# ----------------------------------------------------------- a malformed index or metrics line
 
 
 @pytest.mark.parametrize(
@@ -181,7 +181,7 @@ def test_metrics_lines_that_are_not_records_are_named_and_kept(tmp_path: Path, c
     assert lines[1:] == odd  # left in place; the record past the checkpoint is gone
 
 
-# ----------------------------------------------------------------------------- finding 6
+# ----------------------------------------------------------------------- init_from, config.yaml
 
 
 def test_init_from_names_another_xvolution_spec(tmp_path: Path, caplog) -> None:

@@ -1,4 +1,4 @@
-"""Checkpoints, sidecars and val folders as hostile inputs to the post-training tools (issue 12).
+"""Checkpoints, sidecars and val folders as hostile inputs to the post-training tools.
 
 Through the commands (each tool's ``main(argv)``, and the scripts as subprocesses where the
 one-line stderr matters):
@@ -11,7 +11,7 @@ one-line stderr matters):
 - val class folders that differ from the checkpoint's class names are refused (unless
   --allow-class-mismatch);
 - non-finite logits fail xvol-reparam's verification, xvol-export's parity check and xvol-eval;
-- (issue 19) a format 3 sidecar rewritten as format 1 cannot name another network; an edited
+- a format 3 sidecar rewritten as format 1 cannot name another network; an edited
   eval transform (data.img_size, crop_pct, interpolation) is refused, and that of a format 2
   sidecar (no hash covers it) is not used; training checkpoints hold the weights under timm's
   names, so timm's load_checkpoint(use_ema=True) reads the EMA; timm's scripts run through
@@ -295,7 +295,7 @@ EDITS_V2 = {
     "class_names": _set("class_names", ["class_1", "class_0", "class_2"]),
     "weights": _set("weights", "model"),
     "integrity_removed": lambda s: s.pop("integrity_sha256"),
-    # issue 19, finding 14: the eval transform xvol-eval uses by default
+    # the eval transform xvol-eval uses by default
     "img_size": _set("data.img_size", 64),
     "crop_pct": _set("data.crop_pct", 0.5),
     "interpolation": _set("data.interpolation", "bicubic"),
@@ -487,11 +487,11 @@ def test_eval_refuses_nan_logits(poisoned: Path, tiny: dict[str, Path], tmp_path
     assert _files(results) == []
 
 
-# ----------------------------------------------------------------------------- issue 19
+# ------------------------------------------------------- sidecars, spec fields, eval transforms
 
 
 def _downgrade(sidecar: dict, shifts: list[int]) -> None:
-    """The issue's repro: format 3 -> 1, spec/integrity/class names dropped, another config."""
+    """Format 3 -> 1, spec/integrity/class names dropped, another config."""
     for key in ("model_spec", "integrity_sha256", "class_names"):
         sidecar.pop(key)
     cfg = model_config()
@@ -503,7 +503,7 @@ def _downgrade(sidecar: dict, shifts: list[int]) -> None:
 def test_sidecar_downgraded_to_format_1_is_refused(
     shifts: list[int], tiny: dict[str, Path], tmp_path: Path
 ) -> None:
-    """Finding 2: format 3 weights carry model_spec, not model_config; a format 1 sidecar of
+    """Format 3 weights carry model_spec, not model_config; a format 1 sidecar of
     them must not skip the comparison (and the integrity check with it)."""
     deploy = _edited(tiny, tmp_path, "deploy", lambda s: _downgrade(s, shifts))
     out = tmp_path / "out"
@@ -543,7 +543,7 @@ def _as_format_2(sidecar: dict) -> None:
 def test_format_2_sidecar_loads_but_its_data_is_not_used(
     tiny: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Finding 14: format 2 covers no data, so an edit there changes nothing."""
+    """Format 2 covers no data, so an edit there changes nothing."""
 
     def edit(sidecar: dict) -> None:
         _as_format_2(sidecar)
@@ -565,7 +565,7 @@ def _logits_for(model: torch.nn.Module) -> torch.Tensor:
 
 
 def test_training_checkpoint_holds_timm_names(tiny: dict[str, Path]) -> None:
-    """Finding 7: timm's load_checkpoint(use_ema=True) (validate.py --use-ema) reads the EMA, and
+    """timm's load_checkpoint(use_ema=True) (validate.py --use-ema) reads the EMA, and
     without use_ema the raw weights, the ones xvol-eval reads with --ema / --no-ema."""
     import timm
     from timm.models import load_checkpoint as timm_load_checkpoint

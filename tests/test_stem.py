@@ -1,4 +1,4 @@
-"""``model.stem=cifar``: a 3x3 stride-1 stem conv and no max-pool on timm's ResNets (issue 20).
+"""``model.stem=cifar``: a 3x3 stride-1 stem conv and no max-pool on timm's ResNets.
 
 The CIFAR stem keeps timm's state-dict names (only ``conv1.weight`` is 3x3), gives 8x8 maps in
 stage 3 at 32 px, is recorded in the model spec (a checkpoint rebuilds it; files without the

@@ -1,4 +1,4 @@
-"""Evaluation users can compare (issue 13): the record's identity (backend, seed, recipe), the
+"""Evaluation users can compare: the record's identity (backend, seed, recipe), the
 leaderboard per val set, seed aggregation with a paired 95% interval, and xvol-eval's UX (bad
 files, summary line, progress, run directories).
 

@@ -1,9 +1,9 @@
-"""Eval records as hostile input to xvol-leaderboard, and the record's identity (issue 19).
+"""Eval records as hostile input to xvol-leaderboard, and the record's identity.
 
-Finding 3: every field of a record is text from outside. A crafted file name, val dir, device
+Every field of a record is text from outside. A crafted file name, val dir, device
 name or model name must not become a live link, a heading, a formula or a row of its own; a
 record nested 100,000 deep or one whose numbers contradict each other is refused naming the
-file (and skipped by --skip-bad). Finding 10: one checkpoint evaluated through two eval
+file (and skipped by --skip-bad). One checkpoint evaluated through two eval
 transforms (image size, crop, interpolation) gives two records, not a duplicate.
 
 Records are edited copies of one real record (one tiny evaluation, tests/tools_helpers.py).
@@ -242,7 +242,7 @@ def test_a_record_whose_numbers_contradict_is_refused(
 def test_one_checkpoint_through_two_eval_transforms_gives_two_records(
     tiny: dict[str, Path], tmp_path: Path
 ) -> None:
-    """Finding 10: 48 px after 32 px is another evaluation, not `record already exists`."""
+    """48 px after 32 px is another evaluation, not `record already exists`."""
     results = tmp_path / "results"
     for size in (32, 48):
         eval_tool.evaluate_checkpoint(

@@ -26,7 +26,7 @@ from xvol.cli import eval as eval_tool
 from xvol.cli import export as export_tool
 from xvol.cli import leaderboard as leaderboard_tool
 from xvol.cli import reparam as reparam_tool
-from xvol.cli.common import ToolError
+from xvol.cli.common import ToolError, options_from_args
 from xvol.data import DataError
 from xvol.engine.loop import evaluate
 from xvol.formats.checkpoint import CheckpointError
@@ -174,7 +174,7 @@ def test_reparam_refuses_to_write_when_verification_fails(
 
 def test_reparam_atol_is_a_hard_limit(tiny: dict[str, Path], tmp_path: Path) -> None:
     with pytest.raises(ToolError, match="verification failed"):
-        reparam_tool.reparam_checkpoint(tiny["xckpt"], tmp_path / "d", atol=0.0)
+        reparam_tool.reparam_checkpoint(tiny["xckpt"], tmp_path / "d", atol=1e-12)
     assert _files(tmp_path) == []
 
 
@@ -651,3 +651,20 @@ def test_cli_errors_are_one_line_without_traceback(tiny: dict[str, Path], tmp_pa
     assert "Traceback" not in proc.stderr and not (tmp_path / "o").exists()
     debug = subprocess.run([*cmd, "--debug"], capture_output=True, text=True, timeout=120)
     assert debug.returncode == 1 and "Traceback" in debug.stderr
+
+
+def test_reparam_flags_come_from_the_options() -> None:
+    """xvol-reparam's options are declared once, in ReparamOptions (defaults, checks, help)."""
+    parser = reparam_tool.build_parser()
+    args = parser.parse_args(["x.pt", "--out", "d"])
+    assert options_from_args(reparam_tool.ReparamOptions, args) == reparam_tool.ReparamOptions()
+    args = parser.parse_args(["x.pt", "--out", "d", "--atol", "0.5", "--verify-batch", "3"])
+    opts = options_from_args(reparam_tool.ReparamOptions, args)
+    assert (opts.atol, opts.verify_batch) == (0.5, 3)
+    shown = " ".join(parser.format_help().split())
+    assert "max |logit difference| allowed (default: 0.001)" in shown
+    with pytest.raises(ConfigError, match=r"^--atol: expected a positive number, got 0"):
+        reparam_tool.ReparamOptions(atol=0)
+    args = parser.parse_args(["x.pt", "--out", "d", "--verify-batch", "0"])
+    with pytest.raises(ConfigError, match=r"^--verify-batch: expected a positive integer"):
+        options_from_args(reparam_tool.ReparamOptions, args)

@@ -19,6 +19,7 @@ Prints one JSON record.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -30,9 +31,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from xvol.checks import INT, NON_NEGATIVE_INT, POSITIVE_INT, POSITIVE_NUMBER, check_fields, option
 from xvol.cli.common import (
     ToolError,
+    add_options,
     now_iso,
+    options_from_args,
     refuse_existing,
     setup_tool_logging,
     tool_args,
@@ -110,22 +114,38 @@ def _val_images(loader: Iterable, limit: int) -> Iterator[torch.Tensor]:
             return
 
 
+@dataclasses.dataclass
+class ReparamOptions:
+    """xvol-reparam's options, each declared once here: the command's flags are derived from
+    these fields (xvol.cli.common.add_options), and making one checks every value, naming the
+    flag. ``ema``, ``img_size`` and ``force`` are the tools' shared flags (tool_args)."""
+
+    ema: bool | None = None
+    data: str | Path | None = option(
+        None, help="also verify on real val images: ROOT with val/, or the val folder itself"
+    )
+    force: bool = False
+    atol: float = option(1e-3, POSITIVE_NUMBER, help="max |logit difference| allowed")
+    verify_batch: int = option(8, POSITIVE_INT, help="random verification batch")
+    verify_images: int = option(256, POSITIVE_INT, help="val images for --data")
+    img_size: int | None = option(None, POSITIVE_INT)
+    workers: int = option(0, NON_NEGATIVE_INT)  # loader workers for --data (no flag)
+    seed: int = option(0, INT)  # of the random verification batch (no flag)
+    device: str = option("cpu", help="where to verify: cpu, cuda, cuda:N")
+
+    def __post_init__(self) -> None:
+        check_fields(self, None)
+
+
 def reparam_checkpoint(
     checkpoint: str | Path,
     out: str | Path,
-    *,
-    ema: bool | None = None,
-    data: str | Path | None = None,
-    force: bool = False,
-    atol: float = 1e-3,
-    verify_batch: int = 8,
-    verify_images: int = 256,
-    img_size: int | None = None,
-    workers: int = 0,
-    seed: int = 0,
-    device: str = "cpu",
+    opts: ReparamOptions | None = None,
+    **options: Any,
 ) -> dict[str, Any]:
     """Deploy weights + sidecar for ``checkpoint`` in ``out``; returns the sidecar record.
+
+    ``opts`` (or its fields as keywords: ``ema=False``, ``data=...``) say how.
 
     ``device``: where both forms run for verification ("cpu", "cuda", "cuda:1", ...), in fp32
     with TF32 off (a TF32 convolution alone differs by more than the default ``atol``).
@@ -133,6 +153,10 @@ def reparam_checkpoint(
     Raises (and writes nothing) when the checkpoint is unusable, the outputs exist (without
     ``force``), or the two forms differ by more than ``atol`` on any verification input.
     """
+    opts = opts if opts is not None else ReparamOptions(**options)
+    ema, data, force, atol = opts.ema, opts.data, opts.force, opts.atol
+    verify_batch, verify_images, img_size = opts.verify_batch, opts.verify_images, opts.img_size
+    workers, seed, device = opts.workers, opts.seed, opts.device
     out = Path(out)
     weights_path, sidecar_path = out / DEPLOY_WEIGHTS, out / DEPLOY_SIDECAR
     if out.exists() and not out.is_dir():
@@ -256,18 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
             "Prints one JSON record (the sidecar); exit status 1 with a one-line error otherwise."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        parents=[tool_args(ema=True, img_size=True, atol=1e-3, force=True)],
+        parents=[tool_args(ema=True, img_size=True, force=True)],
     )
     parser.add_argument("checkpoint", help="training checkpoint (.pt) written by scripts/train.py")
     parser.add_argument("--out", required=True, help="output directory for the deploy checkpoint")
-    parser.add_argument(
-        "--data", help="also verify on real val images: ROOT with val/, or the val folder itself"
-    )
-    parser.add_argument("--verify-images", type=int, default=256, help="val images for --data")
-    parser.add_argument("--verify-batch", type=int, default=8, help="random verification batch")
-    parser.add_argument(
-        "--device", default="cpu", help="where to verify: cpu (default), cuda, cuda:N"
-    )
+    add_options(parser, ReparamOptions)
     return parser
 
 
@@ -275,18 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_tool_logging()
     with tool_errors("xvol-reparam", args.debug):
-        record = reparam_checkpoint(
-            args.checkpoint,
-            args.out,
-            ema=args.ema,
-            data=args.data,
-            force=args.force,
-            atol=args.atol,
-            verify_batch=args.verify_batch,
-            verify_images=args.verify_images,
-            img_size=args.img_size,
-            device=args.device,
-        )
+        opts = options_from_args(ReparamOptions, args)
+        record = reparam_checkpoint(args.checkpoint, args.out, opts)
     print(json.dumps(record, indent=2))
     return 0
 

@@ -317,12 +317,12 @@ def plain_train_case(
 
 def xvol_loop_case(name: str, model: nn.Module, images, labels, device, amp, channels_last) -> Case:
     """The same update through xvol.engine.loop.train_one_epoch (one call per timed block)."""
-    from xvol.engine.loop import TrainOptions, TrainState, train_one_epoch
+    from xvol.engine.loop import LoopSettings, TrainState, train_one_epoch
 
     model.train()
     opt = _optimizer(model)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
-    opts = TrainOptions(amp_dtype=amp_dtype, channels_last=channels_last, progress_bar=False)
+    opts = LoopSettings(amp_dtype=amp_dtype, channels_last=channels_last, progress_bar=False)
 
     def body(n: int) -> None:
         if n == 0:

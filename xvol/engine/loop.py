@@ -79,10 +79,6 @@ class LoopSettings:
         )
 
 
-
-# The old name, kept only while scripts/bench.py (edited elsewhere) imports it; delete with it.
-TrainOptions = LoopSettings
-
 @dataclass
 class TrainState:
     """Where the run is; everything here goes into the checkpoint."""

@@ -6,6 +6,7 @@ Usage:
     python scripts/bench.py --device cuda --compile --batch 128 --iters 30
     python scripts/bench.py --device cuda --impls lean gemm --skip-ops
     python scripts/bench.py --device cpu --batch 2 --img-size 32 --iters 1 --warmup 0 --rounds 1
+    python scripts/bench.py --device cuda --targets my_targets.json    # other goals, same bounds
 
 Synthetic data already on the device, SGD (Nesterov momentum), same settings for every model in
 one run: autocast (bf16 on CUDA by default, none on CPU), channels_last. Cases (img/s):
@@ -45,10 +46,20 @@ before it, plus the case's own weights, buffers and optimizer state (the shared 
 counted); on CPU, which has no allocator statistics, the bytes autograd saves for backward in one
 training forward (activations; parameters excluded) and n/a for inference.
 
-Ratios and their checks (``RATIO_CHECKS``): a target (the GPU goals; on CPU they are CPU
-ratios, reported against the same numbers) gives met / not met. The headline training ratio is
-the one of the backend ``auto`` picks (the case ``train xresnet50 auto``, what a user trains
-with), every backend's row beside it. A physical bound gives IMPOSSIBLE (in the table, and under
+Ratios and their checks. A target (op ``>=`` or ``<=`` and a value: the GPU goals; on CPU they
+are CPU ratios, reported against the same numbers) gives met / not met. The targets are goals,
+not facts, so they are data: ``scripts/bench_targets.json`` by default, another file with
+``--targets PATH``. It maps a ratio name (a "(label)" written "({})", as in ``RATIO_NAMES``) to
+``{"op": ">=" | "<=", "value": <finite number>, "why": "<where the goal comes from>"}``; a ratio
+it leaves out has no target (verdict n/a). The file is checked before anything runs: a name that
+is not a ratio bench.py computes, another op, a value that is not a finite number, an unknown or
+missing field, a duplicate name, bad JSON, or a target a physical bound makes unmeetable is
+refused with one line naming the file and key (exit status 2, nothing written). The table and
+the JSON record (``targets_file``, ``ratio_checks``) say which file the targets came from.
+
+The headline training ratio is the one of the backend ``auto`` picks (the case ``train xresnet50
+auto``, what a user trains with), every backend's row beside it. A physical bound
+(``RATIO_BOUNDS``: facts of the computation, so code) gives IMPOSSIBLE (in the table, and under
 "flags" in the JSON) when a value exceeds it by more than ``SLACK``: an xresnet50 does strictly
 more work than its resnet50 (every op of the resnet plus the PSSA branch), so no xresnet50 /
 resnet50 ratio can exceed 1.0; the xvol loop does the plain step's work plus bookkeeping, so it
@@ -58,7 +69,8 @@ ResNet-50 step is memory-bound (a roofline predicts 0.92 for fused training kern
 The exit status is 1 when any case failed (its row says why), 0 otherwise.
 
 An op-level section times the ResNet-50 stage-3 slot (256 ch, img/16 px) through each PSSA path
-and reports the bytes autograd saves per slot. Prints tables; writes one JSON record to --out.
+and reports the bytes autograd saves per slot, measured by scripts/bench_op.py's ``measure_slot``
+(the one slot timer both scripts use). Prints tables; writes one JSON record to --out.
 """
 
 from __future__ import annotations
@@ -66,6 +78,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import json
+import math
 import os
 import platform
 import statistics
@@ -88,6 +102,10 @@ from xvol.ops import dispatch, pssa_lean
 from xvol.ops.xconv import XConv2d
 from xvol.reparam import reparameterize_model
 
+if str(Path(__file__).resolve().parent) not in sys.path:  # also when loaded by path (tests)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_op import failure_line, measure_slot, pick_clock  # noqa: E402
+
 # An xresnet50 runs every op of its resnet50 plus the PSSA branch: it cannot be faster.
 MORE_WORK_BOUND = 1.0
 SLACK = 1.05  # measurement noise allowed above a physical bound before a result is impossible
@@ -101,28 +119,118 @@ OP_DEPLOY_RATIO = "deploy op / nn.Conv2d (stage-3 slot, fwd)"
 OP_SAVED_RATIO = "lean saved activations / nn.Conv2d (stage-3 slot)"
 
 
+RATIO_NAMES = (TRAIN_RATIO, MEMORY_RATIO, DEPLOY_RATIO, DEPLOY_VS_EVAL, LOOP_RATIO,
+               OP_DEPLOY_RATIO, OP_SAVED_RATIO)  # fmt: skip
+TARGETS_FILE = Path(__file__).resolve().parent / "bench_targets.json"
+TARGET_OPS = (">=", "<=")
+TARGET_FIELDS = ("op", "value", "why")
+
+# Physical bounds, keyed like RATIO_NAMES: (the largest possible value, why). Facts of the
+# computation, not goals, so they stay here; the goals are in TARGETS_FILE.
+_MORE_WORK = "xresnet50 does every op of resnet50 plus the PSSA branch"
+RATIO_BOUNDS: dict[str, tuple[float, str]] = {
+    TRAIN_RATIO: (MORE_WORK_BOUND, _MORE_WORK),
+    DEPLOY_RATIO: (MORE_WORK_BOUND, _MORE_WORK),
+    LOOP_RATIO: (1.0, "the xvol loop does the plain step's work plus bookkeeping"),
+}
+
+
 @dataclass(frozen=True)
 class RatioCheck:
-    """target: (op, value) the ratio should meet; bound: the largest physically possible value."""
+    """target: (op, value) the ratio should meet, from a targets file, and where it comes from;
+    bound: the largest physically possible value, and why."""
 
     target: tuple[str, float] | None
     bound: float | None = None
     why: str = ""
+    target_why: str = ""
 
 
-# Keyed by the ratio name with any "(...)" label replaced by "({})".
-_MORE_WORK = "xresnet50 does every op of resnet50 plus the PSSA branch"
-RATIO_CHECKS: dict[str, RatioCheck] = {
-    TRAIN_RATIO: RatioCheck((">=", 0.90), MORE_WORK_BOUND, _MORE_WORK),
-    DEPLOY_RATIO: RatioCheck((">=", 0.92), MORE_WORK_BOUND, _MORE_WORK),
-    DEPLOY_VS_EVAL: RatioCheck((">=", 1.03)),
-    MEMORY_RATIO: RatioCheck(("<=", 1.05)),
-    LOOP_RATIO: RatioCheck(
-        (">=", 0.95), 1.0, "the xvol loop does the plain step's work plus bookkeeping"
-    ),
-    OP_DEPLOY_RATIO: RatioCheck(("<=", 1.5)),
-    OP_SAVED_RATIO: RatioCheck(("<=", 2.0)),
-}
+class TargetsError(ValueError):
+    """A targets file bench.py cannot use; the message is one line naming the file and key."""
+
+
+def _no_duplicates(path: Path) -> Callable[[list[tuple[str, Any]]], dict[str, Any]]:
+    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in out:
+                raise TargetsError(f"{path}: key {json.dumps(key)}: given twice")
+            out[key] = value
+        return out
+
+    return hook
+
+
+def _shown(value: Any) -> str:
+    try:
+        text = json.dumps(value, allow_nan=True)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def load_targets(path: Path) -> dict[str, tuple[str, float, str]]:
+    """{ratio name: (op, value, why)} from a targets file, checked as untrusted input.
+
+    Raises TargetsError (one line naming ``path`` and the key) for anything bench.py cannot use.
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise TargetsError(f"{path}: cannot read the targets file: {reason}") from None
+    try:
+        data = json.loads(text, object_pairs_hook=_no_duplicates(path))
+    except json.JSONDecodeError as exc:
+        raise TargetsError(
+            f"{path}: not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})"
+        ) from None
+    if not isinstance(data, dict):
+        raise TargetsError(f"{path}: must be a JSON object of ratio name -> target")
+    targets: dict[str, tuple[str, float, str]] = {}
+    for name, entry in data.items():
+        key = f"{path}: key {json.dumps(name)}"
+        if name not in RATIO_NAMES:
+            raise TargetsError(
+                f"{key}: not a ratio bench.py computes (known: "
+                + "; ".join(json.dumps(n) for n in RATIO_NAMES)
+                + ")"
+            )
+        if not isinstance(entry, dict):
+            raise TargetsError(f'{key}: must be an object with "op", "value" and "why"')
+        unknown = [f for f in entry if f not in TARGET_FIELDS]
+        missing = [f for f in TARGET_FIELDS if f not in entry]
+        if unknown or missing:
+            what = f"unknown field {json.dumps(unknown[0])}" if unknown else f"no {missing[0]!r}"
+            raise TargetsError(f'{key}: {what} (fields: "op", "value", "why")')
+        op, value, why = entry["op"], entry["value"], entry["why"]
+        if op not in TARGET_OPS:
+            raise TargetsError(f'{key}: "op" must be ">=" or "<=", got {_shown(op)}')
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not number or not math.isfinite(value):
+            raise TargetsError(f'{key}: "value" must be a finite number, got {_shown(value)}')
+        if not isinstance(why, str) or not why.strip():
+            raise TargetsError(f'{key}: "why" must be a non-empty string, got {_shown(why)}')
+        bound = RATIO_BOUNDS.get(name)
+        if op == ">=" and bound is not None and value > bound[0] * SLACK:
+            raise TargetsError(
+                f"{key}: >= {value} can never be met: its physical bound is {bound[0]} "
+                f"(x{SLACK} slack; {bound[1]})"
+            )
+        targets[name] = (op, float(value), why.strip())
+    return targets
+
+
+def ratio_checks(targets: dict[str, tuple[str, float, str]]) -> dict[str, RatioCheck]:
+    """Every ratio's check: its target from ``targets`` (if any) and its physical bound."""
+    checks = {}
+    for name in RATIO_NAMES:
+        op, value, target_why = targets.get(name, (None, None, ""))
+        bound, why = RATIO_BOUNDS.get(name, (None, ""))
+        target = (op, value) if op is not None else None
+        checks[name] = RatioCheck(target, bound, why, target_why)
+    return checks
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -150,8 +258,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default 1 on cpu)")
     p.add_argument("--skip-ops", action="store_true", help="no op-level section")
+    p.add_argument(
+        "--targets",
+        type=Path,
+        default=TARGETS_FILE,
+        help="JSON file of the ratios' targets (default: scripts/bench_targets.json)",
+    )
     p.add_argument("--out", type=Path, default=Path("bench_results/bench.json"))
     args = p.parse_args(argv)
+    try:  # checked before anything runs; one line, no usage, nothing written
+        args.checks = ratio_checks(load_targets(args.targets))
+    except TargetsError as exc:
+        p.exit(2, f"{p.prog}: error: {exc}\n")
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     gpu = args.device == "cuda"
@@ -359,13 +477,6 @@ def infer_case(name: str, model: nn.Module, images, device, amp, compiled=False)
     return Case(name, "infer", model, run, compiled=compiled)
 
 
-def failure_line(exc: BaseException) -> str:
-    """One line naming a failure: exception type and the first line of its message."""
-    msg = str(exc).strip().splitlines()
-    text = f"{type(exc).__name__}: {msg[0]}" if msg else type(exc).__name__
-    return text if len(text) <= 160 else text[:157] + "..."
-
-
 def _record_failure(case: Case, exc: BaseException) -> None:
     if isinstance(exc, TrainModeError):
         raise exc
@@ -405,14 +516,6 @@ def time_interleaved(
             except Exception as exc:
                 _record_failure(case, exc)
     return {name: t for name, t in times.items() if t and not cases[name].error}
-
-
-def pick_clock(device: torch.device) -> tuple[Callable[[], float], str]:
-    """Wall time, except single-threaded CPU runs: their process CPU time, which other processes
-    time-slicing the same cores do not inflate (a shared machine's wall clock does)."""
-    if device.type == "cpu" and torch.get_num_threads() == 1:
-        return time.process_time, "process CPU time (1 thread)"
-    return time.perf_counter, "wall time"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -615,16 +718,21 @@ def auto_picked(device: torch.device) -> str:
     return f"triton on {sum(verdicts)} of {len(verdicts)} slot shapes, gemm on the rest"
 
 
-def judge_ratios(ratios: dict[str, float | None]) -> tuple[dict[str, dict[str, Any]], list[str]]:
+def judge_ratios(
+    ratios: dict[str, float | None], checks: dict[str, RatioCheck] | None = None
+) -> tuple[dict[str, dict[str, Any]], list[str]]:
     """Verdict per ratio (met / not met / IMPOSSIBLE / n/a / failed) and the list of flags.
 
+    ``checks``: from :func:`ratio_checks` (default: the targets of TARGETS_FILE).
     IMPOSSIBLE: above the ratio's physical bound times SLACK; such a value is never "met".
     """
+    if checks is None:
+        checks = ratio_checks(load_targets(TARGETS_FILE))
     verdicts: dict[str, dict[str, Any]] = {}
     flags: list[str] = []
     for name, value in ratios.items():
         key = _label_key(name.removesuffix(" (+compile)"))
-        check = RATIO_CHECKS.get(key, RatioCheck(None))
+        check = checks.get(key, RatioCheck(None))
         limit = check.bound * SLACK if check.bound is not None else None
         if value is None:
             verdict = "failed"
@@ -654,15 +762,20 @@ def judge_ratios(ratios: dict[str, float | None]) -> tuple[dict[str, dict[str, A
 
 
 def op_level(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """The stage-3 slot (256 ch, img/16 px): nn.Conv2d and each PSSA path's deploy form on a
+    forward, nn.Conv2d + BN and each path's training form on forward + backward, and the bytes
+    autograd saves per slot, all measured by bench_op.measure_slot."""
     hw = max(args.img_size // 16, 2)
     c = 256
     torch.manual_seed(0)
     x = torch.randn(args.batch, c, hw, hw, device=device)
-    if args.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
     conv = nn.Conv2d(c, c, 3, 1, 1, bias=False).to(device)
     conv_bn = nn.Sequential(nn.Conv2d(c, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c)).to(device)
     ref = XConv2d(c, c, 3, 1, 1, impl="reference").to(device)
+    grad_out = torch.randn(x.shape, device=device)
+    if args.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+        grad_out = grad_out.contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         ref.train()(x)  # non-trivial running statistics for the deploy fold
     slots, deploys = {}, {}
@@ -675,63 +788,42 @@ def op_level(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         if args.channels_last:
             m.to(memory_format=torch.channels_last)
 
-    def fwd(name: str, module: nn.Module) -> Case:
-        def run(n: int) -> None:
-            with torch.inference_mode(), _autocast(device, args.amp):
-                for _ in range(n):
-                    module(x)
-            _sync(device)
-
-        return Case(name, "infer", module, run)
-
-    def fwd_bwd(name: str, module: nn.Module) -> Case:
-        xg = x.detach().requires_grad_()
-
-        def run(n: int) -> None:
-            for _ in range(n):
-                with _autocast(device, args.amp):
-                    out = module(xg)
-                out.float().sum().backward()
-            _sync(device)
-
-        return Case(name, "train", module, run)
-
-    cases = [fwd("fwd nn.Conv2d", conv)]
-    cases += [fwd(f"fwd deploy {impl}", d) for impl, d in deploys.items()]
-    cases.append(fwd_bwd("fwd+bwd nn.Conv2d+BN", conv_bn))
-    cases += [fwd_bwd(f"fwd+bwd train {impl}", m) for impl, m in slots.items()]
-    by_name = {case.name: case for case in cases}
-    iters = max(args.iters, 3)
+    # measure_slot's keys -> this section's names (the JSON keys under "ops")
+    fwd = {("conv", None): "fwd nn.Conv2d"}
+    fwd |= {("deploy", impl): f"fwd deploy {impl}" for impl in deploys}
+    fwd_bwd = {("conv+bn", None): "fwd+bwd nn.Conv2d+BN"}
+    fwd_bwd |= {("train", impl): f"fwd+bwd train {impl}" for impl in slots}
+    saved_names = {("conv", None): "nn.Conv2d", ("conv+bn", None): "nn.Conv2d+BN"}
+    saved_names |= {("train", impl): f"XConv2d {impl}" for impl in slots}
+    modules = {("conv", None): conv, ("conv+bn", None): conv_bn}
+    modules |= {("deploy", impl): m for impl, m in deploys.items()}
+    modules |= {("train", impl): m for impl, m in slots.items()}
     clock = pick_clock(device)[0]
-    times = time_interleaved(by_name, iters, max(args.warmup, 1), args.rounds, clock)
-    ms = {name: (1e3 * min(times[name]) if name in times else None) for name in by_name}
-    failed = {name: case.error for name, case in by_name.items() if case.error}
-
-    def owned(m: nn.Module) -> list[torch.Tensor]:
-        return [*m.parameters(), *m.buffers()]
-
-    xg = x.detach().requires_grad_()
-    saved = {}
-    for name, module in [("nn.Conv2d", conv), ("nn.Conv2d+BN", conv_bn)] + [
-        (f"XConv2d {impl}", m) for impl, m in slots.items()
-    ]:
-        try:
-            with _autocast(device, args.amp):
-                report = pssa_lean.saved_tensors_report(lambda m=module: m(xg), owned(module))
-        except Exception as exc:
-            failed[f"saved {name}"] = failure_line(exc)
-            continue
-        saved[name] = {
+    measure = measure_slot(modules, x, grad_out, device, fwd=fwd, fwd_bwd=fwd_bwd,
+                           saved=saved_names, iters=args.rounds, warmup=max(args.warmup, 1),
+                           number=max(args.iters, 3), clock=clock,
+                           context=lambda: _autocast(device, args.amp))  # fmt: skip
+    times = {**measure.fwd_ms, **measure.fwd_bwd_ms}
+    names = {**fwd, **fwd_bwd}
+    ms = {name: (times[key][0] if key in times else None) for key, name in names.items()}
+    failed = {names[key]: e for key, e in {**measure.fwd_failed, **measure.fwd_bwd_failed}.items()}
+    failed |= {f"saved {saved_names[key]}": e for key, e in measure.saved_failed.items()}
+    saved = {
+        saved_names[key]: {
             "activation_bytes": report.activation_bytes,
             "per_channel_bytes": report.per_channel_bytes,
             "parameter_bytes": report.parameter_bytes,
         }
+        for key, report in measure.saved.items()
+    }
     ok_deploys = [ms[f"fwd deploy {impl}"] for impl in deploys if ms[f"fwd deploy {impl}"]]
+    conv_ms = ms["fwd nn.Conv2d"]
+    lean, base = saved.get("XConv2d lean"), saved.get("nn.Conv2d")
     ratios: dict[str, float | None] = {
-        OP_DEPLOY_RATIO: min(ok_deploys) / ms["fwd nn.Conv2d"] if ok_deploys else None,
+        OP_DEPLOY_RATIO: min(ok_deploys) / conv_ms if ok_deploys and conv_ms else None,
         OP_SAVED_RATIO: (
-            saved["XConv2d lean"]["activation_bytes"] / saved["nn.Conv2d"]["activation_bytes"]
-            if "XConv2d lean" in saved
+            lean["activation_bytes"] / base["activation_bytes"]
+            if lean and base and base["activation_bytes"]
             else None
         ),
     }
@@ -817,11 +909,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ops = None if args.skip_ops else op_level(args, device)
     if ops is not None:
         ratios.update(ops["ratios"])
-    verdicts, flags = judge_ratios(ratios)
+    verdicts, flags = judge_ratios(ratios, args.checks)
     elapsed = time.perf_counter() - tic
 
     settings = {
-        k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"
+        k: (str(v) if isinstance(v, Path) else v)
+        for k, v in vars(args).items()
+        if k not in ("out", "checks")
     }
     print(
         f"# bench.py on {env.get('gpu', platform.processor() or 'cpu')} ({device}); "
@@ -849,6 +943,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         value = f"{v['value']:.3f}" if v["value"] is not None else "-"
         rrows.append([name, value, target, bound, v["verdict"]])
     print(_table(rrows, ["ratio", "value", "target (GPU)", "physical bound", "verdict here"]))
+    print(f"targets: {args.targets}")
     head = verdicts.get(ratio_info["headline"], {})
     head_value = f"{head['value']:.3f}" if head.get("value") is not None else "-"
     print(f"headline: {ratio_info['headline']} = {head_value} ({head.get('verdict', 'failed')}); "
@@ -899,10 +994,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "ratio_info": ratio_info,
         "verdicts": verdicts,
         "flags": flags,
+        "targets_file": str(args.targets),
         "ratio_checks": {
-            k: {"target": list(v.target) if v.target else None, "bound": v.bound, "why": v.why}
-            for k, v in RATIO_CHECKS.items()
-        },
+            k: {
+                "target": list(v.target) if v.target else None,
+                "target_why": v.target_why,
+                "bound": v.bound,
+                "why": v.why,
+            }
+            for k, v in args.checks.items()
+        },  # fmt: skip
         "slack": SLACK,
         "ops": ops,
         "elapsed_s": elapsed,

@@ -15,9 +15,9 @@ Two ResNet-50 slots (3x3 conv, stride 1, C -> C): stage 3 (N x 256 x 14 x 14) an
     xconv-eval    XConv2d training form in eval mode (running statistics), forward only
     deploy        XConv2d.reparameterize(): the single deploy operator
 
-are timed on forward (under no_grad) and forward+backward (grad w.r.t. input and weights), the
-operators' calls interleaved round by round, and measured for memory in a separate, untimed
-pass. Every number is also given as a ratio to conv2d. On CPU the default is one thread
+are timed on forward (under inference_mode) and forward+backward (grad w.r.t. input and
+weights), the operators' calls interleaved round by round, and measured for memory in a separate,
+untimed pass. Every number is also given as a ratio to conv2d. On CPU the default is one thread
 (``--threads``) timed by process CPU time, as in bench.py: a shared machine's wall clock counts
 other processes' time slices. The table is printed; one JSON record
 (environment, config, rows) goes to --out.
@@ -30,20 +30,26 @@ Memory means: on CUDA, the allocator's peak (torch.cuda.max_memory_allocated) du
 minus what was allocated before it; on CPU, the peak of live bytes of the tensors created during
 the call, followed through a dispatch mode (CPU has no allocator statistics). Either way the input
 and weights are excluded and the output and gradients included. "saved" is the size of the
-tensors autograd keeps for backward (saved_tensors_hooks; parameters left out), the activation
-memory a training step holds per slot; it is measured the same way on every device.
+tensors autograd keeps for backward (saved_tensors_hooks; parameters and buffers left out), the
+activation memory a training step holds per slot; it is measured the same way on every device.
+
+The measuring is :func:`measure_slot` (with :func:`time_ms`, :func:`pick_clock` and
+:func:`failure_line`), importable: scripts/bench.py's op-level section calls the same function on
+its stage-3 slot (``from bench_op import ...``), so the two cannot drift apart.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import platform
 import statistics
 import sys
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -130,8 +136,10 @@ def time_ms(
     device: torch.device,
     failed: dict[str, str] | None = None,
     clock: Callable[[], float] = time.perf_counter,
+    number: int = 1,
 ) -> dict[str, tuple[float, float]]:
-    """{name: (min, median) time in ms by ``clock``}, the device synchronized around each call.
+    """{name: (min, median) ms per call by ``clock``} over ``iters`` samples of ``number`` calls
+    each (their mean), the device synchronized around each sample.
 
     The calls are interleaved (one of each per round), so load from other processes falls on
     every operator alike and the ratios stay fair. The table reports the min, as timeit advises:
@@ -162,12 +170,110 @@ def time_ms(
         for name in list(times):
             sync(device)
             t0 = clock()
-            if not attempt(name, fns[name]):
+            if not all(attempt(name, fns[name]) for _ in range(number)):
                 del times[name]
                 continue
             sync(device)
-            times[name].append((clock() - t0) * 1e3)
+            times[name].append((clock() - t0) * 1e3 / number)
     return {name: (min(t), statistics.median(t)) for name, t in times.items()}
+
+
+def pick_clock(device: torch.device) -> tuple[Callable[[], float], str]:
+    """Wall time, except single-threaded CPU runs: their process CPU time, which other processes
+    time-slicing the same cores do not inflate (a shared machine's wall clock does)."""
+    if device.type == "cpu" and torch.get_num_threads() == 1:
+        return time.process_time, "process CPU time (1 thread)"
+    return time.perf_counter, "wall time"
+
+
+@dataclass
+class SlotMeasure:
+    """What :func:`measure_slot` found, by operator key. A key whose measurement raised is left
+    out of that measurement's dict and its one-line reason is in the matching ``*_failed``."""
+
+    fwd_ms: dict[Hashable, tuple[float, float]] = field(default_factory=dict)  # (min, median)
+    fwd_bwd_ms: dict[Hashable, tuple[float, float]] = field(default_factory=dict)
+    saved: dict[Hashable, pssa_lean.SavedTensorsReport] = field(default_factory=dict)
+    fwd_mem: dict[Hashable, int] = field(default_factory=dict)  # peak_bytes, memory=True only
+    fwd_bwd_mem: dict[Hashable, int] = field(default_factory=dict)
+    fwd_failed: dict[Hashable, str] = field(default_factory=dict)
+    fwd_bwd_failed: dict[Hashable, str] = field(default_factory=dict)
+    saved_failed: dict[Hashable, str] = field(default_factory=dict)
+
+
+def measure_slot(
+    modules: Mapping[Hashable, nn.Module],
+    x: Tensor,
+    grad_out: Tensor,
+    device: torch.device,
+    *,
+    fwd: Iterable[Hashable],
+    fwd_bwd: Iterable[Hashable] = (),
+    saved: Iterable[Hashable] = (),
+    iters: int,
+    warmup: int,
+    number: int = 1,
+    clock: Callable[[], float] = time.perf_counter,
+    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    memory: bool = False,
+) -> SlotMeasure:
+    """Time and measure the slot operators ``modules`` on input ``x``: the one implementation
+    behind this script's rows and bench.py's op-level section.
+
+    ``fwd``: keys timed on a forward under ``torch.inference_mode``; ``fwd_bwd``: keys timed on
+    forward + backward (``grad_out`` into the output, gradients w.r.t. the input and weights,
+    the module's gradients cleared first); each set interleaved by :func:`time_ms` (``iters``
+    samples of ``number`` calls after ``warmup`` calls). ``saved``: keys whose training forward
+    is measured by ``pssa_lean.saved_tensors_report`` (parameters and buffers counted apart),
+    except those whose forward + backward already failed. ``context``: entered around every
+    forward (bench.py's autocast). ``memory``: also each timed call's :func:`peak_bytes`.
+    """
+    result = SlotMeasure()
+    forwards, forward_backwards, trains = {}, {}, {}
+    for key, module in modules.items():
+        x_req = x.detach().requires_grad_()
+
+        def forward(module: nn.Module = module) -> Tensor:
+            with torch.inference_mode(), context():
+                return module(x)
+
+        def forward_backward(module: nn.Module = module, x_req: Tensor = x_req) -> Tensor:
+            for p in module.parameters():
+                p.grad = None
+            x_req.grad = None
+            with context():
+                y = module(x_req)
+            y.backward(grad_out)
+            return y
+
+        def train(module: nn.Module = module, x_req: Tensor = x_req) -> Tensor:
+            with context():
+                return module(x_req)
+
+        forwards[key], forward_backwards[key], trains[key] = forward, forward_backward, train
+    fwd_fns = {key: forwards[key] for key in fwd}
+    fwd_bwd_fns = {key: forward_backwards[key] for key in fwd_bwd}
+    result.fwd_ms = time_ms(fwd_fns, iters, warmup, device, result.fwd_failed, clock, number)
+    result.fwd_bwd_ms = time_ms(
+        fwd_bwd_fns, iters, warmup, device, result.fwd_bwd_failed, clock, number
+    )
+    if memory:
+        for key, fn in fwd_fns.items():
+            if key not in result.fwd_failed:
+                result.fwd_mem[key] = peak_bytes(fn, device)
+        for key, fn in fwd_bwd_fns.items():
+            if key not in result.fwd_bwd_failed:
+                result.fwd_bwd_mem[key] = peak_bytes(fn, device)
+    for key in saved:
+        if key in result.fwd_bwd_failed:
+            continue
+        module = modules[key]
+        try:
+            owned = [*module.parameters(), *module.buffers()]
+            result.saved[key] = pssa_lean.saved_tensors_report(trains[key], owned)
+        except Exception as exc:
+            result.saved_failed[key] = failure_line(exc)
+    return result
 
 
 def build_ops(
@@ -219,45 +325,23 @@ def bench_slot(
             max_diff[impl] = diff.abs().max().item()
         except Exception:
             max_diff[impl] = None  # the failure itself is reported by the timed calls
-    forwards, forward_backwards, saved_fns = {}, {}, {}
-    for key, module in ops.items():
-        x_req = x.detach().requires_grad_()
-
-        def forward(module: nn.Module = module) -> Tensor:
-            with torch.no_grad():
-                return module(x)
-
-        def forward_backward(module: nn.Module = module, x_req: Tensor = x_req) -> Tensor:
-            for p in module.parameters():
-                p.grad = None
-            x_req.grad = None
-            y = module(x_req)
-            y.backward(grad_out)
-            return y
-
-        forwards[key] = forward
-        if key[0] not in FWD_ONLY:
-            forward_backwards[key] = forward_backward
-            saved_fns[key] = lambda module=module, x_req=x_req: module(x_req)
-
-    fwd_failed: dict = {}
-    bwd_failed: dict = {}
-    fwd_times = time_ms(forwards, iters, warmup, device, fwd_failed, clock)
-    fwd_bwd_times = time_ms(forward_backwards, iters, warmup, device, bwd_failed, clock)
+    trained = [key for key in ops if key[0] not in FWD_ONLY]
+    measure = measure_slot(ops, x, grad_out, device, fwd=list(ops), fwd_bwd=trained,
+                           saved=trained, iters=iters, warmup=warmup, clock=clock,
+                           memory=True)  # fmt: skip
     rows = []
-    for key, module in ops.items():
+    for key in ops:
         name, impl = key
-        errors = [e for e in (fwd_failed.get(key), bwd_failed.get(key)) if e]
+        errors = [e for e in (measure.fwd_failed.get(key), measure.fwd_bwd_failed.get(key),
+                              measure.saved_failed.get(key)) if e]  # fmt: skip
         row = {"slot": slot, "shape": list(x.shape), "op": name, "impl": impl}
         row["status"] = f"failed: {errors[0]}" if errors else "ok"
-        row["fwd_ms"], row["fwd_ms_median"] = fwd_times.get(key, (None, None))
-        row["fwd_mem_bytes"] = None if key in fwd_failed else peak_bytes(forwards[key], device)
-        row["fwd_bwd_ms"], row["fwd_bwd_ms_median"] = fwd_bwd_times.get(key, (None, None))
-        row["fwd_bwd_mem_bytes"] = row["saved_bytes"] = None
-        if key in forward_backwards and key not in bwd_failed:
-            row["fwd_bwd_mem_bytes"] = peak_bytes(forward_backwards[key], device)
-            report = pssa_lean.saved_tensors_report(saved_fns[key], owned=module.parameters())
-            row["saved_bytes"] = report.total_bytes
+        row["fwd_ms"], row["fwd_ms_median"] = measure.fwd_ms.get(key, (None, None))
+        row["fwd_mem_bytes"] = measure.fwd_mem.get(key)
+        row["fwd_bwd_ms"], row["fwd_bwd_ms_median"] = measure.fwd_bwd_ms.get(key, (None, None))
+        row["fwd_bwd_mem_bytes"] = measure.fwd_bwd_mem.get(key)
+        report = measure.saved.get(key)
+        row["saved_bytes"] = report.total_bytes if report is not None else None
         rows.append(row)
     base = rows[0]
     for row in rows:
@@ -337,14 +421,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.backends.cudnn.benchmark = True
     if args.threads or device.type == "cpu":
         torch.set_num_threads(args.threads or 1)
-    # One CPU thread is timed by process CPU time, which other processes sharing the cores do not
-    # inflate (as in bench.py); otherwise wall time.
-    one_cpu_thread = device.type == "cpu" and torch.get_num_threads() == 1
-    clock, clock_name = (
-        (time.process_time, "process CPU time (1 thread)")
-        if one_cpu_thread
-        else (time.perf_counter, "wall time")
-    )
+    clock, clock_name = pick_clock(device)
 
     rows = []
     for slot in args.slots:

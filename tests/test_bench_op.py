@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,12 +45,13 @@ def test_bench_op_runs_and_writes_record(tmp_path: Path) -> None:
 
 
 def _load_bench_op():
-    import importlib.util
+    """The module scripts/bench.py imports (``from bench_op import ...``): one object, so a test
+    that patches it patches what bench.py calls."""
+    import importlib
 
-    spec = importlib.util.spec_from_file_location("xvol_bench_op", REPO / "scripts" / "bench_op.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    if str(REPO / "scripts") not in sys.path:
+        sys.path.insert(0, str(REPO / "scripts"))
+    return importlib.import_module("bench_op")
 
 
 def test_failing_path_is_reported_not_fatal() -> None:
@@ -80,3 +82,31 @@ def test_several_impls_share_weights_and_get_their_own_rows() -> None:
     assert all(r["deploy_vs_eval_max_abs_diff"] < 1e-4 for r in deploys)
     saved = {(r["op"], r["impl"]): r["saved_bytes"] for r in rows}
     assert saved["xconv-train", "lean"] < saved["xconv-train", "reference"]  # T is not kept
+
+
+def test_time_ms_averages_number_calls_per_sample() -> None:
+    bench_op = _load_bench_op()
+    calls = []
+    ticks = iter(range(100))
+    times = bench_op.time_ms({"f": lambda: calls.append(1)}, 3, 1, torch.device("cpu"),
+                             clock=lambda: float(next(ticks)), number=4)  # fmt: skip
+    assert len(calls) == 1 + 3 * 4  # one warm-up call, then 3 samples of 4 calls
+    assert times == {"f": (250.0, 250.0)}  # each sample spans one clock tick: 1 s / 4 calls
+
+
+def test_measure_slot_reports_a_failing_module_per_measurement() -> None:
+    bench_op = _load_bench_op()
+
+    class Broken(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError("triton: not on this device")
+
+    x, grad_out = torch.randn(1, 2, 4, 4), torch.randn(1, 2, 4, 4)
+    modules = {"conv": nn.Conv2d(2, 2, 3, padding=1), "broken": Broken()}
+    m = bench_op.measure_slot(modules, x, grad_out, torch.device("cpu"), fwd=modules,
+                              fwd_bwd=modules, saved=modules, iters=1, warmup=0)  # fmt: skip
+    assert set(m.fwd_ms) == set(m.fwd_bwd_ms) == set(m.saved) == {"conv"}
+    reason = "RuntimeError: triton: not on this device"
+    assert m.fwd_failed == m.fwd_bwd_failed == {"broken": reason}
+    assert m.saved_failed == {}  # not retried after its forward + backward failed
+    assert m.saved["conv"].activation_bytes == x.numel() * 4 and m.saved["conv"].parameter_bytes

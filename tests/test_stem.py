@@ -26,7 +26,7 @@ from torch import nn
 import xvol.config  # noqa: F401  (resolvers; xvol registers xresnet* with timm)
 from xvol.formats.load import load_train_checkpoint
 from xvol.models import ModelSpec, ModelSpecError, build_model
-from xvol.models.resnet import STEMS
+from xvol.models.resnet import CIFAR_STEM_ARCHS, STEMS
 from xvol.ops import XConv2d, XConv2dDeploy
 from xvol.reparam import reparameterize_model
 
@@ -122,8 +122,15 @@ def test_default_stem_is_timms_model_exactly() -> None:
 
 @pytest.mark.parametrize("option", MODEL_OPTIONS)
 def test_every_model_config_takes_stem_cifar(option: str) -> None:
+    """Each ResNet with timm's single-conv stem takes the CIFAR stem; a deep-stem "d" variant or
+    another CNN refuses it, naming model.stem, before anything is built."""
     cfg = compose_model(f"+model={option}", "model.stem=cifar")
     assert cfg["stem"] == "cifar"
+    if cfg["arch"] not in CIFAR_STEM_ARCHS:
+        with pytest.raises(ModelSpecError, match=r"^model config: model\.stem: 'cifar' replaces"):
+            ModelSpec.from_config(cfg, where="model")
+        return
+    assert ModelSpec.from_config(cfg, where="model").stem == "cifar"
     with torch.device("meta"):
         model = instantiate(cfg)
     assert model.conv1.kernel_size == (3, 3) and model.conv1.stride == (1, 1)
@@ -177,11 +184,12 @@ def test_bad_stem_is_refused_in_one_line() -> None:
     cfg = {**compose_model("+model=xresnet18"), "stem": "foo"}
     with pytest.raises(ModelSpecError) as err:
         ModelSpec.from_config(cfg, "run/last.pt", where="config.model")
-    assert str(err.value) == "run/last.pt: config.model.stem: 'foo' is not one of timm, cifar"
+    expected = "run/last.pt: config.model.stem: expected one of timm, cifar, got 'foo'"
+    assert str(err.value) == expected
     sidecar = {**ModelSpec.from_config(model_config()).to_dict(), "stem": 3}
     with pytest.raises(ModelSpecError) as err:
         ModelSpec.from_dict(sidecar, "deploy.json")
-    assert str(err.value) == "deploy.json: model_spec.stem: 3 is not one of timm, cifar"
+    assert str(err.value) == "deploy.json: model_spec.stem: expected one of timm, cifar, got 3"
     for build in (
         lambda: build_model("resnet18", stem="foo"),
         lambda: timm.create_model("resnet18", stem="foo"),

@@ -300,7 +300,7 @@ def test_an_error_under_torchrun_is_printed_once(out_dir: Path, case: str) -> No
         assert line.startswith(f"error: cannot decode val image {bad} ")
         assert line.endswith("(rank 1 of 2)")
     else:
-        assert line.startswith("error: model.arch: 'resnet17' is not one of resnet18")
+        assert line.startswith("error: model.arch: unknown arch 'resnet17'")
     message = line.removeprefix("error: ").split(" (rank")[0]
     assert output.count(message) == 1, output[-3000:]  # not again in torchrun's summary
     assert "Connection closed by peer" not in output

@@ -6,7 +6,8 @@ declares each field with :func:`option` (default, check, help), and its ``__post
 :func:`check_fields`; :func:`option_checks` lists the checks by dotted key for validators of
 composed configs (xvol.config) and :func:`float_options` the float-typed fields. The trainer's
 options (xvol.engine.options) and the tools' (xvol.cli.eval, xvol.cli.reparam) use it; it
-imports nothing from xvol, so any layer can (the model spec's number checks could adopt it).
+imports nothing from xvol, so any layer can: the model spec (xvol.models.spec) checks its fields
+with it too.
 """
 
 from __future__ import annotations
@@ -30,8 +31,10 @@ __all__ = [
     "check_value",
     "flag_name",
     "float_options",
+    "int_in",
     "is_int",
     "is_number",
+    "number_in",
     "one_of",
     "option",
     "option_checks",
@@ -81,12 +84,26 @@ def one_of(*choices: str) -> Check:
     )
 
 
+def int_in(lo: int, hi: int) -> Check:
+    """An integer in ``lo..hi`` (both included)."""
+    return Check(f"an integer in {lo}..{hi}", lambda v: is_int(v) and lo <= v <= hi)
+
+
+def number_in(lo: float, hi: float, *, open_lo: bool = False, open_hi: bool = False) -> Check:
+    """A finite number in the interval from ``lo`` to ``hi``, each end closed unless opened."""
+    left, right = "(" if open_lo else "[", ")" if open_hi else "]"
+
+    def ok(v: Any) -> bool:
+        if not is_number(v):
+            return False
+        return (lo < v if open_lo else lo <= v) and (v < hi if open_hi else v <= hi)
+
+    return Check(f"a number in {left}{lo:g}, {hi:g}{right}", ok)
+
+
 def unit_interval(closed: bool = True) -> Check:
     """A number in [0, 1] (``closed``) or [0, 1)."""
-    return Check(
-        f"a number in [0, 1{']' if closed else ')'}",
-        lambda v: is_number(v) and 0 <= v and (v <= 1 if closed else v < 1),
-    )
+    return number_in(0, 1, open_hi=not closed)
 
 
 POSITIVE_INT = Check("a positive integer", lambda v: is_int(v) and v > 0)

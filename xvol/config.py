@@ -217,7 +217,8 @@ def _one_line(err: BaseException) -> str:
 def model_spec(model: Any) -> ModelSpec:
     """The resolved model node as xvol.models.ModelSpec reads it (arch, stages, shifts, ...),
     the one description training and every tool build the network from; a node the spec
-    refuses is a ConfigError naming the key (``model.xconv.shifts[0]: 80 is outside 1..64``)."""
+    refuses is a ConfigError naming the key
+    (``model.xconv.shifts[0]: expected an integer in 1..64, got 80``)."""
     from xvol.models.spec import ModelSpec, ModelSpecError  # lazy: imports timm
 
     try:

@@ -36,7 +36,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import re
 from collections.abc import Mapping
 from functools import partial
@@ -44,6 +43,7 @@ from typing import Any
 
 from torch import nn
 
+from xvol.checks import BOOL, Check, int_in, number_in, one_of
 from xvol.models.resnet import (
     CIFAR_STEM_ARCHS,
     CONVERT_KEYS,
@@ -89,35 +89,28 @@ def _fail(source: str, key: str, problem: str) -> ModelSpecError:
     return ModelSpecError(f"{source}: {key}: {problem}")
 
 
-def _int(value: Any, source: str, key: str, lo: int, hi: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _fail(source, key, f"expected an int in {lo}..{hi}, got {_short(value)}")
-    if not lo <= value <= hi:
-        raise _fail(source, key, f"{value} is outside {lo}..{hi}")
+def _checked(value: Any, source: str, key: str, check: Check) -> Any:
+    """``value`` if ``check`` (xvol.checks, the one vocabulary of checks) accepts it; else the
+    spec's error, naming the file and key: ``<source>: <key>: expected <what>, got <value>``."""
+    if not check.ok(value):
+        raise _fail(source, key, f"expected {check.expected}, got {_short(value)}")
     return value
+
+
+def _int(value: Any, source: str, key: str, lo: int, hi: int) -> int:
+    return _checked(value, source, key, int_in(lo, hi))
 
 
 def _float(value: Any, source: str, key: str, lo: float, hi: float, *, open_lo: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise _fail(source, key, f"expected a number, got {_short(value)}")
-    value = float(value)
-    low_ok = value > lo if open_lo else value >= lo
-    if not (math.isfinite(value) and low_ok and value <= hi):
-        bracket = "(" if open_lo else "["
-        raise _fail(source, key, f"{_short(value)} is outside {bracket}{lo:g}, {hi:g}]")
-    return value
+    return float(_checked(value, source, key, number_in(lo, hi, open_lo=open_lo)))
 
 
 def _bool(value: Any, source: str, key: str) -> bool:
-    if not isinstance(value, bool):
-        raise _fail(source, key, f"expected true or false, got {_short(value)}")
-    return value
+    return _checked(value, source, key, BOOL)
 
 
 def _str_choice(value: Any, source: str, key: str, choices: tuple[str, ...]) -> str:
-    if not isinstance(value, str) or value not in choices:
-        raise _fail(source, key, f"{_short(value)} is not one of {', '.join(choices)}")
-    return value
+    return _checked(value, source, key, one_of(*choices))
 
 
 def _impl(value: Any, source: str, key: str) -> str:
@@ -133,7 +126,7 @@ def _int_list(
     if allow_int and isinstance(value, int) and not isinstance(value, bool):
         value = [value]  # model.stages=3 means one stage
     if not isinstance(value, list | tuple):
-        raise _fail(source, key, f"expected a list of ints in {lo}..{hi}, got {_short(value)}")
+        raise _fail(source, key, f"expected a list of integers in {lo}..{hi}, got {_short(value)}")
     if len(value) > max_len:
         raise _fail(source, key, f"at most {max_len} entries, got {len(value)}")
     return tuple(_int(v, source, f"{key}[{i}]", lo, hi) for i, v in enumerate(value))

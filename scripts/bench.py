@@ -234,7 +234,9 @@ def ratio_checks(targets: dict[str, tuple[str, float, str]]) -> dict[str, RatioC
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="bench.py", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     p.add_argument("--device", choices=["cpu", "cuda"], default=None)
     p.add_argument("--batch", type=int, default=None, help="default: 256 cuda, 8 cpu")
     p.add_argument("--img-size", type=int, default=None, help="default: 224 cuda, 96 cpu")

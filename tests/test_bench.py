@@ -277,6 +277,12 @@ def test_bench_cpu_smoke(tmp_path: Path) -> None:
         if case["status"] == "ok":
             assert (case["memory_bytes"] is None) == (case["kind"] == "infer")
     assert set(record["verdicts"]) == set(record["ratios"])
+    # every ratio of a full run has a target in the default file, and the record says which file
+    targets = bench.load_targets(bench.TARGETS_FILE)
+    assert {bench._label_key(name) for name in record["ratios"]} == set(targets)
+    assert record["targets_file"] == str(bench.TARGETS_FILE)
+    assert f"targets: {bench.TARGETS_FILE}" in proc.stdout
+    assert all(v["target"] is not None for v in record["verdicts"].values())
     assert record["ratio_info"]["headline"] == "xresnet50 train (auto) / resnet50 train"
     assert record["ratio_info"]["auto_picked"].startswith("lean")
     assert "headline: xresnet50 train (auto) / resnet50 train = " in proc.stdout
@@ -306,3 +312,176 @@ def test_resnet50_cases_are_timm_resnet50() -> None:
         p.numel() for p in reference.parameters()
     )
     assert not any(m.training for m in pristine["xresnet50_deploy"].modules())
+
+
+# ---------------------------------------------------------------------------------------------
+# Targets: data in scripts/bench_targets.json, checked as untrusted input
+
+WHY = "a test's goal"
+
+
+def _targets_file(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "targets.json"
+    path.write_text(text)
+    return path
+
+
+def test_default_targets_file_covers_exactly_the_ratios_bench_computes() -> None:
+    targets = bench.load_targets(bench.TARGETS_FILE)
+    net = nn.Linear(1, 1)
+    cases = {n: bench.Case(n, n.split()[0], net, lambda k: None, impl=impl) for n, impl in [
+        ("train timm resnet50", None), ("train resnet50 (xvol loop)", None),
+        ("train xresnet50 auto", "auto"), ("train xresnet50 lean", "lean"),
+        ("infer timm resnet50", None), ("infer xresnet50 deploy", None),
+        ("infer xresnet50 train-form eval", None)]}  # fmt: skip
+    ratios, _ = bench.compute_ratios(cases, {}, {})
+    args = bench.parse_args([*TINY, "--impls", "lean"])
+    ratios |= bench.op_level(args, torch.device("cpu"))["ratios"]
+    computed = {bench._label_key(name) for name in ratios}
+    assert set(targets) == computed == set(bench.RATIO_NAMES)
+    # the goals the code used to hard-code, unchanged by the move to data
+    assert {name: t[:2] for name, t in targets.items()} == {
+        bench.TRAIN_RATIO: (">=", 0.90), bench.DEPLOY_RATIO: (">=", 0.92),
+        bench.DEPLOY_VS_EVAL: (">=", 1.03), bench.MEMORY_RATIO: ("<=", 1.05),
+        bench.LOOP_RATIO: (">=", 0.95), bench.OP_DEPLOY_RATIO: ("<=", 1.5),
+        bench.OP_SAVED_RATIO: ("<=", 2.0)}  # fmt: skip
+    assert all(why for _, _, why in targets.values())
+    # bounds are facts in code, not in the file; a check joins the two
+    checks = bench.ratio_checks(targets)
+    assert checks[bench.TRAIN_RATIO].bound == 1.0 and checks[bench.MEMORY_RATIO].bound is None
+
+
+def test_custom_targets_file_changes_the_verdicts(tmp_path: Path, capsys) -> None:
+    """CPU memory ratios are byte counts, so the verdicts are deterministic: auto's (lean's)
+    training memory is resnet50's (1.000), met under the default <= 1.05."""
+    custom = _targets_file(tmp_path, json.dumps({
+        bench.MEMORY_RATIO: {"op": "<=", "value": 0.5, "why": WHY},
+        bench.DEPLOY_VS_EVAL: {"op": ">=", "value": 0.0, "why": WHY}}))  # fmt: skip
+    out = tmp_path / "bench.json"
+    threads = torch.get_num_threads()
+    try:
+        record = bench.main([*TINY, "--impls", "lean", "--skip-ops", "--targets", str(custom),
+                             "--out", str(out)])  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    memory = "train memory xresnet50 (auto) / resnet50"
+    assert bench.judge_ratios(record["ratios"])[0][memory]["verdict"] == "met"  # default file
+    verdicts = json.loads(out.read_text())["verdicts"]
+    assert verdicts[memory]["verdict"] == "not met" and verdicts[memory]["target"] == ["<=", 0.5]
+    assert verdicts["deploy infer / train-form eval infer"]["verdict"] == "met"
+    assert verdicts["xresnet50 train (auto) / resnet50 train"]["target"] is None  # left out
+    assert verdicts["xresnet50 train (auto) / resnet50 train"]["verdict"] in {"n/a", "IMPOSSIBLE"}
+    assert record["targets_file"] == str(custom) and record["settings"]["targets"] == str(custom)
+    assert record["ratio_checks"][bench.MEMORY_RATIO]["target_why"] == WHY
+    assert f"targets: {custom}" in capsys.readouterr().out
+
+
+BAD_TARGETS = {
+    "unknown key": (
+        json.dumps({"xresnet50 train / resnet50 train": {"op": ">=", "value": 0.9, "why": WHY}}),
+        '"xresnet50 train / resnet50 train"',
+        "not a ratio bench.py computes",
+    ),  # fmt: skip
+    "bad op": (
+        json.dumps({bench.LOOP_RATIO: {"op": ">", "value": 0.9, "why": WHY}}),
+        json.dumps(bench.LOOP_RATIO),
+        '"op" must be ">=" or "<="',
+    ),
+    "NaN": (
+        json.dumps({bench.DEPLOY_RATIO: {"op": ">=", "value": float("nan"), "why": WHY}}),
+        json.dumps(bench.DEPLOY_RATIO),
+        "finite number, got NaN",
+    ),
+    "string value": (
+        json.dumps({bench.DEPLOY_RATIO: {"op": ">=", "value": "0.9", "why": WHY}}),
+        json.dumps(bench.DEPLOY_RATIO),
+        'finite number, got "0.9"',
+    ),
+    "unknown field": (
+        json.dumps({bench.DEPLOY_RATIO: {"op": ">=", "value": 1, "why": WHY, "target": 2}}),
+        json.dumps(bench.DEPLOY_RATIO),
+        'unknown field "target"',
+    ),  # fmt: skip
+    "duplicate key": (
+        '{"%s": {"op": ">=", "value": 1, "why": "a"}, '
+        '"%s": {"op": "<=", "value": 1, "why": "b"}}' % ((bench.LOOP_RATIO,) * 2),
+        json.dumps(bench.LOOP_RATIO),
+        "given twice",
+    ),  # fmt: skip
+    "above its bound": (
+        json.dumps({bench.TRAIN_RATIO: {"op": ">=", "value": 1.2, "why": WHY}}),
+        json.dumps(bench.TRAIN_RATIO),
+        "can never be met",
+    ),
+    "malformed JSON": (
+        '{"deploy infer / resnet50 infer": {"op": ">=", "value": 0.9,}}',
+        "not valid JSON",
+        "line 1",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_TARGETS))
+def test_a_bad_targets_file_is_refused_in_one_line_naming_file_and_key(
+    case: str, tmp_path: Path, capsys
+) -> None:
+    text, key, reason = BAD_TARGETS[case]
+    path = _targets_file(tmp_path, text)
+    out = tmp_path / "out" / "bench.json"
+    with pytest.raises(SystemExit) as exc:
+        bench.main([*TINY, "--targets", str(path), "--out", str(out)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("bench.py: error: " + str(path))
+    assert key in err and reason in err
+    assert not out.parent.exists()  # refused before anything ran or was written
+
+
+def test_the_cli_refuses_a_bad_targets_file_without_a_traceback(tmp_path: Path) -> None:
+    path = _targets_file(tmp_path, "[1, 2")
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench.py"), *TINY, "--targets", str(path),
+           "--out", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines() == [
+        f"bench.py: error: {path}: not valid JSON: Expecting ',' delimiter (line 1, column 6)"
+    ]
+    assert proc.stdout == "" and not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# One slot timer: bench.py's op section and bench_op.py both measure with bench_op.measure_slot
+
+
+def test_op_section_and_bench_op_measure_with_the_shared_function(monkeypatch) -> None:
+    bench_op = sys.modules["bench_op"]  # what bench.py imported
+    real = bench_op.measure_slot
+    results: list = []
+
+    def spy(*args, **kwargs):
+        results.append(real(*args, **kwargs))
+        return results[-1]
+
+    monkeypatch.setattr(bench, "measure_slot", spy)
+    monkeypatch.setattr(bench_op, "measure_slot", spy)
+    ops = bench.op_level(bench.parse_args([*TINY, "--impls", "lean"]), torch.device("cpu"))
+    assert len(results) == 1
+    m = results[0]
+    assert list(ops["ms"]) == ["fwd nn.Conv2d", "fwd deploy lean", "fwd+bwd nn.Conv2d+BN",
+                               "fwd+bwd train lean"]  # fmt: skip
+    assert list(ops["ms"].values()) == [t[0] for t in [*m.fwd_ms.values(), *m.fwd_bwd_ms.values()]]
+    assert list(ops["saved"]) == ["nn.Conv2d", "nn.Conv2d+BN", "XConv2d lean"]
+    assert [s["activation_bytes"] for s in ops["saved"].values()] == [
+        r.activation_bytes for r in m.saved.values()
+    ]
+    assert ops["failed"] == {} and ops["ratios"][bench.OP_SAVED_RATIO] == 2.0
+
+    rows = bench_op.bench_slot("stage3", 1, 1, 0, torch.device("cpu"), torch.float32, ["lean"])
+    assert len(results) == 2
+    m = results[1]
+    assert [(r["op"], r["impl"]) for r in rows] == list(m.fwd_ms)
+    assert [r["fwd_ms"] for r in rows] == [t[0] for t in m.fwd_ms.values()]
+    saved = {(r["op"], r["impl"]): r["saved_bytes"] for r in rows if r["saved_bytes"]}
+    assert saved == {key: report.total_bytes for key, report in m.saved.items()}
+    assert saved[("xconv-train", "lean")] == 2 * saved[("conv2d", None)] + 2 * 2 * 4 * 256

@@ -3,9 +3,10 @@
 For each page:
 
 - every `scripts/train.py` command (fenced blocks, continuation lines joined, and inline code
-  spans) composes with Hydra's compose API, as scripts/train.py would: the launcher prefix
-  (python / torchrun and its flags) is dropped and `--multirun` sweeps are expanded. Running
-  them is the e2e tests' and `make demo`'s job; this checks every one is valid;
+  spans; each line of a block of bare overrides counts as one) composes with Hydra's compose
+  API, as scripts/train.py would: the launcher prefix (python / torchrun and its flags) is
+  dropped and `--multirun` sweeps are expanded. Running them is the e2e tests' and
+  `make demo`'s job; this checks every one is valid;
 - every ```python block runs as written (and its asserts hold);
 - every relative link `[text](path)` / `[text](path#anchor)` / `[text](#anchor)` leads to a file
   that exists and, for an anchor into a .md page, to one of its headings (GitHub's slugs);
@@ -42,6 +43,7 @@ GROUPS = sorted(
     str(d.relative_to(ROOT / "configs")) for d in (ROOT / "configs").rglob("*") if d.is_dir()
 )
 BUILTIN_CHOICES = {"hydra/launcher": {"basic"}}  # Hydra's own, not a file of configs/
+OVERRIDES = re.compile(r"(?:[\w./-]+=\S+\s*)+")  # a line of overrides only, `a.b=1 c=x`
 FENCE = re.compile(r"^```([^\n`]*)\n(.*?)^```", flags=re.S | re.M)
 
 
@@ -72,10 +74,12 @@ def train_commands(text: str) -> list[str]:
     commands = []
     for _, block in fenced_blocks(text):
         joined = re.sub(r"\\\n\s*", " ", block)
-        for line in joined.splitlines():
-            line = line.split(" #")[0].strip()
-            if "scripts/train.py" in line and not line.startswith("#"):
-                commands.append(line)
+        lines = [line.split(" #")[0].strip() for line in joined.splitlines()]
+        lines = [line for line in lines if line and not line.startswith("#")]
+        if lines and all(OVERRIDES.fullmatch(line) for line in lines):  # a block of overrides
+            commands += [f"python scripts/train.py {line}" for line in lines]
+            continue
+        commands += [line for line in lines if "scripts/train.py" in line]
     commands += [span for span in code_spans(text) if "scripts/train.py" in span]
     return commands
 

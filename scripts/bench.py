@@ -170,6 +170,15 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def _finite_number(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond the float range
+        return False
+
+
 def load_targets(path: Path) -> dict[str, tuple[str, float, str]]:
     """{ratio name: (op, value, why)} from a targets file, checked as untrusted input.
 
@@ -182,10 +191,14 @@ def load_targets(path: Path) -> dict[str, tuple[str, float, str]]:
         raise TargetsError(f"{path}: cannot read the targets file: {reason}") from None
     try:
         data = json.loads(text, object_pairs_hook=_no_duplicates(path))
+    except TargetsError:
+        raise
     except json.JSONDecodeError as exc:
         raise TargetsError(
             f"{path}: not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})"
         ) from None
+    except (ValueError, RecursionError) as exc:  # an int too long to convert, nesting too deep
+        raise TargetsError(f"{path}: not usable JSON: {type(exc).__name__}") from None
     if not isinstance(data, dict):
         raise TargetsError(f"{path}: must be a JSON object of ratio name -> target")
     targets: dict[str, tuple[str, float, str]] = {}
@@ -202,13 +215,13 @@ def load_targets(path: Path) -> dict[str, tuple[str, float, str]]:
         unknown = [f for f in entry if f not in TARGET_FIELDS]
         missing = [f for f in TARGET_FIELDS if f not in entry]
         if unknown or missing:
-            what = f"unknown field {json.dumps(unknown[0])}" if unknown else f"no {missing[0]!r}"
+            field_name = json.dumps((unknown or missing)[0])
+            what = f"unknown field {field_name}" if unknown else f"no field {field_name}"
             raise TargetsError(f'{key}: {what} (fields: "op", "value", "why")')
         op, value, why = entry["op"], entry["value"], entry["why"]
         if op not in TARGET_OPS:
             raise TargetsError(f'{key}: "op" must be ">=" or "<=", got {_shown(op)}')
-        number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if not number or not math.isfinite(value):
+        if not _finite_number(value):
             raise TargetsError(f'{key}: "value" must be a finite number, got {_shown(value)}')
         if not isinstance(why, str) or not why.strip():
             raise TargetsError(f'{key}: "why" must be a non-empty string, got {_shown(why)}')

@@ -402,6 +402,11 @@ BAD_TARGETS = {
         json.dumps(bench.DEPLOY_RATIO),
         'unknown field "target"',
     ),  # fmt: skip
+    "missing field": (
+        json.dumps({bench.DEPLOY_RATIO: {"op": ">=", "value": 1}}),
+        json.dumps(bench.DEPLOY_RATIO),
+        'no field "why"',
+    ),
     "duplicate key": (
         '{"%s": {"op": ">=", "value": 1, "why": "a"}, '
         '"%s": {"op": "<=", "value": 1, "why": "b"}}' % ((bench.LOOP_RATIO,) * 2),

@@ -126,7 +126,9 @@ def test_model_spec_reads_every_model_config(name: str) -> None:
     ("edit", "key"),
     [
         ({"_target_": "timm.create_model"}, "model._target_"),
-        ({"arch": "vit_base_patch16_224"}, "model.arch"),
+        ({"arch": "resnet17"}, "model.arch"),  # not a timm model
+        ({"arch": "xresnet50"}, "model.arch"),  # xvol's own entry: never converted twice
+        ({"arch": "../../etc/passwd"}, "model.arch"),
         ({"num_classes": 0}, "model.num_classes"),
         ({"num_classes": "3"}, "model.num_classes"),
         ({"stages": [0]}, "model.stages[0]"),

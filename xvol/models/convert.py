@@ -246,6 +246,33 @@ def _check_stages(stages: int | Iterable[int] | None) -> tuple[int, ...] | None:
     return tuple(sorted(set(out)))
 
 
+
+def make_slot(xconv: Callable[..., nn.Module], conv: nn.Conv2d) -> nn.Module:
+    """``xconv`` built for ``conv``'s geometry (channels, kernel, stride, padding, dilation,
+    groups, bias), on its device and dtype, its convolutions initialized as timm's ResNet
+    initializes the conv it replaces (kaiming normal, fan_out). The ResNet swap and
+    :func:`convert` both make their slots here."""
+    slot = xconv(
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        groups=conv.groups,
+        bias=conv.bias is not None,
+    )
+    if not isinstance(slot, nn.Module):
+        raise TypeError(
+            f"xconv must build an nn.Module like xvol.ops.XConv2d, got {type(slot).__name__}"
+        )
+    slot = slot.to(device=conv.weight.device, dtype=conv.weight.dtype)
+    for m in slot.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    return slot
+
+
 def plan_convert(
     model: nn.Module,
     *,
@@ -356,23 +383,7 @@ def convert(
         xconv = partial(XConv2d, shifts=tuple(shifts), center=center)
     modules = dict(model.named_modules())
     for s in plan.slots:
-        conv = modules[s.name]
-        slot = xconv(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
-            stride=conv.stride,
-            padding=conv.padding,
-            dilation=conv.dilation,
-            groups=conv.groups,
-            bias=conv.bias is not None,
-        )
-        if not isinstance(slot, nn.Module):
-            raise TypeError(f"xconv must build an nn.Module, got {type(slot).__name__}")
-        slot = slot.to(device=conv.weight.device, dtype=conv.weight.dtype)
-        for m in slot.modules():  # timm's ResNet init, as the ResNet swap gives its slots
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        slot = make_slot(xconv, modules[s.name])
         parent_name, _, child = s.name.rpartition(".")
         setattr(modules[parent_name], child, slot)
         if s.norm is not None:

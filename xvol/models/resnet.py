@@ -24,6 +24,8 @@ import timm
 from timm.models.resnet import BasicBlock, Bottleneck
 from torch import nn
 
+from xvol.models.convert import make_slot
+
 __all__ = [
     "CONVERT_KEYS",
     "SUPPORTED_ARCHS",
@@ -181,26 +183,7 @@ def xconv_slots(model: nn.Module, stages: Iterable[int]) -> list[tuple[str, nn.M
 
 
 def _swap_slot(block: nn.Module, xconv: Callable[..., nn.Module], zero_init_last: bool) -> None:
-    conv = block.conv2
-    slot = xconv(
-        conv.in_channels,
-        conv.out_channels,
-        conv.kernel_size,
-        stride=conv.stride,
-        padding=conv.padding,
-        dilation=conv.dilation,
-        groups=conv.groups,
-        bias=conv.bias is not None,
-    )
-    if not isinstance(slot, nn.Module):
-        raise TypeError(
-            f"xconv must build an nn.Module like xvol.ops.XConv2d, got {type(slot).__name__}"
-        )
-    slot = slot.to(device=conv.weight.device, dtype=conv.weight.dtype)
-    # The same init timm's ResNet.init_weights gave the conv it replaces.
-    for m in slot.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    slot = make_slot(xconv, block.conv2)
     block.conv2 = slot
     block.bn2 = nn.Identity()
     if type(block) is BasicBlock:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -9,6 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
+
+# Every command a test launches (training runs, tools, torchrun ranks, the GPU check's
+# rehearsal) inherits one intra-op thread per process: the suite runs 2 xdist workers on 2
+# cores, and OpenMP threads of concurrent processes spinning at barriers on busy cores made
+# such runs several times slower. This process's own thread count is set already (torch is
+# imported above); tests that want threads set them, and an explicit setting is kept.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 
 @pytest.fixture

@@ -12,8 +12,8 @@ Three stages, each through the project's own commands:
        seed=<seeds>``: one run directory per job, ``<out>/runs/<model>_seed<seed>`` (a job whose
        directory already holds checkpoints continues them, a finished one is skipped, so an
        interrupted comparison picks up where it stopped; --fresh starts over);
-    2. ``tools/eval.py`` on each ``best.pt`` (the weights best.pt was picked by: the EMA's) into
-       ``<out>/results``;
+    2. xvol-eval (``xvol.cli.eval.main``, in this process) on each ``best.pt`` (the weights
+       best.pt was picked by: the EMA's) into ``<out>/results``;
     3. the leaderboard over those records: per model mean/std/n, and the X-volution minus
        baseline top-1 difference paired by seed with its 95% t-interval.
 
@@ -95,13 +95,20 @@ def evaluate(args: argparse.Namespace, cuda: bool, data_root: Path) -> Path:
     results.mkdir(parents=True, exist_ok=True)
     for stale in results.glob("*.json"):  # the records of this comparison only
         stale.unlink()
+    # xvol-eval's own entry point, called once per checkpoint in this process: the command
+    # line is the same as `xvol-eval ...`, without a fresh interpreter (and CUDA context) each
+    from xvol.cli import eval as eval_tool
+
     device = ["--device", "cuda", "--precision", "bf16"] if cuda else ["--device", "cpu"]
     for model in args.model_list:
         for seed in args.seed_list:
             best = args.out / "runs" / f"{model}_seed{seed}" / "best.pt"
-            _run([_python(), "tools/eval.py", str(best), "--data", str(data_root), "--results-dir",
-                  str(results), "--no-progress", "--workers", "2",
-                  *device], f"evaluating {best}")  # fmt: skip
+            argv = [str(best), "--data", str(data_root), "--results-dir", str(results),
+                    "--no-progress", "--workers", "2", *device]  # fmt: skip
+            try:
+                eval_tool.main(argv)
+            except SystemExit as err:  # xvol-eval's one-line error (already says which file)
+                raise SystemExit(f"compare.py: error: evaluating {best} failed: {err}") from None
     return results
 
 

@@ -151,6 +151,7 @@ def test_triton_supports_exactly_what_its_docstring_says():
         assert _triton_supported(kwargs) == expected, kwargs
 
 
+@pytest.mark.slow  # a subprocess (or several seconds): make test, not test-fast
 def test_triton_interpreter_matches_reference_on_a_spread_of_supported_slots(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     backend = dispatch.triton_backend(False)

@@ -442,6 +442,7 @@ def test_a_bad_targets_file_is_refused_in_one_line_naming_file_and_key(
     assert not out.parent.exists()  # refused before anything ran or was written
 
 
+@pytest.mark.slow  # a subprocess (or several seconds): make test, not test-fast
 def test_the_cli_refuses_a_bad_targets_file_without_a_traceback(tmp_path: Path) -> None:
     path = _targets_file(tmp_path, "[1, 2")
     out = tmp_path / "bench.json"

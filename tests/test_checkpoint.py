@@ -145,6 +145,7 @@ def test_full_disk_says_so_and_keeps_previous(tmp_path: Path, monkeypatch) -> No
     assert not list(tmp_path.glob(".*tmp*"))
 
 
+@pytest.mark.slow  # a subprocess (or several seconds): make test, not test-fast
 def test_write_killed_mid_way_leaves_previous_checkpoint(tmp_path: Path) -> None:
     """A real SIGKILL while torch.save is half-way through the temp file."""
     path = tmp_path / "last.pt"

@@ -36,6 +36,7 @@ def _run(code: str, hidden: list[str]) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow  # a subprocess (or several seconds): make test, not test-fast
 def test_import_xvol_ops_needs_no_extras_and_no_omegaconf() -> None:
     proc = _run(
         """

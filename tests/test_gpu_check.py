@@ -120,6 +120,7 @@ def test_a_step_that_times_out_fails_the_check(tmp_path: Path) -> None:
     assert record["verdict"] == "FAILED"
 
 
+@pytest.mark.slow  # a subprocess (or several seconds): make test, not test-fast
 def test_a_kernel_step_whose_tests_all_skip_is_not_a_pass(tmp_path: Path) -> None:
     """On a machine without CUDA, `pytest -m gpu` skips every test with exit 0: not a pass."""
     gc = _driver()

@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # bottom first; a room may import only the rooms before it (and itself)
@@ -71,6 +73,7 @@ def test_imports_point_down() -> None:
     assert upward == []
 
 
+@pytest.mark.slow  # a subprocess (or several seconds): make test, not test-fast
 def test_loading_a_model_imports_no_engine_and_no_cli() -> None:
     """xvol.formats.load (what xvol-eval, -reparam and -export load through) stands on the
     formats, the model spec and reparam alone."""

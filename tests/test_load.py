@@ -630,6 +630,7 @@ with torch.no_grad():
 """
 
 
+@pytest.mark.slow  # a subprocess (or several seconds): make test, not test-fast
 def test_timm_script_runs_timm_scripts_with_xvol_models(
     tiny: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -648,6 +649,7 @@ def test_timm_script_runs_timm_scripts_with_xvol_models(
     torch.testing.assert_close(torch.load(out), _logits_for(ema), atol=0, rtol=0)
 
 
+@pytest.mark.slow  # a subprocess (or several seconds): make test, not test-fast
 def test_timm_script_refuses_a_namespace_xvol(tmp_path: Path) -> None:
     """Run from the parent folder of a clone named xvol, ``import xvol`` is that folder (a
     namespace package, nothing registered): one line naming it, the script never runs."""

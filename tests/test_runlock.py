@@ -35,6 +35,7 @@ def test_lock_run_dir_on_one_process(tmp_path: Path) -> None:
     assert lock_run_dir(tmp_path, is_main=False) is None  # other ranks never touch the file
 
 
+@pytest.mark.slow  # a subprocess (or several seconds): make test, not test-fast
 def test_lock_of_a_killed_process_is_released(tmp_path: Path) -> None:
     ready = tmp_path / "ready"
     code = textwrap.dedent(f"""

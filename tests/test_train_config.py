@@ -245,6 +245,7 @@ def _leaves(tree: dict, prefix: str = "") -> list[str]:
     return out
 
 
+@pytest.mark.slow  # one scripts/train.py per case: make test, not test-fast
 @pytest.mark.parametrize(
     ("override", "line", "composes"),
     [
@@ -290,6 +291,7 @@ def test_the_command_fails_in_one_line(
     assert [p.name for p in tmp_path.glob("bad/*")] == (["train.log"] if composes else [])
 
 
+@pytest.mark.slow  # a subprocess (or several seconds): make test, not test-fast
 def test_run_name_cannot_leave_the_output_dir(tmp_path: Path) -> None:
     """``run_name=../../escape`` made the run directory (train.log and all)
     two levels above paths.output_dir. It is refused before Hydra makes any directory."""
@@ -349,6 +351,7 @@ def test_init_from_values(overrides: list[str], message: str) -> None:
     validate_train_config(_job(_compose(ok)))
 
 
+@pytest.mark.slow  # a subprocess (or several seconds): make test, not test-fast
 def test_help_lists_options_not_shared_bases() -> None:
     """``xvol-train --help`` lists model options, not the ``_``-prefixed bases they extend."""
     proc = subprocess.run(

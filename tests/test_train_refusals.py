@@ -24,6 +24,8 @@ from PIL import Image
 
 from xvol.engine import load_checkpoint
 
+pytestmark = pytest.mark.slow  # every case launches scripts/train.py
+
 # 3 updates per epoch of 4 random 16 px images; a checkpoint after every update
 SYNTHETIC = [
     "data=synthetic",

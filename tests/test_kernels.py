@@ -58,7 +58,10 @@ def _input(n, c, h, w, channels_last=False, dtype=torch.float32, seed=0) -> torc
 SLOTS = [
     pytest.param(8, 8, 3, 1, 1, 1, (1,), False, False, id="s1"),
     pytest.param(8, 6, 3, 2, 1, 1, (1,), False, True, id="s2-cl-cout6"),
-    pytest.param(20, 18, 3, 1, 1, 1, (1,), False, True, id="c20-two-k-blocks"),
+    # the longest under the interpreter (two channel blocks): make test, not test-fast
+    pytest.param(
+        20, 18, 3, 1, 1, 1, (1,), False, True, id="c20-two-k-blocks", marks=pytest.mark.slow
+    ),
     pytest.param(4, 4, 3, 2, 0, 1, (2,), True, False, id="pad0-offset-shift2-center"),
     pytest.param(4, 5, 3, 1, 2, 2, (1,), False, True, id="dilation2"),
     pytest.param(4, 5, 3, 1, 2, 2, (2,), True, True, id="dilation2-shift2-fused-ring"),
@@ -350,6 +353,7 @@ def _bf16_training_pair() -> tuple[XConv2d, XConv2d, torch.Tensor]:
     return auto, gemm, _input(2, 8, 6, 6, channels_last=True, dtype=torch.bfloat16)
 
 
+@pytest.mark.slow  # several seconds under the interpreter: make test, not test-fast
 def test_auto_trains_with_triton_after_checking_forward_and_backward(auto_on_cpu, monkeypatch):
     """First sight of a training key: the fixed-config kernels' PSSA forward, dx and dW_A are
     compared with gemm's on that input and both are timed; faster and correct: Triton is kept

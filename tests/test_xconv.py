@@ -487,6 +487,7 @@ def test_deploy_under_export(deploy_case: tuple[nn.Module, torch.Tensor, torch.T
         )
 
 
+@pytest.mark.slow  # torch.compile on the CPU: make test, not test-fast
 def test_deploy_under_compile(deploy_case: tuple[nn.Module, torch.Tensor, torch.Tensor]) -> None:
     deploy, x, x_other = deploy_case
     torch._dynamo.reset()

@@ -79,7 +79,6 @@ import argparse
 import contextlib
 import copy
 import json
-import math
 import os
 import platform
 import statistics
@@ -96,6 +95,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from xvol.checks import is_number
 from xvol.formats.files import write_json_atomic
 from xvol.models import build_model
 from xvol.ops import dispatch, pssa_lean
@@ -170,15 +170,6 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _finite_number(value: Any) -> bool:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    try:
-        return math.isfinite(value)
-    except OverflowError:  # an int beyond the float range
-        return False
-
-
 def load_targets(path: Path) -> dict[str, tuple[str, float, str]]:
     """{ratio name: (op, value, why)} from a targets file, checked as untrusted input.
 
@@ -221,7 +212,7 @@ def load_targets(path: Path) -> dict[str, tuple[str, float, str]]:
         op, value, why = entry["op"], entry["value"], entry["why"]
         if op not in TARGET_OPS:
             raise TargetsError(f'{key}: "op" must be ">=" or "<=", got {_shown(op)}')
-        if not _finite_number(value):
+        if not is_number(value):
             raise TargetsError(f'{key}: "value" must be a finite number, got {_shown(value)}')
         if not isinstance(why, str) or not why.strip():
             raise TargetsError(f'{key}: "why" must be a non-empty string, got {_shown(why)}')

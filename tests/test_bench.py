@@ -397,6 +397,11 @@ BAD_TARGETS = {
         json.dumps(bench.DEPLOY_RATIO),
         'finite number, got "0.9"',
     ),
+    "int beyond the float range": (
+        json.dumps({bench.DEPLOY_RATIO: {"op": "<=", "value": 10**400, "why": WHY}}),
+        json.dumps(bench.DEPLOY_RATIO),
+        'finite number, got 1000',
+    ),
     "unknown field": (
         json.dumps({bench.DEPLOY_RATIO: {"op": ">=", "value": 1, "why": WHY, "target": 2}}),
         json.dumps(bench.DEPLOY_RATIO),

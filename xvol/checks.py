@@ -65,7 +65,13 @@ def is_int(v: Any) -> bool:
 
 
 def is_number(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+    """A finite int or float (not a bool); an int beyond the float range is not one."""
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # int too large to convert to float
+        return False
 
 
 def optional(check: Check) -> Check:

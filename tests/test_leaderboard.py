@@ -217,6 +217,8 @@ IMPOSSIBLE = {
     "no_images": (lambda r: r.update(num_images=0, top1=100.0, top5=100.0), "num_images=0"),
     "negative_params": (lambda r: r.update(params=-5), "params=-5"),
     "nan_gmacs": (lambda r: r.update(gmacs=math.nan), "gmacs=nan"),
+    # an int past the float range (JSON allows it): refused, not an OverflowError
+    "huge_gmacs": (lambda r: r.update(gmacs=10**400), "gmacs=1000"),
     "top5_below_top1": (lambda r: r.update(top1=90.0, top5=50.0), "top5=50.0 below top1"),
     "more_correct_than_images": (lambda r: r.update(top1_correct=99), "top1_correct=99"),
     "fingerprint": (lambda r: r["data"].update(fingerprint="../../x"), "data.fingerprint"),

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from xvol.checks import is_number
 from xvol.formats.checkpoint import CheckpointError, load_checkpoint, stored_class_names
 from xvol.formats.deploy import (
     DEPLOY_FORMAT_VERSION,
@@ -188,8 +188,7 @@ def _data_defaults(data_cfg: Any, source: str | Path) -> dict[str, Any]:
         if value is None:
             continue
         ok = len(value) == 3 and all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-            and (key == "mean" or v > 0) for v in value
+            is_number(v) and (key == "mean" or v > 0) for v in value
         )  # fmt: skip
         if not ok:
             raise CheckpointError(

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from xvol.checks import is_number
 from xvol.formats.checkpoint import WEIGHTS
 from xvol.formats.files import write_json_atomic
 
@@ -276,7 +276,7 @@ def validate_record(record: Any, source: str | Path) -> dict[str, Any]:
             value = _get(record, key)
         except KeyError:
             raise RecordError(f"{source}: malformed record: missing {key!r}") from None
-        if value is not None and not (isinstance(value, int | float) and math.isfinite(value)):
+        if value is not None and not is_number(value):
             raise RecordError(f"{source}: malformed record: {key!r} is {value!r}")
     _check_identity(record, source)
     _check_numbers(record, source)
@@ -317,7 +317,7 @@ def _check_numbers(record: dict[str, Any], source: str | Path) -> None:
         raise refuse(f"params={record['params']}")
     for key in ("gmacs", "gmuls"):
         value = record.get(key, 0.0)
-        if not (math.isfinite(value) and value >= 0):
+        if not (is_number(value) and value >= 0):
             raise refuse(f"{key}={value}")
     if record["top5"] < record["top1"]:
         raise refuse(f"top5={record['top5']} below top1={record['top1']}")
@@ -330,7 +330,7 @@ def _check_numbers(record: dict[str, Any], source: str | Path) -> None:
     if data["img_size"] < 1:
         raise refuse(f"data.img_size={data['img_size']}")
     crop = data.get("crop_pct", 1.0)
-    if not (math.isfinite(crop) and crop > 0):
+    if not (is_number(crop) and crop > 0):
         raise refuse(f"data.crop_pct={crop}")
     if data.get("skipped_files", 0) < 0:
         raise refuse(f"data.skipped_files={data['skipped_files']}")

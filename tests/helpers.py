@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import multiprocessing.forkserver
 import os
 import subprocess
+import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -11,17 +15,45 @@ import torch
 from torch import nn
 
 __all__ = [
+    "DEMO_DDP",
     "ROOT",
     "TRAIN",
     "assert_same_forward_backward",
     "one_error_line",
     "randomize_bn",
     "run_command",
+    "run_python",
     "subprocess_env",
+    "torchrun_train",
 ]
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "scripts" / "train.py")
+
+
+# The end-to-end training recipe: xresnet18 on the demo digits at 32 px, 2 epochs of 31 updates
+# (4,000 images / 2 ranks x 64), deterministic. Run A (conftest.demo_ddp_run) trains it once per
+# test run, uninterrupted; tests/test_train_e2e.py interrupts copies of it, and the tools of
+# tests/test_tools_e2e.py take its checkpoints.
+DEMO_DDP = [
+    "model=xresnet18",
+    "data=demo",
+    "data.img_size=32",
+    "data.workers=0",
+    "trainer.epochs=2",
+    "sched.warmup_epochs=0",
+    "trainer.deterministic=true",
+    "trainer.progress_bar=false",
+    "trainer.log_interval=5",
+]
+
+
+def torchrun_train(*args: str, restarts: int = 0) -> list[str]:
+    """torchrun with 2 CPU ranks (gloo) of scripts/train.py with :data:`DEMO_DDP` and ``args``."""
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        f"--max-restarts={restarts}", TRAIN, *DEMO_DDP, *args,
+    ]  # fmt: skip
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
@@ -40,13 +72,157 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 
 def run_command(argv: Sequence[str], timeout: float = 300) -> subprocess.CompletedProcess:
     """Run ``argv`` from the repository root with :func:`subprocess_env`; ``proc.output`` is
-    stdout + stderr."""
+    stdout + stderr. ``[sys.executable, SCRIPT | -m MODULE | -c CODE, ...]`` goes through
+    :func:`run_python` (a forked interpreter that has imported xvol already)."""
+    argv = list(argv)
+    if len(argv) > 1 and argv[0] == sys.executable:
+        return run_python(argv[1:], timeout=timeout)
     proc = subprocess.run(
-        list(argv), cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
-        timeout=timeout,
-    )  # fmt: skip
+        argv, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=timeout
+    )
     proc.output = proc.stdout + proc.stderr  # type: ignore[attr-defined]
     return proc
+
+
+# What every xvol command imports (timm, torch, torchvision, hydra, wandb through timm): about
+# 6 CPU-seconds per interpreter, a third of a short CLI run. run_python forks each command from
+# one server process per test worker that has imported these once (multiprocessing's
+# forkserver), instead of starting a fresh interpreter. The command still is its own process
+# (own pid, signals, exit status, file descriptors 1 and 2), run as ``python ARGS`` would run
+# it: argv, cwd, environment, sys.path[0], __main__, atexit handlers. What cannot be told apart
+# this way stays a real interpreter (fresh=True, or XVOL_TEST_FRESH=1 for the whole suite):
+# import-time behaviour (a hidden extra, an ``xvol`` folder in the cwd), environment variables
+# read at import (below), torchrun.
+_PRELOAD = ["helpers", "xvol.cli.train", "xvol.cli.eval", "xvol.cli.reparam", "xvol.cli.export"]
+_IMPORT_TIME_ENV = ("PYTHON", "TRITON_", "TORCH", "CUDA_", "OMP_", "MKL_", "LD_")
+_FORK_ENV: dict[str, str] | None = None  # the server's environment, fixed when it starts
+
+
+def _fresh_needed(args: Sequence[str], env: dict[str, str]) -> bool:
+    if (
+        os.environ.get("XVOL_TEST_FRESH") == "1"
+        or args[0] not in ("-m", "-c")
+        and not str(args[0]).endswith(".py")
+    ):
+        return True
+    if args[0] == "-m" and args[1] == "torch.distributed.run":
+        return True  # its ranks are real interpreters anyway
+    server = _FORK_ENV if _FORK_ENV is not None else os.environ
+    changed = {k for k in env.keys() | server.keys() if env.get(k) != server.get(k)}
+    return any(k.startswith(_IMPORT_TIME_ENV) for k in changed)
+
+
+def run_python(
+    args: Sequence[str],
+    *,
+    cwd: str | Path = ROOT,
+    env: dict[str, str] | None = None,
+    timeout: float = 300,
+    fresh: bool = False,
+) -> subprocess.CompletedProcess:
+    """``python ARGS`` (a script and its arguments, ``-m MODULE ...`` or ``-c CODE ...``) in
+    ``cwd`` with ``env`` (default :func:`subprocess_env`), as a finished process with
+    ``stdout``, ``stderr`` and ``output`` (both). Forked from a server that imported xvol (see
+    above) unless ``fresh`` or the command needs a new interpreter."""
+    global _FORK_ENV
+    args = [str(a) for a in args]
+    env = subprocess_env() if env is None else dict(env)
+    if fresh or _fresh_needed(args, env):
+        proc = subprocess.run(
+            [sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
+            timeout=timeout,
+        )  # fmt: skip
+        proc.output = proc.stdout + proc.stderr  # type: ignore[attr-defined]
+        return proc
+    ctx = multiprocessing.get_context("forkserver")
+    if _FORK_ENV is None:
+        # the server starts with this environment and sys.path; its commands get their own
+        ctx.set_forkserver_preload(_PRELOAD)
+        _FORK_ENV = {**os.environ, **subprocess_env()}
+        saved = dict(os.environ)
+        os.environ.update(_FORK_ENV)
+        try:
+            multiprocessing.forkserver.ensure_running()
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+    with tempfile.TemporaryDirectory(prefix="xvol-run-") as tmp:
+        out, err = Path(tmp, "stdout"), Path(tmp, "stderr")
+        child = ctx.Process(target=_forked_main, args=(args, str(cwd), env, str(out), str(err)))
+        child.start()
+        child.join(timeout)
+        if child.exitcode is None:
+            child.kill()
+            child.join()
+            raise subprocess.TimeoutExpired(
+                args, timeout, output=out.read_text(errors="replace"),
+                stderr=err.read_text(errors="replace"),
+            )  # fmt: skip
+        proc = subprocess.CompletedProcess(
+            [sys.executable, *args], child.exitcode, out.read_text(errors="replace"),
+            err.read_text(errors="replace"),
+        )  # fmt: skip
+    proc.output = proc.stdout + proc.stderr  # type: ignore[attr-defined]
+    return proc
+
+
+def _forked_main(args: list[str], cwd: str, env: dict[str, str], out: str, err: str) -> None:
+    """The forked command: what ``python ARGS`` does after start-up, then os._exit."""
+    import atexit
+    import io
+    import runpy
+    import threading
+    import traceback
+
+    for fd, path in ((1, out), (2, err)):
+        target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(target, fd)
+        os.close(target)
+    sys.stdout = sys.__stdout__ = io.TextIOWrapper(
+        io.FileIO(1, "w", closefd=False), encoding="utf-8", line_buffering=True,
+        write_through=True,
+    )  # fmt: skip
+    sys.stderr = sys.__stderr__ = io.TextIOWrapper(
+        io.FileIO(2, "w", closefd=False), encoding="utf-8", errors="backslashreplace",
+        line_buffering=True, write_through=True,
+    )  # fmt: skip
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(cwd)
+    atexit._clear()  # the server's; the command registers its own
+    code = 0
+    try:
+        if args[0] == "-m":
+            sys.argv = ["-m", *args[2:]]
+            sys.path.insert(0, cwd)
+            runpy.run_module(args[1], run_name="__main__", alter_sys=True)
+        elif args[0] == "-c":
+            sys.argv = ["-c", *args[2:]]
+            sys.path.insert(0, "")
+            exec(compile(args[1], "<string>", "exec"), {"__name__": "__main__"})
+        else:
+            sys.argv = list(args)
+            sys.path.insert(0, str(Path(cwd, args[0]).resolve().parent))
+            runpy.run_path(args[0], run_name="__main__")
+    except SystemExit as exc:
+        if exc.code is None:
+            code = 0
+        elif isinstance(exc.code, int):
+            code = exc.code
+        else:
+            print(exc.code, file=sys.stderr)
+            code = 1
+    except BaseException:
+        sys.excepthook(*sys.exc_info())
+        code = 1
+    try:
+        threading._shutdown()  # type: ignore[attr-defined]  # as at interpreter exit
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BaseException:
+        traceback.print_exc()
+    os._exit(code & 0xFF)
 
 
 def assert_same_forward_backward(

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import timm
 import torch
+from helpers import run_python
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -252,8 +252,7 @@ def test_every_case_owns_its_model_and_no_eval_batchnorm_runs_with_grad() -> Non
 @pytest.mark.slow
 def test_bench_cpu_smoke(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, str(ROOT / "scripts" / "bench.py"), *TINY, "--out", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    proc = run_python([str(ROOT / "scripts" / "bench.py"), *TINY, "--out", str(out)], timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     record = json.loads(out.read_text())
     cases = record["cases"]
@@ -400,7 +399,7 @@ BAD_TARGETS = {
     "int beyond the float range": (
         json.dumps({bench.DEPLOY_RATIO: {"op": "<=", "value": 10**400, "why": WHY}}),
         json.dumps(bench.DEPLOY_RATIO),
-        'finite number, got 1000',
+        "finite number, got 1000",
     ),
     "unknown field": (
         json.dumps({bench.DEPLOY_RATIO: {"op": ">=", "value": 1, "why": WHY, "target": 2}}),
@@ -451,9 +450,8 @@ def test_a_bad_targets_file_is_refused_in_one_line_naming_file_and_key(
 def test_the_cli_refuses_a_bad_targets_file_without_a_traceback(tmp_path: Path) -> None:
     path = _targets_file(tmp_path, "[1, 2")
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, str(ROOT / "scripts" / "bench.py"), *TINY, "--targets", str(path),
-           "--out", str(out)]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    cmd = [str(ROOT / "scripts" / "bench.py"), *TINY, "--targets", str(path), "--out", str(out)]
+    proc = run_python(cmd, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.splitlines() == [
         f"bench.py: error: {path}: not valid JSON: Expecting ',' delimiter (line 1, column 6)"

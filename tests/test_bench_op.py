@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_python
 from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
@@ -17,9 +17,9 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_bench_op_runs_and_writes_record(tmp_path: Path) -> None:
     out = tmp_path / "nested" / "bench_op.json"
-    cmd = [sys.executable, str(REPO / "scripts" / "bench_op.py"), "--device", "cpu"]
+    cmd = [str(REPO / "scripts" / "bench_op.py"), "--device", "cpu"]
     cmd += ["--iters", "1", "--warmup", "0", "--batch", "2", "--slots", "stage3", "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    proc = run_python(cmd, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "xconv-train" in proc.stdout and "ratios (x) are to conv2d" in proc.stdout
 

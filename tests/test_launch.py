@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import run_python
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -73,7 +74,6 @@ def test_slurm_launcher_composes_with_expected_settings() -> None:
 def test_slurm_job_renders_through_the_train_script(tmp_path: Path) -> None:
     """What `python scripts/train.py --multirun hydra/launcher=slurm ... --cfg hydra` prints."""
     cmd = [
-        sys.executable,
         str(ROOT / "scripts" / "train.py"),
         "hydra/launcher=slurm",
         "hydra.launcher.nodes=2",
@@ -83,7 +83,7 @@ def test_slurm_job_renders_through_the_train_script(tmp_path: Path) -> None:
         "--cfg",
         "hydra",
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    proc = run_python(cmd)
     assert proc.returncode == 0, proc.stderr
     rendered = OmegaConf.create(proc.stdout).hydra.launcher
     assert (rendered.nodes, rendered.gpus_per_node, rendered.tasks_per_node) == (2, 4, 4)

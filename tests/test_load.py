@@ -31,6 +31,7 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import run_python
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
@@ -183,17 +184,8 @@ def test_crafted_checkpoint_is_one_line_from_the_command_line(
         weights_cfg=model_config(),
     )
     out = tmp_path / "out"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "tools" / f"{tool}.py"),
-            *_tool_argv(tool, ckpt, out, tiny["data"]),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-        env=_env(),
+    proc = run_python(
+        [str(ROOT / "tools" / f"{tool}.py"), *_tool_argv(tool, ckpt, out, tiny["data"])]
     )
     assert not marker.exists()
     assert proc.returncode == 1 and proc.stdout == ""
@@ -236,7 +228,6 @@ def test_resume_from_a_crafted_checkpoint_runs_no_code(tmp_path: Path) -> None:
     """
     marker = tmp_path / "pwned"
     common = [
-        sys.executable,
         str(ROOT / "scripts" / "train.py"),
         "model=resnet18",
         "data=synthetic",
@@ -250,9 +241,7 @@ def test_resume_from_a_crafted_checkpoint_runs_no_code(tmp_path: Path) -> None:
     ]
 
     def train(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [*common, *args], capture_output=True, text=True, timeout=300, cwd=ROOT, env=_env()
-        )
+        return run_python([*common, *args])
 
     first = train("run_name=first", "trainer.epochs=1", "resume=null")
     assert first.returncode == 0, first.stderr[-2000:]
@@ -337,14 +326,7 @@ def test_edited_sidecar_is_one_line_from_the_command_line(
     deploy = _edited(tiny, tmp_path, "v1", lambda s: s["model_config"]["xconv"].update(shifts=[2]))
     out = tmp_path / "out"
     argv = _tool_argv("eval", deploy, out, tiny["data"])
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "eval.py"), *argv],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-        env=_env(),
-    )
+    proc = run_python([str(ROOT / "tools" / "eval.py"), *argv])
     assert proc.returncode == 1 and proc.stdout == "" and "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if ": error: " in line]
     assert errors == [
@@ -639,11 +621,10 @@ def test_timm_script_runs_timm_scripts_with_xvol_models(
     (tmp_path / "validate.py").write_text(STUB_VALIDATE)
     out = tmp_path / "logits.pt"
     argv = ["--model", "xresnet18", "--num-classes", "3", "--checkpoint", str(tiny["ckpt"])]
-    proc = subprocess.run(
-        [sys.executable, "-m", "xvol.cli.timm_script", "validate.py", *argv, "--use-ema",
-         "--out", str(out)],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path, env=_env(),
-    )  # fmt: skip
+    proc = run_python(
+        ["-m", "xvol.cli.timm_script", "validate.py", *argv, "--use-ema", "--out", str(out)],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     ema = load_model(tiny["ckpt"], ema=True).model
     torch.testing.assert_close(torch.load(out), _logits_for(ema), atol=0, rtol=0)

@@ -5,19 +5,18 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_python
 from tools_helpers import make_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _reparam(ckpt: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(ROOT / "tools" / "reparam.py"), str(ckpt), "--out", str(out)]
-    return subprocess.run([*cmd, *extra], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    return run_python([str(ROOT / "tools" / "reparam.py"), str(ckpt), "--out", str(out), *extra])
 
 
 @pytest.mark.slow

@@ -11,12 +11,12 @@ import dataclasses
 import json
 import math
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_python
 from PIL import Image
 from safetensors.torch import load_file
 from tools_helpers import ROOT, make_checkpoint, make_val_folder, model_config
@@ -574,7 +574,8 @@ def test_export_onnx_matches_pytorch(tiny: dict[str, Path], tmp_path: Path) -> N
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(7))
     got = torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
-    torch.testing.assert_close(got, _logits_of(tiny["deploy"], x), atol=1e-4, rtol=0)
+    # a fresh input: float32 rounding grows with the logits (|logit| ~ 6 here), so relative too
+    torch.testing.assert_close(got, _logits_of(tiny["deploy"], x), atol=1e-4, rtol=1e-4)
     assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]  # no temp files left
 
 
@@ -637,19 +638,13 @@ def test_console_entry_points_have_a_helpful_help(
 def test_cli_errors_are_one_line_without_traceback(tiny: dict[str, Path], tmp_path: Path) -> None:
     bad = tmp_path / "notes.pt"
     bad.write_text("not a checkpoint")
-    cmd = [
-        sys.executable,
-        str(ROOT / "tools" / "reparam.py"),
-        str(bad),
-        "--out",
-        str(tmp_path / "o"),
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    cmd = [str(ROOT / "tools" / "reparam.py"), str(bad), "--out", str(tmp_path / "o")]
+    proc = run_python(cmd, fresh=True)  # the real interpreter once: no traceback from start-up
     assert proc.returncode == 1 and proc.stdout == ""
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith("xvol-reparam: error: ") and str(bad) in lines[-1]
     assert "Traceback" not in proc.stderr and not (tmp_path / "o").exists()
-    debug = subprocess.run([*cmd, "--debug"], capture_output=True, text=True, timeout=120)
+    debug = run_python([*cmd, "--debug"])
     assert debug.returncode == 1 and "Traceback" in debug.stderr
 
 

@@ -5,14 +5,11 @@ each fail in one line naming the key (the trainer's from its schema, xvol/engine
 from __future__ import annotations
 
 import copy
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from helpers import one_error_line
+from helpers import TRAIN, one_error_line, run_python
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import HydraException
@@ -271,21 +268,7 @@ def test_the_command_fails_in_one_line(
     """The real command: a bad value, an unknown key or overrides that contradict each other,
     found while composing or validating, end in one error line on rank 0 (exit 1, no
     traceback) before anything is built."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "scripts" / "train.py"),
-            *override.split(),
-            "run_name=bad",
-            f"paths.output_dir={tmp_path}",
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_python([TRAIN, *override.split(), "run_name=bad", f"paths.output_dir={tmp_path}"])
     assert one_error_line(proc).startswith(line)
     # a config that composes has a run directory, where train.log keeps the line; else nothing
     assert [p.name for p in tmp_path.glob("bad/*")] == (["train.log"] if composes else [])
@@ -295,12 +278,9 @@ def test_the_command_fails_in_one_line(
 def test_run_name_cannot_leave_the_output_dir(tmp_path: Path) -> None:
     """``run_name=../../escape`` made the run directory (train.log and all)
     two levels above paths.output_dir. It is refused before Hydra makes any directory."""
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "train.py"), "run_name=../../escape",
-         f"paths.output_dir={tmp_path / 'a' / 'b'}"],
-        cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
-        timeout=300,
-    )  # fmt: skip
+    proc = run_python(  # the real interpreter once: nothing printed or made at start-up
+        [TRAIN, "run_name=../../escape", f"paths.output_dir={tmp_path / 'a' / 'b'}"], fresh=True
+    )
     line = one_error_line(proc)
     assert line == (
         "error: run_name: expected one folder name under paths.output_dir (no '/', no '..'), "
@@ -354,10 +334,7 @@ def test_init_from_values(overrides: list[str], message: str) -> None:
 @pytest.mark.slow  # a subprocess (or several seconds): make test, not test-fast
 def test_help_lists_options_not_shared_bases() -> None:
     """``xvol-train --help`` lists model options, not the ``_``-prefixed bases they extend."""
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "train.py"), "--help"],
-        capture_output=True, text=True, timeout=120, cwd=ROOT,
-    )  # fmt: skip
+    proc = run_python([TRAIN, "--help"])
     assert proc.returncode == 0, proc.stderr
     (models,) = [line for line in proc.stdout.splitlines() if line.startswith("model: ")]
     options = models.removeprefix("model: ").split(", ")

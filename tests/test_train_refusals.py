@@ -209,12 +209,17 @@ def test_second_launch_into_a_busy_run_dir_is_refused(out_dir: Path) -> None:
         assert line.startswith(f"error: {run_dir} is in use by another launch (pid {holder.pid} ")
         assert "pick another run_name" in line
         assert holder.poll() is None  # the first launch goes on
+        metrics = run_dir / "metrics.jsonl"
+        while time.time() < deadline and holder.poll() is None:  # and logs its steps
+            if metrics.exists() and '"train"' in metrics.read_text():
+                break
+            time.sleep(0.2)
     finally:
         holder.send_signal(signal.SIGTERM)  # checkpoints and exits 143
         holder.wait(timeout=120)
     assert holder.returncode == 143
-    steps = [r for r in (run_dir / "metrics.jsonl").read_text().splitlines() if '"train"' in r]
-    assert len(steps) == len(set(steps))
+    steps = [r for r in metrics.read_text().splitlines() if '"train"' in r]
+    assert steps and len(steps) == len(set(steps))
     assert line in log.read_text()
 
 

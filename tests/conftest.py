@@ -20,6 +20,46 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """The controller (or the only process) makes one scratch directory for the whole test run;
+    xdist workers, started after this, inherit its path (:func:`shared_dir`)."""
+    if not hasattr(config, "workerinput") and "XVOL_TEST_SHARED" not in os.environ:
+        os.environ["XVOL_TEST_SHARED"] = tempfile.mkdtemp(prefix="xvol-shared-")
+        config._xvol_shared = os.environ["XVOL_TEST_SHARED"]  # type: ignore[attr-defined]
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shared = getattr(config, "_xvol_shared", None)
+    if shared is not None:
+        shutil.rmtree(shared, ignore_errors=True)
+        os.environ.pop("XVOL_TEST_SHARED", None)
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """A scratch directory shared by every xdist worker of this test run, for outputs that
+    several test files read: each is made once, under a lock, by the first worker to ask."""
+    return Path(os.environ["XVOL_TEST_SHARED"])
+
+
+@pytest.fixture(scope="session")
+def demo_ddp_run(shared_dir: Path) -> Path:
+    """Run A: helpers.DEMO_DDP under torchrun with 2 CPU ranks, uninterrupted (about a minute
+    on 2 cores), made once per test run. Its directory is ``<shared>/demo-ddp/A``, alone there;
+    tests read it and write elsewhere."""
+    from filelock import FileLock
+    from helpers import run_command, torchrun_train
+
+    out = shared_dir / "demo-ddp"
+    with FileLock(str(shared_dir / "demo-ddp.lock")):
+        if not (shared_dir / "demo-ddp.ok").exists():
+            shutil.rmtree(out, ignore_errors=True)  # a failed attempt of another worker
+            proc = run_command(torchrun_train("run_name=A", f"paths.output_dir={out}"), 420)
+            assert proc.returncode == 0, proc.output[-4000:]
+            (shared_dir / "demo-ddp.ok").touch()
+    return out / "A"
+
+
 @pytest.fixture
 def generator() -> torch.Generator:
     """A seeded CPU generator, so every test draws the same numbers on every run."""
@@ -62,13 +102,12 @@ def single_thread() -> Iterator[None]:
 # worker takes whole files in collection order, so a multi-minute file collected last would run
 # alone at the end while the other core idles. The order of tests inside a file is kept.
 LONG_FIRST = (
-    "test_train_sweep.py",
+    "test_train_e2e.py",
     "test_gpu_check.py",
     "test_kernels.py",
-    "test_train_e2e.py",
-    "test_train_finetune.py",
-    "test_tools_e2e.py",
     "test_train_refusals.py",
+    "test_train_finetune.py",
+    "test_tools_e2e.py",  # late enough to find run A made (conftest.demo_ddp_run)
     # then the files with a few subprocess runs of 5-30 s each, so that quick unit files end it
     "test_train_config.py",
     "test_packaging.py",

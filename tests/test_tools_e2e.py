@@ -1,6 +1,7 @@
 """Post-training tools end to end on a real (tiny) run, every tool launched as its CLI.
 
-scripts/train.py trains xresnet18 for one epoch on the demo digits at 32 px; then reparam (with
+The run: xresnet18 trained by scripts/train.py under torchrun (2 CPU ranks) for 2 epochs on the
+demo digits at 32 px (run A of tests/test_train_e2e.py, made once per test run); then reparam (with
 verification on real val images), eval of the training and of the deploy checkpoint (single
 process, and the deploy one again under torchrun with 2 gloo ranks), leaderboard and ONNX export
 (the default dynamo exporter). The acceptance checks of the post-training tools issue, on CPU.
@@ -12,25 +13,24 @@ import csv
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from helpers import run_python
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from PIL import Image
 from safetensors.torch import load_file
 from tools_helpers import ROOT, make_val_folder
 
+import xvol.config  # noqa: F401  (registers the trainer/debug schema compose() needs)
 from xvol.formats.checkpoint import load_checkpoint
 from xvol.formats.load import load_model, load_state_dict_strict
 from xvol.reparam import reparameterize_model
 
 pytestmark = pytest.mark.slow
-
-RUN_NAME = "tools_e2e"
 
 
 def _env() -> dict[str, str]:
@@ -40,15 +40,7 @@ def _env() -> dict[str, str]:
 
 
 def _run(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [sys.executable, *args],
-        cwd=ROOT,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    return proc
+    return run_python(args, env=_env(), timeout=timeout)
 
 
 def _tool(name: str, *args: str) -> dict[str, Any]:
@@ -59,31 +51,18 @@ def _tool(name: str, *args: str) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """One epoch of xresnet18 on the demo set; its run directory and data root."""
-    base = tmp_path_factory.mktemp("e2e")
-    proc = _run(
-        str(ROOT / "scripts" / "train.py"),
-        "model=xresnet18",
-        "data=demo",
-        "data.img_size=32",
-        "data.workers=0",
-        "trainer.epochs=1",
-        "trainer.progress_bar=false",
-        f"run_name={RUN_NAME}",
-        f"paths.output_dir={base / 'outputs'}",
-    )
-    assert proc.returncode == 0, f"training failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    run_dir = base / "outputs" / RUN_NAME
-    ckpt = run_dir / "best.pt"
+def run(demo_ddp_run: Path, out_dir: Path) -> dict[str, Path]:
+    """Run A (conftest.py): xresnet18 trained for 2 epochs on the demo set by 2 torchrun ranks;
+    its run directory, best.pt and data root, and a scratch directory for the tools' outputs."""
+    ckpt = demo_ddp_run / "best.pt"
     assert ckpt.is_file()
     data_root = Path(load_checkpoint(ckpt)["config"]["data"]["root"])
-    return {"base": base, "run_dir": run_dir, "ckpt": ckpt, "data": data_root}
+    return {"base": out_dir, "run_dir": demo_ddp_run, "ckpt": ckpt, "data": data_root}
 
 
 @pytest.fixture(scope="module")
 def deployed(run: dict[str, Path]) -> dict[str, Any]:
-    out = run["run_dir"] / "deploy"
+    out = run["base"] / "deploy"
     record = _tool("reparam", str(run["ckpt"]), "--out", str(out), "--data", str(run["data"]))
     return {"dir": out, "record": record}
 

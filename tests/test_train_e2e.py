@@ -1,6 +1,7 @@
 """scripts/train.py end to end, as subprocesses: torchrun (2 CPU processes, gloo) on the demo set
-at 32 px, exact resume after SIGTERM under --max-restarts, kill -9 then resume, forced NaN, wandb
-offline files. Run A (2 epochs, uninterrupted) is the reference the others must match exactly.
+at 32 px; one run stopped by SIGTERM under --max-restarts, then by kill -9, then resumed, exactly;
+forced NaN; wandb offline files. Run A (2 epochs, uninterrupted) is the reference the others
+must match exactly.
 """
 
 from __future__ import annotations
@@ -17,38 +18,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ROOT, TRAIN, run_command, subprocess_env
+from helpers import DEMO_DDP, ROOT, TRAIN, run_command, subprocess_env, torchrun_train
 
 from xvol.engine import EXIT_NON_FINITE, load_checkpoint
 
 STEPS_PER_EPOCH = 31  # demo: 4,000 train images / (2 ranks x 64)
-COMMON = [
-    "model=xresnet18",
-    "data=demo",
-    "data.img_size=32",
-    "data.workers=0",
-    "trainer.epochs=2",
-    "sched.warmup_epochs=0",
-    "trainer.deterministic=true",
-    "trainer.progress_bar=false",
-    "trainer.log_interval=5",
-]
 
 pytestmark = pytest.mark.slow
 
 
 def _torchrun(*args: str, restarts: int = 0) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        f"--max-restarts={restarts}",
-        TRAIN,
-        *COMMON,
-        *args,
-    ]
+    return torchrun_train(*args, restarts=restarts)
 
 
 def _run(cmd: list[str], timeout: float = 420) -> subprocess.CompletedProcess:
@@ -89,15 +69,13 @@ def _assert_same_metrics(ref: Path, other: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def run_a(out_dir: Path) -> Path:
-    """The reference: 2 epochs, uninterrupted."""
-    proc = _run(_torchrun("run_name=A", f"paths.output_dir={out_dir}"))
-    assert proc.returncode == 0, proc.output[-4000:]
-    return out_dir / "A"
+def run_a(demo_ddp_run: Path) -> Path:
+    """The reference: 2 epochs, uninterrupted (made once per test run: conftest.py)."""
+    return demo_ddp_run
 
 
-def test_torchrun_two_epochs(run_a: Path, out_dir: Path) -> None:
-    assert sorted(p.name for p in out_dir.iterdir()) == ["A"]  # one run dir for both ranks
+def test_torchrun_two_epochs(run_a: Path) -> None:
+    assert sorted(p.name for p in run_a.parent.iterdir()) == ["A"]  # one run dir for both ranks
     names = {p.name for p in run_a.iterdir()}
     assert {
         "last.pt",
@@ -126,87 +104,81 @@ def test_torchrun_two_epochs(run_a: Path, out_dir: Path) -> None:
     assert "final: val top-1" in log and "[rank 1]" not in log  # rank 0 writes the log
 
 
-def test_sigterm_then_torchrun_restart_resumes_exactly(run_a: Path, out_dir: Path) -> None:
-    """Rank 0 gets SIGTERM after update 40 (epoch 2, batch 9): both ranks stop after that step,
-    checkpoint, exit 143; torchrun --max-restarts brings them back and resume=auto continues."""
-    proc = _run(
-        _torchrun(
-            "run_name=B",
-            f"paths.output_dir={out_dir}",
-            "logger=wandb",
-            "debug.signal_at_step=40",
-            restarts=1,
-        )
-    )
-    assert proc.returncode == 0, proc.output[-4000:]
-    assert "exitcode: 143" in proc.output or "exitcode  : 143" in proc.output, proc.output[-4000:]
-    assert re.search(
-        r"resumed from \S*/B/last.pt: in epoch 2/2 after batch 9/31, update 40", proc.output
-    )
+def test_sigterm_restart_then_kill9_then_resume_exactly(run_a: Path, out_dir: Path) -> None:
+    """One run interrupted both ways. Rank 0 gets SIGTERM after update 40 (epoch 2, batch
+    9): both ranks stop after that step, checkpoint, exit 143, and torchrun --max-restarts
+    brings them back, resume=auto continuing. Past update 55 the whole launch (agent, workers,
+    wandb) gets SIGKILL; a plain relaunch resumes from the last checkpoint of every 10 updates.
+    Weights, EMA and metrics end as run A's: interruptions and saving do not change the
+    trajectory."""
     run_b = out_dir / "B"
-    assert _max_weight_diff(run_a / "last.pt", run_b / "last.pt") <= 1e-6
-    assert _max_weight_diff(run_a / "last.pt", run_b / "last.pt", "ema") <= 1e-6
-    _assert_same_metrics(run_a, run_b)
-    # wandb offline: two runs (before and after the restart) with one id, holding the metrics
-    runs = sorted((run_b / "wandb").glob("offline-run-*/run-*.wandb"))
-    assert len(runs) == 2, runs
-    ids = {p.stem.removeprefix("run-") for p in runs}
-    assert len(ids) == 1 and load_checkpoint(run_b / "last.pt")["wandb_id"] in ids
-    history = [row for p in runs for row in _wandb_history(p)]
-    logged = sorted(int(r["_step"]) for r in history if "train/loss" in r)
-    assert logged == [r["global_step"] for r in _records(run_b, "train")]
-    top1 = [r["epoch/val_top1"] for r in history if "epoch/val_top1" in r]
-    assert top1 == pytest.approx([r["val_top1"] for r in _records(run_b, "epoch")])
-
-
-def test_kill9_then_resume(run_a: Path, out_dir: Path) -> None:
-    """SIGKILL to the whole launch (agent and workers) in epoch 1, then a plain relaunch."""
-    run_k = out_dir / "K"
-    cmd = _torchrun(
-        "run_name=K", f"paths.output_dir={out_dir}", "trainer.checkpoint.every_steps=10"
-    )
-    proc = subprocess.Popen(
-        cmd,
-        cwd=ROOT,
-        env=subprocess_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.time() + 400
-        while time.time() < deadline and proc.poll() is None:
-            if (run_k / "metrics.jsonl").exists() and any(
-                r["global_step"] >= 45 for r in _records(run_k, "train")
-            ):
-                break
-            time.sleep(0.2)
-        assert proc.poll() is None, "training ended before it could be killed"
-    finally:  # the workers run in their own sessions: kill the whole tree, workers first
-        for pid in [*_descendants(proc.pid), proc.pid]:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        proc.wait(timeout=60)
-    killed_at = load_checkpoint(run_k / "last.pt")["global_step"]
-    assert killed_at >= 40
-    again = _run(
-        _torchrun("run_name=K", f"paths.output_dir={out_dir}", "trainer.checkpoint.every_steps=10")
-    )
+    args = [
+        "run_name=B",
+        f"paths.output_dir={out_dir}",
+        "logger=wandb",
+        "debug.signal_at_step=40",  # once: a resumed run is past it
+        "trainer.checkpoint.every_steps=10",
+    ]
+    launch_log = out_dir / "B-first-launch.log"
+    with open(launch_log, "w") as log:
+        proc = subprocess.Popen(
+            _torchrun(*args, restarts=1),
+            cwd=ROOT,
+            env=subprocess_env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            deadline = time.time() + 400
+            while time.time() < deadline and proc.poll() is None:
+                if (run_b / "metrics.jsonl").exists() and any(
+                    r["global_step"] >= 55 for r in _records(run_b, "train")
+                ):
+                    break
+                time.sleep(0.2)
+            assert proc.poll() is None, "training ended before it could be killed"
+        finally:  # the workers run in their own sessions: kill the whole tree, workers first
+            for pid in [*_descendants(proc.pid), proc.pid]:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            proc.wait(timeout=60)
+    first = launch_log.read_text()
+    assert "exitcode: 143" in first or "exitcode  : 143" in first, first[-4000:]
+    assert re.search(r"resumed from \S*/B/last.pt: in epoch 2/2 after batch 9/31, update 40", first)
+    killed_at = load_checkpoint(run_b / "last.pt")["global_step"]
+    assert killed_at >= 50, killed_at
+    again = _run(_torchrun(*args, restarts=1))
     assert again.returncode == 0, again.output[-4000:]
     resumed = [line for line in again.output.splitlines() if "resumed from" in line]
     assert resumed and resumed[0].endswith(f"update {killed_at}"), (killed_at, resumed)
-    # saving every 10 updates does not change the trajectory: same weights as run A
-    assert _max_weight_diff(run_a / "last.pt", run_k / "last.pt") <= 1e-6
-    _assert_same_metrics(run_a, run_k)
+    assert _max_weight_diff(run_a / "last.pt", run_b / "last.pt") <= 1e-6
+    assert _max_weight_diff(run_a / "last.pt", run_b / "last.pt", "ema") <= 1e-6
+    _assert_same_metrics(run_a, run_b)
+    # wandb offline: three runs (launch, restart, relaunch) with one id. The first and the last
+    # ended cleanly: they hold the train steps up to the SIGTERM and after the checkpoint the
+    # relaunch resumed from, and the two epoch results (the killed one is not read)
+    runs = sorted((run_b / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 3, runs
+    ids = {p.stem.removeprefix("run-") for p in runs}
+    assert len(ids) == 1 and load_checkpoint(run_b / "last.pt")["wandb_id"] in ids
+    before, after = _wandb_history(runs[0]), _wandb_history(runs[2])
+    steps = [r["global_step"] for r in _records(run_b, "train")]
+    assert [int(r["_step"]) for r in before if "train/loss" in r] == [s for s in steps if s <= 40]
+    assert [int(r["_step"]) for r in after if "train/loss" in r] == [
+        s for s in steps if s > killed_at
+    ]
+    top1 = [r["epoch/val_top1"] for r in [*before, *after] if "epoch/val_top1" in r]
+    assert top1 == pytest.approx([r["val_top1"] for r in _records(run_b, "epoch")])
 
 
 def test_non_finite_loss_stops_and_keeps_checkpoint(out_dir: Path) -> None:
     cmd = [
         sys.executable,
         TRAIN,
-        *COMMON,
+        *DEMO_DDP,
         "run_name=N",
         f"paths.output_dir={out_dir}",
         "trainer.epochs=1",

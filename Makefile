@@ -13,9 +13,10 @@ PIP := $(PY) -m pip
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 # pytest-xdist workers: both cores of the CI machine; whole files per worker (module fixtures
-# built once). JOBS=0 runs serially.
+# built once), in the order tests/conftest.py sorts them (longest first; xdist would otherwise
+# start the files with the most tests first). JOBS=0 runs serially.
 JOBS ?= 2
-XDIST := $(if $(filter 0,$(JOBS)),,-n $(JOBS) --dist loadfile)
+XDIST := $(if $(filter 0,$(JOBS)),,-n $(JOBS) --dist loadfile --no-loadscope-reorder)
 export WANDB_MODE ?= offline
 export PYTHONUNBUFFERED := 1
 

@@ -25,8 +25,8 @@ Steps (``STEPS``), each with a wall-clock cap:
                        (or XVOL_CIFAR10_TAR) unpacked, then scripts/compare.py: resnet18 vs
                        xresnet18 with the CIFAR stem, seeds 0,1,2, 5 epochs, one GPU; per-seed
                        top-1 of both arms, the paired 95% interval, the time. Rehearsal: a small
-                       generated CIFAR-like folder, 2 seeds, 1 epoch (the pipeline and the
-                       statistics, not accuracy).
+                       generated CIFAR-like folder, 2 seeds, 1 epoch, 2 CPU ranks (the
+                       pipeline, the multi-rank sweep and the statistics, not accuracy).
 
 Truth rules: a step that fails, times out or is skipped (its input missing, or not selected) is
 not a pass. PASSED means every step ran and passed; otherwise FAILED (something failed) or
@@ -160,8 +160,9 @@ def _science(ctx: Context) -> list[str]:
     if ctx.cpu:
         prepare = [ctx.py, "-c", f"import sys; sys.path.insert(0, 'scripts'); import gpu_check; "
                    f"gpu_check.make_cifar_like({str(data)!r})"]  # fmt: skip
-        compare = ["--seeds", "0,1", "--epochs", "1", "--device", "cpu", "--", "data.batch_size=8",
-                   "data.workers=2"]  # fmt: skip
+        # 2 gloo ranks, as `make compare` on a CPU: the rehearsal also runs the multi-rank sweep
+        compare = ["--seeds", "0,1", "--epochs", "1", "--device", "cpu", "--nproc", "2", "--",
+                   "data.batch_size=8", "data.workers=2"]  # fmt: skip
     else:
         tar = os.environ.get("XVOL_CIFAR10_TAR") or str(
             ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
@@ -169,12 +170,12 @@ def _science(ctx: Context) -> list[str]:
         prepare = ["bash", "-c", f"test -f {tar!r} || {{ echo 'no CIFAR-10 tarball at {tar} "
                    f"(set XVOL_CIFAR10_TAR)' >&2; exit 1; }}; mkdir -p {str(data)!r} && "
                    f"tar -xzf {tar!r} -C {str(data)!r}"]  # fmt: skip
-        compare = ["--seeds", "0,1,2", "--epochs", "5", "--device", "cuda", "--",
+        compare = ["--seeds", "0,1,2", "--epochs", "5", "--device", "cuda", "--nproc", "1", "--",
                    "data.workers=16", "trainer.log_interval=50"]  # fmt: skip
     # one command line: the step's cap covers both parts
     script = " ".join(_quote(a) for a in prepare) + " && " + " ".join(_quote(a) for a in [
-        ctx.py, "scripts/compare.py", "--data", "cifar10", "--root", str(data), "--nproc", "1",
-        "--out", str(out), "--fresh", *compare,
+        ctx.py, "scripts/compare.py", "--data", "cifar10", "--root", str(data), "--out", str(out),
+        "--fresh", *compare,
     ])  # fmt: skip
     return ["bash", "-c", script]
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from xvol.engine import load_checkpoint
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
 
@@ -156,5 +158,55 @@ def test_gpu_check_cpu_rehearsal_end_to_end(tmp_path: Path) -> None:
     (paired,) = science["paired"]
     assert paired["n"] == 2 and paired["lo"] <= paired["mean"] <= paired["hi"]
     assert paired["mean"] == pytest.approx(sum(r["diff"] for r in science["per_seed"]) / 2)
+    _check_sweep(tmp_path / "work" / "science")
+    assert "paired (torchvision, n=2)" in (tmp_path / "work" / "logs" / "science.out").read_text()
     assert (tmp_path / "out" / "bench.json").exists()
     assert (tmp_path / "out" / "gpu_check.log").exists()
+
+
+def _check_sweep(out: Path) -> None:
+    """The rehearsal's science step is scripts/compare.py as `make compare DATA=cifar10` runs
+    it on a CPU: one torchrun launch (2 gloo ranks) runs the Hydra sweep experiment=cifar10
+    model=resnet18,xresnet18 x seed=0,1 for one epoch on a generated CIFAR-like folder (the
+    in-memory backend, the CIFAR stem), with one process group, run directory and train.log per
+    job; each best.pt is evaluated into one results directory (records carry the seed), and
+    compare.json pairs the two arms by seed with the leaderboard's 95% interval."""
+    runs = sorted(p.name for p in (out / "runs").iterdir() if p.is_dir())
+    assert runs == ["resnet18_seed0", "resnet18_seed1", "xresnet18_seed0", "xresnet18_seed1"]
+    for name in runs:
+        run_dir = out / "runs" / name
+        best = load_checkpoint(run_dir / "best.pt")
+        model, seed = name.split("_seed")
+        assert best["config"]["seed"] == int(seed) and best["world_size"] == 2
+        assert best["config"]["model"]["stages"] == ([3] if model == "xresnet18" else [])
+        assert best["config"]["model"]["stem"] == "cifar"
+        assert best["config"]["data"]["name"] == "cifar10"
+        assert best["best_metric_name"] == "ema_top1" and best["epoch"] == 1
+        assert (run_dir / "epoch_0001.pt").is_file()
+        log = (run_dir / "train.log").read_text()
+        assert log.count("] - run compare in ") == 1 and str(run_dir) in log  # its own job only
+    records = [json.loads(p.read_text()) for p in (out / "results").glob("*.json")]
+    assert sorted((r["model"], r["seed"]) for r in records) == [
+        ("resnet18-cifar", 0),
+        ("resnet18-cifar", 1),
+        ("xresnet18-cifar", 0),
+        ("xresnet18-cifar", 1),
+    ]
+    assert all(r["weights"] == "ema" and r["num_images"] == 30 for r in records)
+    assert (out / "results" / "leaderboard.md").is_file()
+    # the pairing and the interval: per-seed differences of the records, their mean and a
+    # t-interval with n - 1 = 1 degree of freedom around it
+    summary = json.loads((out / "compare.json").read_text())
+    top1 = {(r["model"], r["seed"]): r["top1"] for r in records}
+    assert [row["seed"] for row in summary["per_seed"]] == [0, 1]
+    diffs = []
+    for row in summary["per_seed"]:
+        expected = top1[("xresnet18-cifar", row["seed"])] - top1[("resnet18-cifar", row["seed"])]
+        assert row["diff"] == pytest.approx(expected)
+        diffs.append(expected)
+    (paired,) = summary["paired"]
+    assert paired["n"] == 2 and paired["seeds"] == [0, 1]
+    assert paired["mean"] == pytest.approx(sum(diffs) / 2)
+    half = 12.706 * abs(diffs[0] - diffs[1]) / 2**0.5 / 2**0.5  # t(0.975, 1) * std / sqrt(n)
+    assert paired["lo"] == pytest.approx(paired["mean"] - half, abs=1e-6)
+    assert paired["hi"] == pytest.approx(paired["mean"] + half, abs=1e-6)

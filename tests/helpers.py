@@ -10,6 +10,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -95,21 +96,28 @@ def run_command(argv: Sequence[str], timeout: float = 300) -> subprocess.Complet
 # read at import (below), torchrun.
 _PRELOAD = ["helpers", "xvol.cli.train", "xvol.cli.eval", "xvol.cli.reparam", "xvol.cli.export"]
 _IMPORT_TIME_ENV = ("PYTHON", "TRITON_", "TORCH", "CUDA_", "OMP_", "MKL_", "LD_")
+_RUN_TIME_ENV = {"PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE"}  # the command applies these
 _FORK_ENV: dict[str, str] | None = None  # the server's environment, fixed when it starts
+_SERVER_STARTED = False
+
+
+def _server_env() -> dict[str, str]:
+    global _FORK_ENV
+    if _FORK_ENV is None:
+        _FORK_ENV = {**os.environ, **subprocess_env()}
+    return _FORK_ENV
 
 
 def _fresh_needed(args: Sequence[str], env: dict[str, str]) -> bool:
-    if (
-        os.environ.get("XVOL_TEST_FRESH") == "1"
-        or args[0] not in ("-m", "-c")
-        and not str(args[0]).endswith(".py")
-    ):
+    if os.environ.get("XVOL_TEST_FRESH") == "1":
+        return True
+    if args[0] not in ("-m", "-c") and not str(args[0]).endswith(".py"):
         return True
     if args[0] == "-m" and args[1] == "torch.distributed.run":
         return True  # its ranks are real interpreters anyway
-    server = _FORK_ENV if _FORK_ENV is not None else os.environ
+    server = _server_env()
     changed = {k for k in env.keys() | server.keys() if env.get(k) != server.get(k)}
-    return any(k.startswith(_IMPORT_TIME_ENV) for k in changed)
+    return any(k.startswith(_IMPORT_TIME_ENV) and k not in _RUN_TIME_ENV for k in changed)
 
 
 def run_python(
@@ -124,7 +132,7 @@ def run_python(
     ``cwd`` with ``env`` (default :func:`subprocess_env`), as a finished process with
     ``stdout``, ``stderr`` and ``output`` (both). Forked from a server that imported xvol (see
     above) unless ``fresh`` or the command needs a new interpreter."""
-    global _FORK_ENV
+    global _SERVER_STARTED
     args = [str(a) for a in args]
     env = subprocess_env() if env is None else dict(env)
     if fresh or _fresh_needed(args, env):
@@ -135,17 +143,17 @@ def run_python(
         proc.output = proc.stdout + proc.stderr  # type: ignore[attr-defined]
         return proc
     ctx = multiprocessing.get_context("forkserver")
-    if _FORK_ENV is None:
+    if not _SERVER_STARTED:
         # the server starts with this environment and sys.path; its commands get their own
         ctx.set_forkserver_preload(_PRELOAD)
-        _FORK_ENV = {**os.environ, **subprocess_env()}
         saved = dict(os.environ)
-        os.environ.update(_FORK_ENV)
+        os.environ.update(_server_env())
         try:
             multiprocessing.forkserver.ensure_running()
         finally:
             os.environ.clear()
             os.environ.update(saved)
+        _SERVER_STARTED = True
     with tempfile.TemporaryDirectory(prefix="xvol-run-") as tmp:
         out, err = Path(tmp, "stdout"), Path(tmp, "stderr")
         child = ctx.Process(target=_forked_main, args=(args, str(cwd), env, str(out), str(err)))
@@ -178,18 +186,22 @@ def _forked_main(args: list[str], cwd: str, env: dict[str, str], out: str, err: 
         target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.dup2(target, fd)
         os.close(target)
-    sys.stdout = sys.__stdout__ = io.TextIOWrapper(
-        io.FileIO(1, "w", closefd=False), encoding="utf-8", line_buffering=True,
-        write_through=True,
-    )  # fmt: skip
-    sys.stderr = sys.__stderr__ = io.TextIOWrapper(
-        io.FileIO(2, "w", closefd=False), encoding="utf-8", errors="backslashreplace",
-        line_buffering=True, write_through=True,
-    )  # fmt: skip
+    # std streams as a fresh interpreter makes them for files: stdout block-buffered and stderr
+    # line-buffered, both unbuffered under PYTHONUNBUFFERED (what is lost on a kill -9 is too)
+    unbuffered = bool(env.get("PYTHONUNBUFFERED"))
+
+    def stream(fd: int, **kw: Any) -> io.TextIOWrapper:
+        raw = io.FileIO(fd, "w", closefd=False)
+        binary = raw if unbuffered else io.BufferedWriter(raw)
+        return io.TextIOWrapper(binary, encoding="utf-8", write_through=unbuffered, **kw)
+
+    sys.stdout = sys.__stdout__ = stream(1)
+    sys.stderr = sys.__stderr__ = stream(2, errors="backslashreplace", line_buffering=True)
+    if env.get("PYTHONDONTWRITEBYTECODE"):
+        sys.dont_write_bytecode = True
     os.environ.clear()
     os.environ.update(env)
     os.chdir(cwd)
-    atexit._clear()  # the server's; the command registers its own
     code = 0
     try:
         if args[0] == "-m":
@@ -216,7 +228,9 @@ def _forked_main(args: list[str], cwd: str, env: dict[str, str], out: str, err: 
         sys.excepthook(*sys.exc_info())
         code = 1
     try:
-        threading._shutdown()  # type: ignore[attr-defined]  # as at interpreter exit
+        # as at interpreter exit: join threads, then the atexit handlers (those registered by
+        # the imports the server made too, as a fresh interpreter would have them)
+        threading._shutdown()  # type: ignore[attr-defined]
         atexit._run_exitfuncs()
         sys.stdout.flush()
         sys.stderr.flush()

@@ -2,6 +2,7 @@
 #   make demo   set up .venv, install, train -> reparam -> eval -> leaderboard on the bundled demo set
 #   make test   set up .venv, install, run the whole test suite (what CI runs)
 #   make compare  paired resnet18 vs xresnet18 over seeds (DATA=demo|cifar10, SEEDS=0,1,2; scripts/compare.sh)
+#   make test-aot  every Triton kernel config compiled for sm_80 and sm_90 (CI runs it after make test)
 #   make test-fast / make bench / make lint / make clean
 #   make gpu-check  the one-command GPU check (scripts/gpu_check.sh); make gpu-wheels first on a bare machine
 SHELL := /bin/bash
@@ -20,7 +21,7 @@ XDIST := $(if $(filter 0,$(JOBS)),,-n $(JOBS) --dist loadfile --no-loadscope-reo
 export WANDB_MODE ?= offline
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help venv test test-fast lint demo compare bench clean gpu-check gpu-wheels
+.PHONY: help venv test test-fast test-aot lint demo compare bench clean gpu-check gpu-wheels
 
 help:
 	@grep -E '^#   ' Makefile | sed 's/^#   //'
@@ -43,6 +44,11 @@ test: venv
 
 test-fast: venv
 	$(PY) -m pytest -m "not slow" $(XDIST) $(PYTEST_ARGS)
+
+# The whole autotune grid ahead of time (the suite compiles the configs impl="auto" launches):
+# 60 compiles, 4-5 minutes on 2 cores with an empty Triton cache; exit 1 on any problem.
+test-aot: venv
+	$(PY) scripts/triton_smem.py --workers 2
 
 lint: venv
 	$(PY) -m ruff check xvol scripts tools tests

@@ -14,12 +14,14 @@ GPU tests (``-m gpu``) run on CUDA only and are skipped here.
 from __future__ import annotations
 
 import copy
+import importlib.util
+import json
 import os
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_same_forward_backward, randomize_bn
+from helpers import ROOT, assert_same_forward_backward, randomize_bn
 
 pytest.importorskip("triton")
 
@@ -510,49 +512,96 @@ def test_autotune_key_buckets_pixels_and_caches_across_processes(monkeypatch):
 
 
 @pytest.mark.slow
-def test_every_kernel_config_fits_sm80_and_sm90_shared_memory():
-    """Every config of every kernel, bf16 and fp32, compiled for sm_80 and sm_90 with the JIT's
-    real specialization (channels_last, 16-byte aligned pointers, stride-1 channels): its
-    shared memory fits the target and the estimate the runtime prune uses is an upper bound.
-    The interpreter has no shared-memory limit; this is the check that runs without a GPU."""
-    rows = triton_aot.compile_all(workers=min(2, os.cpu_count() or 1))
-    kernels = {"xconv_fwd", "pssa_bwd_w", "pssa_bwd_x"}
-    assert {r["kernel"] for r in rows} == kernels
-    assert {(r["dtype"], r["target"]) for r in rows} == {
-        (d, t) for d in ("bf16", "fp32") for t in ("sm_80", "sm_90")
-    }
-    assert len(rows) == 4 * sum(
-        2 * len(triton_xconv.CONFIGS[k]) if k == "xconv_fwd" else len(triton_xconv.CONFIGS[k])
-        for k in kernels
-    )
-    compiled = [r for r in rows if not r.get("pruned")]
-    for r in rows:
-        assert "error" not in r, r
-        if r.get("pruned"):  # never launched there: the runtime prune drops it first
-            assert r["estimate"] > r["limit"], r
-            continue
-        assert r["shared"] <= r["limit"], r
-        assert r["shared"] <= r["estimate"], r
-        assert r["aligned_args"] > 0, r  # the JIT's divisibility specialization is in place
-    # Every launch has a config that fits each target in each dtype (fixed_config never raises
-    # NoConfigFitsError on an A100 or H100), and in bf16 the fixed config is the first one.
-    for key in {(r["case"], r["dtype"], r["target"]) for r in rows}:
-        kept = [r for r in compiled if (r["case"], r["dtype"], r["target"]) == key]
-        assert kept, key
-    for r in rows:
-        first = triton_xconv.CONFIGS[r["kernel"]][0]["blocks"]
-        if r["dtype"] == "bf16" and all(r["config"][k] == v for k, v in first.items()):
-            assert not r.get("pruned"), r
-    # Hopper's bigger tiles (BLOCK_K=64, 4 stages) compile for sm_90 in bf16.
-    big = [r for r in compiled if r["target"] == "sm_90" and r["dtype"] == "bf16"
-           and r["config"]["stages"] == 4]  # fmt: skip
-    assert {r["kernel"] for r in big} == {"xconv_fwd", "pssa_bwd_w"}, big
-    # The GEMM kernels are pipelined (shared-memory buffers) and use Hopper's wgmma on sm_90.
-    for r in compiled:
-        if r["kernel"] != "pssa_bwd_x":
-            assert r["shared"] > 0, r
-        if r["target"] == "sm_90" and r["kernel"] != "pssa_bwd_x" and r["dtype"] == "bf16":
-            assert r["wgmma"] > 0, r
+def test_the_configs_auto_launches_fit_sm80_and_sm90_shared_memory():
+    """Per launch, dtype (bf16, fp32) and target (sm_80, sm_90): the configs up to the first that
+    fits, the one impl="auto" launches, compiled with the JIT's real specialization
+    (channels_last, 16-byte aligned pointers, stride-1 channels); those before it are pruned.
+    The interpreter has no shared-memory limit; this is the check that runs without a GPU. The
+    whole autotune grid (impl="triton") is `make test-aot`, which CI runs after the suite."""
+    rows = triton_aot.compile_all(workers=min(2, os.cpu_count() or 1), configs="fixed")
+    assert {r["kernel"] for r in rows} == {"xconv_fwd", "pssa_bwd_w", "pssa_bwd_x"}
+    keys = {(r["case"], r["dtype"], r["target"]) for r in rows}
+    assert len(keys) == 4 * 2 * 2  # 4 launches (deploy, PSSA forward, dx, dW)
+    for key in keys:  # exactly one compiled: the fixed config
+        kept = [r for r in rows if (r["case"], r["dtype"], r["target"]) == key and "shared" in r]
+        assert len(kept) == 1, (key, kept)
+        blocks = {k: v for k, v in kept[0]["config"].items() if k.startswith("BLOCK_")}
+        elem = triton_aot.DTYPES[key[1]].itemsize
+        device_limit = triton_aot.TARGETS[key[2]][1]
+        kernel = kept[0]["kernel"]
+        fixed = triton_xconv.fitting_configs(kernel, elem, device_limit)[0]
+        assert blocks == fixed["blocks"], key
+    assert any(r.get("pruned") for r in rows)  # fp32 on sm_80 starts with a smaller tile
+    assert triton_aot.check_rows(rows, full=False) == []
+
+
+def _good_rows() -> list[dict]:
+    """A compile_all table of the whole grid that passes check_rows (made up, no compile)."""
+    rows = []
+    for dtype, elem in (("bf16", 2), ("fp32", 4)):
+        for target, (_, limit) in triton_aot.TARGETS.items():
+            for case, kernel in (("deploy 3x3+PSSA", "xconv_fwd"), ("PSSA forward", "xconv_fwd"),
+                                 ("PSSA dx", "pssa_bwd_x"), ("PSSA dW", "pssa_bwd_w")):  # fmt: skip
+                for config in triton_xconv.CONFIGS[kernel]:
+                    estimate = triton_xconv.smem_estimate(kernel, config, elem)
+                    row = {
+                        "case": case, "kernel": kernel, "dtype": dtype, "target": target,
+                        "config": {**config["blocks"], "warps": config["num_warps"],
+                                   "stages": config["num_stages"]},
+                        "limit": limit, "estimate": estimate,
+                    }  # fmt: skip
+                    if estimate > limit:
+                        row["pruned"] = True
+                    else:
+                        row.update(shared=estimate // 2 + 1, aligned_args=3, wgmma=4)
+                    rows.append(row)
+    return rows
+
+
+@pytest.mark.parametrize(
+    ("breakage", "message"),
+    [
+        (lambda r: r[0].update(error="PTXAS error: bad"), "compile failed: PTXAS error: bad"),
+        (lambda r: r[0].update(shared=10**6), "B of shared memory > 232448"),
+        (lambda r: r[0].update(shared=r[0]["estimate"] + 1), "> the estimate"),
+        (lambda r: r[0].update(aligned_args=0), "no 16-byte aligned argument"),
+        (lambda r: r[0].update(wgmma=0), "no wgmma on sm_90"),
+        (lambda r: r[0].update(shared=0), "without shared-memory pipelining"),
+        (lambda r: r[0].update(pruned=True), "the first config is pruned in bf16"),
+        (lambda r: [x.update(pruned=True) for x in r if x["case"] == "PSSA dx"],
+         "PSSA dx bf16 sm_80: no config fits"),
+        (lambda r: [x.update(pruned=True) for x in r if x.get("config", {}).get("stages") == 4
+                    and x["kernel"] == "pssa_bwd_w"], "4-stage bf16 tiles compile on sm_90"),
+    ],
+)  # fmt: skip
+def test_check_rows_names_each_problem(breakage, message: str) -> None:
+    """Each rule of triton_aot.check_rows can fail: a made-up table passes, one broken row (or
+    a broken grid) is named."""
+    rows = _good_rows()
+    rows.sort(key=lambda r: (r["target"] != "sm_90", r["dtype"] != "bf16"))  # rows[0]: sm_90 bf16
+    assert rows[0]["kernel"] == "xconv_fwd" and not rows[0].get("pruned")
+    assert triton_aot.check_rows(rows) == []
+    breakage(rows)
+    problems = triton_aot.check_rows(rows)
+    assert problems and any(message in line for line in problems), problems
+
+
+def test_triton_smem_exits_1_on_a_problem(monkeypatch, tmp_path, capsys) -> None:
+    """scripts/triton_smem.py (make test-aot) prints the table and fails on a problem row."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the script's import unsets it
+    path = ROOT / "scripts" / "triton_smem.py"
+    spec = importlib.util.spec_from_file_location("triton_smem", path)
+    smem = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(smem)
+    rows = _good_rows()
+    monkeypatch.setattr(smem, "compile_all", lambda **kw: rows)
+    assert smem.main(["--json", str(tmp_path / "ok.json")]) == 0
+    rows[-1].update(error="RuntimeError: out of resources")
+    assert smem.main(["--json", str(tmp_path / "bad.json")]) == 1
+    out = capsys.readouterr().out
+    assert "problem: " in out and "compile failed: RuntimeError: out of resources" in out
+    assert "pruned (over the limit" in out  # fp32 rows over the limit print as pruned
+    assert len(json.loads((tmp_path / "bad.json").read_text())) == len(rows)
 
 
 # --------------------------------------------------------------------------------------------

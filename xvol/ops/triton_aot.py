@@ -6,7 +6,9 @@ exactly as the JIT would on a device: the launchers run on CPU tensors of a ResN
 (channels_last, 16-byte aligned, stride-1 channels) under ``triton_xconv.capture_launches``,
 and each recorded launch goes through the JIT's own binder, so the signature carries the same
 divisibility/equal-to-1 specialization (and hence the same software pipelining) as a launch on
-an H100. ``python scripts/triton_smem.py`` prints the table; tests/test_kernels.py asserts it.
+an H100. ``python scripts/triton_smem.py`` compiles every config (``make test-aot``, run by CI
+after the suite), prints the table and exits 1 on any problem :func:`check_rows` finds;
+tests/test_kernels.py compiles the configs the default ``auto`` path launches (``"fixed"``).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
-__all__ = ["TARGETS", "recorded_launches", "compile_one", "compile_all"]
+__all__ = ["TARGETS", "check_rows", "compile_all", "compile_one", "recorded_launches"]
 
 # (name, compute capability, opt-in shared memory per block in bytes)
 TARGETS = {"sm_80": (80, 166_912), "sm_90": (90, 232_448)}
@@ -123,22 +125,80 @@ def compile_all(
     dtypes: tuple[str, ...] = ("bf16", "fp32"),
     targets: tuple[str, ...] = ("sm_80", "sm_90"),
     workers: int | None = None,
+    configs: str = "all",
 ) -> list[dict]:
     """Every (launch, config, dtype, target): its shared memory, registers and estimate; a
     config whose estimate is over the target's limit is not compiled (``pruned``: the runtime
-    prune never launches it there)."""
+    prune never launches it there). ``configs="fixed"``: per launch, dtype and target only the
+    configs up to the first that fits, the one ``impl="auto"`` launches (triton_xconv.
+    fixed_config); ``"all"``: the whole autotune grid of an explicit ``impl="triton"``."""
     from xvol.ops import triton_xconv as tx
 
+    if configs not in ("all", "fixed"):
+        raise ValueError(f"configs: expected 'all' or 'fixed', got {configs!r}")
     jobs = []
     for dtype_name in dtypes:
         launches = recorded_launches(DTYPES[dtype_name])
+        elem = DTYPES[dtype_name].itemsize
         for target_name in targets:
+            limit = TARGETS[target_name][1]
             for index, (_, kernel, _, _) in enumerate(launches):
-                for config_index in range(len(tx.CONFIGS[kernel])):
+                for config_index, config in enumerate(tx.CONFIGS[kernel]):
                     jobs.append((dtype_name, target_name, index, config_index))
+                    if configs == "fixed" and tx.smem_estimate(kernel, config, elem) <= limit:
+                        break
     workers = workers or min(len(jobs), os.cpu_count() or 1)
     if workers == 1:
         return [_job(j) for j in jobs]
     # spawn, not fork: the parent holds torch/Triton threads, and a forked child can deadlock.
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         return list(pool.map(_job, jobs))
+
+
+def check_rows(rows: list[dict], full: bool = True) -> list[str]:
+    """What is wrong with a :func:`compile_all` table, one line per problem (none: it passes).
+
+    Every compiled config fits its target and the runtime prune's estimate bounds it (the prune
+    never launches a config that does not fit); the JIT's divisibility specialization is in
+    place; every launch has a config that fits each target in each dtype, and in bf16 the first
+    config does; the GEMM kernels are pipelined through shared memory and use Hopper's wgmma on
+    sm_90 in bf16. ``full`` (the whole grid): Hopper's bigger tiles (4 stages) compile for
+    sm_90 in bf16, for the forward and the dW kernel.
+    """
+    from xvol.ops import triton_xconv as tx
+
+    problems = []
+    for r in rows:
+        where = f"{r['case']} {r['kernel']} {r['config']} {r['dtype']} {r['target']}"
+        if "error" in r:
+            problems.append(f"{where}: compile failed: {r['error']}")
+        elif r.get("pruned"):
+            if not r["estimate"] > r["limit"]:
+                problems.append(f"{where}: pruned, but its estimate {r['estimate']} fits")
+        else:
+            if not r["shared"] <= r["limit"]:
+                problems.append(f"{where}: {r['shared']} B of shared memory > {r['limit']}")
+            if not r["shared"] <= r["estimate"]:
+                problems.append(f"{where}: {r['shared']} B > the estimate {r['estimate']}")
+            if not r["aligned_args"] > 0:
+                problems.append(f"{where}: no 16-byte aligned argument (JIT specialization)")
+            if r["kernel"] != "pssa_bwd_x" and not r["shared"] > 0:
+                problems.append(f"{where}: a GEMM kernel without shared-memory pipelining")
+            gemm_sm90 = r["kernel"] != "pssa_bwd_x" and r["target"] == "sm_90"
+            if gemm_sm90 and r["dtype"] == "bf16" and not r["wgmma"] > 0:
+                problems.append(f"{where}: no wgmma on sm_90")
+        first = tx.CONFIGS[r["kernel"]][0]["blocks"]
+        if r["dtype"] == "bf16" and r.get("pruned") and all(
+            r["config"][k] == v for k, v in first.items()
+        ):
+            problems.append(f"{where}: the first config is pruned in bf16")
+    compiled = [r for r in rows if not r.get("pruned") and "error" not in r]
+    for key in sorted({(r["case"], r["dtype"], r["target"]) for r in rows}):
+        if not any((r["case"], r["dtype"], r["target"]) == key for r in compiled):
+            problems.append(f"{' '.join(key)}: no config fits (the launch would fail)")
+    if full:
+        big = {r["kernel"] for r in compiled if r["target"] == "sm_90" and r["dtype"] == "bf16"
+               and r["config"]["stages"] == 4}  # fmt: skip
+        if big != {"xconv_fwd", "pssa_bwd_w"}:
+            problems.append(f"4-stage bf16 tiles compile on sm_90 for {sorted(big)} only")
+    return problems

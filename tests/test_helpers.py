@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 from helpers import run_python, subprocess_env
 
+pytestmark = pytest.mark.slow  # interpreters and a fork server (about 20 s)
+
 SCRIPT = """
 import atexit, json, os, sys
 atexit.register(lambda: print("atexit ran"))

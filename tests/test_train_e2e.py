@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import struct
 import subprocess
@@ -54,11 +55,12 @@ def _max_weight_diff(a: Path, b: Path, key: str = "model") -> float:
     return max((sa[k].double() - sb[k].double()).abs().max().item() for k in sa)
 
 
-def _assert_same_metrics(ref: Path, other: Path) -> None:
-    """Same train/epoch records (by global step) as the uninterrupted run: none missing or
-    repeated, and the same losses and accuracies."""
+def _assert_same_metrics(ref: Path, other: Path, after: int = 0) -> None:
+    """Same train/epoch records (by global step, those past ``after``) as the uninterrupted
+    run: none missing or repeated, and the same losses and accuracies."""
     for kind in ("train", "epoch"):
-        a, b = _records(ref, kind), _records(other, kind)
+        a = [r for r in _records(ref, kind) if r["global_step"] > after]
+        b = [r for r in _records(other, kind) if r["global_step"] > after]
         steps_b = [r["global_step"] for r in b]
         assert len(steps_b) == len(set(steps_b)), f"duplicated {kind} steps: {steps_b}"
         assert [r["global_step"] for r in a] == steps_b
@@ -105,13 +107,16 @@ def test_torchrun_two_epochs(run_a: Path) -> None:
 
 
 def test_sigterm_restart_then_kill9_then_resume_exactly(run_a: Path, out_dir: Path) -> None:
-    """One run interrupted both ways. Rank 0 gets SIGTERM after update 40 (epoch 2, batch
-    9): both ranks stop after that step, checkpoint, exit 143, and torchrun --max-restarts
-    brings them back, resume=auto continuing. Past update 55 the whole launch (agent, workers,
-    wandb) gets SIGKILL; a plain relaunch resumes from the last checkpoint of every 10 updates.
-    Weights, EMA and metrics end as run A's: interruptions and saving do not change the
-    trajectory."""
+    """One run interrupted both ways. It starts from run A's end of epoch 1 (epoch_0001.pt, a
+    full training state, as the run directory's only checkpoint). Rank 0 gets SIGTERM after
+    update 40 (epoch 2, batch 9): both ranks stop after that step, checkpoint, exit 143, and
+    torchrun --max-restarts brings them back, resume=auto continuing. Past update 55 the whole
+    launch (agent, workers, wandb) gets SIGKILL; a plain relaunch resumes from the last
+    checkpoint of every 10 updates. Weights, EMA and epoch 2's metrics end as run A's:
+    interruptions and saving do not change the trajectory."""
     run_b = out_dir / "B"
+    run_b.mkdir()
+    shutil.copy2(run_a / "epoch_0001.pt", run_b / "epoch_0001.pt")
     args = [
         "run_name=B",
         f"paths.output_dir={out_dir}",
@@ -146,6 +151,7 @@ def test_sigterm_restart_then_kill9_then_resume_exactly(run_a: Path, out_dir: Pa
                     pass
             proc.wait(timeout=60)
     first = launch_log.read_text()
+    assert re.search(r"resumed from \S*/B/epoch_0001.pt: .*update 31\b", first), first[-4000:]
     assert "exitcode: 143" in first or "exitcode  : 143" in first, first[-4000:]
     assert re.search(r"resumed from \S*/B/last.pt: in epoch 2/2 after batch 9/31, update 40", first)
     killed_at = load_checkpoint(run_b / "last.pt")["global_step"]
@@ -156,16 +162,17 @@ def test_sigterm_restart_then_kill9_then_resume_exactly(run_a: Path, out_dir: Pa
     assert resumed and resumed[0].endswith(f"update {killed_at}"), (killed_at, resumed)
     assert _max_weight_diff(run_a / "last.pt", run_b / "last.pt") <= 1e-6
     assert _max_weight_diff(run_a / "last.pt", run_b / "last.pt", "ema") <= 1e-6
-    _assert_same_metrics(run_a, run_b)
+    _assert_same_metrics(run_a, run_b, after=STEPS_PER_EPOCH)
     # wandb offline: three runs (launch, restart, relaunch) with one id. The first and the last
     # ended cleanly: they hold the train steps up to the SIGTERM and after the checkpoint the
-    # relaunch resumed from, and the two epoch results (the killed one is not read)
+    # relaunch resumed from, and epoch 2's result (the killed one is not read)
     runs = sorted((run_b / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 3, runs
     ids = {p.stem.removeprefix("run-") for p in runs}
     assert len(ids) == 1 and load_checkpoint(run_b / "last.pt")["wandb_id"] in ids
     before, after = _wandb_history(runs[0]), _wandb_history(runs[2])
     steps = [r["global_step"] for r in _records(run_b, "train")]
+    assert steps[0] == STEPS_PER_EPOCH + 4  # the first record of epoch 2 (every 5 updates)
     assert [int(r["_step"]) for r in before if "train/loss" in r] == [s for s in steps if s <= 40]
     assert [int(r["_step"]) for r in after if "train/loss" in r] == [
         s for s in steps if s > killed_at

@@ -13,11 +13,11 @@ PIP := $(PY) -m pip
 # torch/torchvision are named first so pip takes the local CUDA builds (Python 3.11) here.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
-# pytest-xdist workers: twice the CI machine's 2 cores, since many tests wait on the
+# pytest-xdist workers: one more than the CI machine's 2 cores, since many tests wait on the
 # commands they launch (torchrun rendezvous, polls); whole files per worker (module fixtures
 # built once), in the order tests/conftest.py sorts them (longest first; xdist would otherwise
 # start the files with the most tests first). JOBS=0 runs serially.
-JOBS ?= 4
+JOBS ?= 3
 XDIST := $(if $(filter 0,$(JOBS)),,-n $(JOBS) --dist loadfile --no-loadscope-reorder)
 export WANDB_MODE ?= offline
 export PYTHONUNBUFFERED := 1

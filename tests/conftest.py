@@ -12,7 +12,7 @@ import pytest
 import torch
 
 # Every command a test launches (training runs, tools, torchrun ranks, the GPU check's
-# rehearsal) inherits one intra-op thread per process: the suite runs 4 xdist workers on 2
+# rehearsal) inherits one intra-op thread per process: the suite runs 3 xdist workers on 2
 # cores, and OpenMP threads of concurrent processes spinning at barriers on busy cores made
 # such runs several times slower. This process's own thread count is set already (torch is
 # imported above); tests that want threads set them, and an explicit setting is kept.

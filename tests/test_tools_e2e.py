@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -33,14 +32,8 @@ from xvol.reparam import reparameterize_model
 pytestmark = pytest.mark.slow
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", WANDB_MODE="offline", WANDB_SILENT="true")
-    return env
-
-
 def _run(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return run_python(args, env=_env(), timeout=timeout)
+    return run_python(args, timeout=timeout)
 
 
 def _tool(name: str, *args: str) -> dict[str, Any]:

@@ -28,14 +28,6 @@ STEPS_PER_EPOCH = 31  # demo: 4,000 train images / (2 ranks x 64)
 pytestmark = pytest.mark.slow
 
 
-def _torchrun(*args: str, restarts: int = 0) -> list[str]:
-    return torchrun_train(*args, restarts=restarts)
-
-
-def _run(cmd: list[str], timeout: float = 420) -> subprocess.CompletedProcess:
-    return run_command(cmd, timeout)
-
-
 def _records(run_dir: Path, kind: str) -> list[dict]:
     """Records of one kind; a line still being written (while we poll) is skipped."""
     out = []
@@ -127,7 +119,7 @@ def test_sigterm_restart_then_kill9_then_resume_exactly(run_a: Path, out_dir: Pa
     launch_log = out_dir / "B-first-launch.log"
     with open(launch_log, "w") as log:
         proc = subprocess.Popen(
-            _torchrun(*args, restarts=1),
+            torchrun_train(*args, restarts=1),
             cwd=ROOT,
             env=subprocess_env(),
             stdout=log,
@@ -156,7 +148,7 @@ def test_sigterm_restart_then_kill9_then_resume_exactly(run_a: Path, out_dir: Pa
     assert re.search(r"resumed from \S*/B/last.pt: in epoch 2/2 after batch 9/31, update 40", first)
     killed_at = load_checkpoint(run_b / "last.pt")["global_step"]
     assert killed_at >= 50, killed_at
-    again = _run(_torchrun(*args, restarts=1))
+    again = run_command(torchrun_train(*args, restarts=1), 420)
     assert again.returncode == 0, again.output[-4000:]
     resumed = [line for line in again.output.splitlines() if "resumed from" in line]
     assert resumed and resumed[0].endswith(f"update {killed_at}"), (killed_at, resumed)
@@ -201,7 +193,7 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(out_dir: Path) -> None:
         "trainer.checkpoint.every_steps=5",
         "debug.nan_at_step=8",
     ]
-    proc = _run(cmd)
+    proc = run_command(cmd)
     assert proc.returncode == EXIT_NON_FINITE, proc.output[-4000:]
     assert "non-finite loss at epoch 1/1, batch 8, update 8" in proc.output
     assert re.search(r"the last good checkpoint is \S*/N/last.pt", proc.output)

@@ -33,13 +33,16 @@ TRAIN = str(ROOT / "scripts" / "train.py")
 
 
 # The end-to-end training recipe: xresnet18 on the demo digits at 32 px, 2 epochs of 31 updates
-# (4,000 images / 2 ranks x 64), deterministic. Run A (conftest.demo_ddp_run) trains it once per
-# test run, uninterrupted; tests/test_train_e2e.py interrupts copies of it, and the tools of
+# of 2 ranks x 16 images (trainer.limit_train_batches: a new random 992 of the 4,000 each epoch;
+# ~80% val top-1), deterministic. Run A (conftest.demo_ddp_run) trains it once per test run,
+# uninterrupted; tests/test_train_e2e.py interrupts copies of it, and the tools of
 # tests/test_tools_e2e.py take its checkpoints.
 DEMO_DDP = [
     "model=xresnet18",
     "data=demo",
     "data.img_size=32",
+    "data.batch_size=16",
+    "trainer.limit_train_batches=31",
     "data.workers=0",
     "trainer.epochs=2",
     "sched.warmup_epochs=0",

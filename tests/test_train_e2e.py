@@ -23,7 +23,7 @@ from helpers import ROOT, TRAIN, run_command, subprocess_env, torchrun_train
 
 from xvol.engine import EXIT_NON_FINITE, load_checkpoint
 
-STEPS_PER_EPOCH = 31  # demo: 4,000 train images / (2 ranks x 64)
+STEPS_PER_EPOCH = 31  # helpers.DEMO_DDP: trainer.limit_train_batches
 
 pytestmark = pytest.mark.slow
 
@@ -89,6 +89,9 @@ def test_torchrun_two_epochs(run_a: Path) -> None:
         assert key in epochs[-1]
     train = _records(run_a, "train")
     assert [r["global_step"] for r in train] == list(range(5, 2 * STEPS_PER_EPOCH + 1, 5))
+    # trainer.limit_train_batches: 31 of the 125 batches per epoch, and the cosine schedule
+    # counts those (at update 60 of 62 it is near its end; counting 125 it would be at ~0.87)
+    assert train[-1]["lr"] < 0.01 * train[0]["lr"], (train[0]["lr"], train[-1]["lr"])
     ckpt = torch.load(run_a / "last.pt", weights_only=True)
     assert (ckpt["epoch"], ckpt["step"], ckpt["global_step"]) == (2, 0, 2 * STEPS_PER_EPOCH)
     assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2

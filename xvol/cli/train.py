@@ -17,6 +17,7 @@ one line, ``error: <key, file or cause>: ...``, printed by rank 0 and appended t
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -89,6 +90,9 @@ def train(
     data = instantiate(cfg.data)(
         rank=denv.rank, world_size=denv.world_size, device=device, seed=cfg.seed
     )
+    if options.limit_train_batches is not None:  # the loop stops each epoch there
+        steps = min(data.steps_per_epoch, options.limit_train_batches)
+        data = dataclasses.replace(data, steps_per_epoch=steps)
     model = engine.prepare_model(
         spec.build(),
         device,

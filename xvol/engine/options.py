@@ -177,6 +177,10 @@ class TrainerOptions:
     mixup: MixupOptions | None = option(factory=MixupOptions)  # null: no Mixup/CutMix either
     ema: EmaOptions | None = option(factory=EmaOptions)  # null disables the EMA
     checkpoint: CheckpointOptions = option(factory=CheckpointOptions)
+    # end every epoch after this many batches per rank (each epoch a new random subset, as
+    # Lightning's limit_train_batches: quick runs on a big set); the schedule counts these.
+    # xvol-train applies it where it builds the data. null: whole epochs
+    limit_train_batches: int | None = option(None, POSITIVE_INT)
     log_interval: int = option(50, POSITIVE_INT)  # a train record in metrics.jsonl every N updates
     progress_bar: bool = option(True, BOOL)  # rank-0 tqdm bar (else a log line per log_interval)
     # fp16: stop after this many consecutive steps skipped by GradScaler for inf/NaN gradients

@@ -13,6 +13,7 @@ tests/test_kernels.py compiles the configs the default ``auto`` path launches (`
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import os
 import time
@@ -90,11 +91,15 @@ def compile_one(case: str, kernel: str, args: tuple, meta: dict, config: dict, a
     }
 
 
+@functools.lru_cache(maxsize=None)  # per process: a pool worker records each dtype once
+def _launches(dtype_name: str) -> list[tuple[str, str, tuple, dict]]:
+    return recorded_launches(DTYPES[dtype_name])
+
+
 def _job(job: tuple) -> dict:
-    dtype_name, target_name, index, config_index = job
+    dtype_name, target_name, index, case, kernel, config_index = job
     from xvol.ops import triton_xconv as tx
 
-    case, kernel, args, meta = recorded_launches(DTYPES[dtype_name])[index]
     config = tx.CONFIGS[kernel][config_index]
     arch, limit = TARGETS[target_name]
     elem = torch.empty((), dtype=DTYPES[dtype_name]).element_size()
@@ -114,6 +119,7 @@ def _job(job: tuple) -> dict:
     if row["estimate"] > limit:  # the runtime prune never launches it on this target
         row["pruned"] = True
         return row
+    _, _, args, meta = _launches(dtype_name)[index]
     try:
         row.update(compile_one(case, kernel, args, meta, config, arch))
     except Exception as err:  # a compile failure is a result to report, not a crash
@@ -138,13 +144,13 @@ def compile_all(
         raise ValueError(f"configs: expected 'all' or 'fixed', got {configs!r}")
     jobs = []
     for dtype_name in dtypes:
-        launches = recorded_launches(DTYPES[dtype_name])
+        launches = _launches(dtype_name)
         elem = DTYPES[dtype_name].itemsize
         for target_name in targets:
             limit = TARGETS[target_name][1]
-            for index, (_, kernel, _, _) in enumerate(launches):
+            for index, (case, kernel, _, _) in enumerate(launches):
                 for config_index, config in enumerate(tx.CONFIGS[kernel]):
-                    jobs.append((dtype_name, target_name, index, config_index))
+                    jobs.append((dtype_name, target_name, index, case, kernel, config_index))
                     if configs == "fixed" and tx.smem_estimate(kernel, config, elem) <= limit:
                         break
     workers = workers or min(len(jobs), os.cpu_count() or 1)

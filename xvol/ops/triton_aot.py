@@ -91,7 +91,7 @@ def compile_one(case: str, kernel: str, args: tuple, meta: dict, config: dict, a
     }
 
 
-@functools.lru_cache(maxsize=None)  # per process: a pool worker records each dtype once
+@functools.cache  # per process: a pool worker records each dtype once
 def _launches(dtype_name: str) -> list[tuple[str, str, tuple, dict]]:
     return recorded_launches(DTYPES[dtype_name])
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
-import os
 
 import pytest
 import torch
@@ -518,7 +517,7 @@ def test_the_configs_auto_launches_fit_sm80_and_sm90_shared_memory():
     (channels_last, 16-byte aligned pointers, stride-1 channels); those before it are pruned.
     The interpreter has no shared-memory limit; this is the check that runs without a GPU. The
     whole autotune grid (impl="triton") is `make test-aot`, which CI runs after the suite."""
-    rows = triton_aot.compile_all(workers=min(2, os.cpu_count() or 1), configs="fixed")
+    rows = triton_aot.compile_all(workers=1, configs="fixed")  # in this process: no pool start-up
     assert {r["kernel"] for r in rows} == {"xconv_fwd", "pssa_bwd_w", "pssa_bwd_x"}
     keys = {(r["case"], r["dtype"], r["target"]) for r in rows}
     assert len(keys) == 4 * 2 * 2  # 4 launches (deploy, PSSA forward, dx, dW)

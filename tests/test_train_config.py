@@ -137,6 +137,10 @@ def _error(overrides: list[str]) -> str:
         ("trainer.ema.decay=abc", "trainer.ema.decay: expected a number in [0, 1], got 'abc'"),
         ("debug.nan_at_step=0", "debug.nan_at_step: expected a positive integer or null, got 0"),
         (
+            "trainer.limit_train_batches=0",
+            "trainer.limit_train_batches: expected a positive integer or null, got 0",
+        ),
+        (
             "trainer.epoch=3",
             "trainer.epoch: Could not override 'trainer.epoch': Key 'epoch' not in "
             "'TrainerOptions'",

@@ -191,18 +191,12 @@ def make_cifar_like(root: str | Path) -> None:
     """10 classes x (8 train, 3 val) 32 px JPEGs: the rehearsal's stand-in for CIFAR-10 (a
     colour per class under noise). numpy and PIL only: importing xvol (timm) costs seconds."""
     import numpy as np
-    from PIL import Image
 
     rng = np.random.default_rng(0)
     for split, n in (("train", 8), ("val", 3)):
         for c in range(10):
-            folder = Path(root) / split / f"class{c}"
-            folder.mkdir(parents=True, exist_ok=True)
-            base = np.array([(c * 25) % 256, (c * 77) % 256, (c * 151) % 256])
-            for i in range(n):
-                noise = rng.integers(-40, 41, (32, 32, 3))
-                pixels = np.clip(base + noise, 0, 255).astype(np.uint8)
-                Image.fromarray(pixels).save(folder / f"img_{i}.JPEG", quality=90)
+            tint = ((c * 25) % 256, (c * 77) % 256, (c * 151) % 256)
+            _noise_jpegs(Path(root) / split / f"class{c}", n, 32, rng, tint)
 
 
 # Ordered by what they decide: kernels first, then training, deploy, speed. Caps: GPU estimates
@@ -245,14 +239,25 @@ def check_plan(
 def make_val_folder(root: Path, size: int) -> None:
     """A val folder in the ImageNet layout whose class folders are the synthetic data's names."""
     import numpy as np
-    from PIL import Image
 
     rng = np.random.default_rng(0)
     for c in range(10):
-        (root / str(c)).mkdir(parents=True, exist_ok=True)
-        for i in range(4):
+        _noise_jpegs(root / str(c), 4, size, rng)
+
+
+def _noise_jpegs(folder: Path, n: int, size: int, rng, tint: tuple | None = None) -> None:
+    """``n`` size x size JPEGs of ``rng`` noise in ``folder``: uniform, or +-40 around ``tint``."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        if tint is None:
             pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(root / str(c) / f"img_{i}.JPEG", quality=90)
+        else:
+            noise = rng.integers(-40, 41, (size, size, 3))
+            pixels = np.clip(np.array(tint) + noise, 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"img_{i}.JPEG", quality=90)
 
 
 def _junit_counts(path: Path) -> dict[str, int] | None:

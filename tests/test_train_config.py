@@ -204,6 +204,60 @@ def test_train_refuses_what_the_tools_refuse(override: str, message: str) -> Non
         ModelSpec.from_config(stored, "best.pt", "config.model")
 
 
+@pytest.mark.parametrize(
+    ("override", "value", "message"),
+    [
+        ("data.name=123", 123, "data.name: expected a non-empty name, got 123"),
+        ("data.root=' '", " ", "data.root: expected a folder path, got ' '"),
+        ("+data.std=[0.2,0,0.2]", [0.2, 0, 0.2], "data.std: expected 3 finite numbers > 0"),
+        ("+data.mean=[0.5,0.5]", [0.5, 0.5], "data.mean: expected 3 finite numbers or null"),
+        ("data.crop_pct=-1", -1, "data.crop_pct: expected a positive number, got -1"),
+        ("data.interpolation=box", "box", "data.interpolation: expected one of bilinear"),
+    ],
+)
+def test_train_refuses_the_data_values_the_tools_refuse(
+    override: str, value: object, message: str, tmp_path: Path
+) -> None:
+    """The data keys a checkpoint carries for the tools (its eval transform, its val folder) are
+    checked by xvol-train as the tools check them: a value one refuses, the other refuses too, in
+    one line naming the key (a run would otherwise train and then fail in every tool)."""
+    from tools_helpers import make_checkpoint
+
+    from xvol.formats.checkpoint import CheckpointError
+    from xvol.formats.load import load_train_checkpoint
+
+    line = _error(["model=xresnet18", override])
+    assert line.startswith(message) and "\n" not in line
+    key = message.split(":")[0].split(".", 1)[1]
+    data = {"name": "tiny", "root": "/data", "num_classes": 3, "img_size": 32, key: value}
+    ckpt = make_checkpoint(tmp_path / "best.pt", run_config={"data": data})
+    with pytest.raises(CheckpointError) as err:
+        load_train_checkpoint(ckpt)
+    assert str(err.value).startswith(f"{ckpt}: {message}")
+
+
+def test_the_data_keys_of_a_checkpoint_have_one_declaration() -> None:
+    """xvol-train checks each key the tools read from a checkpoint's data node with the very
+    check the loader uses (xvol.formats.load.DATA_CHECKS), not a copy of it."""
+    from xvol.formats.load import DATA_CHECKS
+
+    assert DATA_CHECKS and all(TRAIN_CHECKS[f"data.{k}"] is c for k, c in DATA_CHECKS.items())
+
+
+def test_a_model_the_spec_cannot_tell_is_unbuildable_is_one_line() -> None:
+    """An arch outside the ResNet family whose selection matches no convolution passes the spec
+    (only building can tell); xvol-train's build says so in one line naming model.convert."""
+    from xvol.cli.train import build_network
+
+    job = _job(_compose(["model=xregnety_008", "model.convert.include=[nomatch]"]))
+    spec = validate_train_config(job)
+    with pytest.raises(ConfigError) as err:
+        build_network(spec)
+    line = str(err.value)
+    assert line.startswith("model.convert: cannot build xregnety_008-sel") and "\n" not in line
+    assert "nothing to swap" in line and "include=['nomatch']" in line
+
+
 @pytest.mark.parametrize("stages", ["[3,3]", "[4,3]", "[3]"])
 def test_train_builds_the_spec_the_tools_rebuild(stages: str) -> None:
     """What training builds (validate_train_config's spec, built by xvol.cli.train.train) is what

@@ -34,10 +34,11 @@ from xvol.checks import (
     unit_interval,
 )
 from xvol.data.dali import DALI_DEVICES
-from xvol.data.folder import BAD_IMAGE_POLICIES, INTERPOLATIONS, VALIDATE_MODES
+from xvol.data.folder import BAD_IMAGE_POLICIES, VALIDATE_MODES
 from xvol.engine.log import get_logger
 from xvol.engine.options import DebugOptions, TrainerOptions
 from xvol.formats.files import write_text_atomic
+from xvol.formats.load import DATA_CHECKS
 
 if TYPE_CHECKING:
     from xvol.models.spec import ModelSpec
@@ -149,19 +150,14 @@ TRAIN_CHECKS: dict[str, Check] = {
     "run_name": RUN_NAME,
     "seed": INT,
     "resume": RESUME,
-    "data.num_classes": POSITIVE_INT,
-    "data.img_size": POSITIVE_INT,
-    "data.eval_img_size": optional(POSITIVE_INT),
+    # the keys a checkpoint carries for the tools: checked here as the tools check them
+    **{f"data.{key}": check for key, check in DATA_CHECKS.items()},
     "data.batch_size": POSITIVE_INT,
     "data.eval_batch_size": optional(POSITIVE_INT),
     "data.workers": NON_NEGATIVE_INT,
     "data.length": POSITIVE_INT,
     "data.val_length": POSITIVE_INT,
-    "data.root": Check("a folder path", lambda v: isinstance(v, str) and v.strip() != ""),
     "data.jpeg_size": POSITIVE_INT,
-    # timm reads crop_pct 0 (or null) as "unset" and crops at its default 0.875
-    "data.crop_pct": POSITIVE_NUMBER,
-    "data.interpolation": one_of(*INTERPOLATIONS),
     "data.scale": _range(0, 1),
     "data.ratio": _range(0, None),
     "data.hflip": unit_interval(),

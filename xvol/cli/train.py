@@ -32,6 +32,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException, OverrideParseException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 import xvol.config  # noqa: F401  (registers the resolvers and the trainer/debug schema)
 from xvol import engine
@@ -48,10 +49,21 @@ from xvol.engine.log import log_to_files
 from xvol.engine.runtime import configure_determinism, seed_everything
 from xvol.extras import MissingExtra
 from xvol.formats.provenance import git_revision
-from xvol.models import ModelSpec, count_params
+from xvol.models import SUPPORTED_ARCHS, ModelSpec, count_params
 
 # failures whose message names the key, file or cause: one line, no traceback
 USER_ERRORS = (ConfigError, DataError, engine.CheckpointError, engine.RunDirError, MissingExtra)
+
+
+def build_network(spec: ModelSpec) -> nn.Module:
+    """``spec.build()``, before the first step; what the spec cannot tell without building (an
+    arch outside the ResNet family whose model.convert selection matches no convolution) is one
+    line naming the key, as the tools say it (xvol.formats.load.build_from_spec)."""
+    try:
+        return spec.build()
+    except (ValueError, TypeError) as err:
+        key = "model" if spec.arch in SUPPORTED_ARCHS else "model.convert"
+        raise ConfigError(f"{key}: cannot build {spec.identity()['model']}: {err}") from None
 
 
 def _metrics_opener(
@@ -94,7 +106,7 @@ def train(
         steps = min(data.steps_per_epoch, options.limit_train_batches)
         data = dataclasses.replace(data, steps_per_epoch=steps)
     model = engine.prepare_model(
-        spec.build(),
+        build_network(spec),
         device,
         sync_bn=options.use_sync_bn(device, denv.distributed),
         channels_last=options.use_channels_last(device),

@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import reprlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from xvol.checks import is_number
+from xvol.checks import POSITIVE_INT, POSITIVE_NUMBER, Check, is_number, one_of, optional
+from xvol.data.folder import INTERPOLATIONS
 from xvol.formats.checkpoint import CheckpointError, load_checkpoint, stored_class_names
 from xvol.formats.deploy import (
     DEPLOY_FORMAT_VERSION,
@@ -154,48 +156,52 @@ class LoadedModel:
         return self.spec.num_classes
 
 
+def _triple(positive: bool) -> Check:
+    """3 finite numbers (each > 0 when ``positive``): a normalization mean or std."""
+
+    def ok(v: Any) -> bool:
+        if isinstance(v, str | bytes) or not isinstance(v, Sequence) or len(v) != 3:
+            return False
+        return all(is_number(x) and (x > 0 or not positive) for x in v)
+
+    return Check(f"3 finite numbers{' > 0' if positive else ''}", ok)
+
+
+# The data keys of a run's config that the tools rebuild its eval transform and val folder from.
+# xvol-train checks these keys with these same checks (xvol.config.TRAIN_CHECKS), so a run it
+# accepts is one every tool loads. In a checkpoint a null key means "not said" (the default).
+DATA_CHECKS: dict[str, Check] = {
+    "name": Check("a non-empty name", lambda v: isinstance(v, str) and v.strip() != ""),
+    "root": Check("a folder path", lambda v: isinstance(v, str) and v.strip() != ""),
+    "num_classes": POSITIVE_INT,
+    "img_size": POSITIVE_INT,
+    "eval_img_size": optional(POSITIVE_INT),
+    # timm reads crop_pct 0 (or null) as "unset" and crops at its default 0.875
+    "crop_pct": POSITIVE_NUMBER,
+    "interpolation": one_of(*INTERPOLATIONS),
+    "mean": optional(_triple(positive=False)),
+    "std": optional(_triple(positive=True)),
+}
+
+
 def _data_defaults(data_cfg: Any, source: str | Path) -> dict[str, Any]:
-    """The eval-transform settings and data root a checkpoint was trained with (type-checked)."""
+    """The eval-transform settings and data root a checkpoint was trained with (checked with
+    DATA_CHECKS, the checks xvol-train ran on them)."""
     data_cfg = data_cfg if isinstance(data_cfg, Mapping) else {}
-    types: dict[str, tuple[type, ...]] = {
-        "name": (str,),
-        "root": (str,),
-        "num_classes": (int,),
-        "img_size": (int,),
-        "crop_pct": (float, int),
-        "interpolation": (str,),
-        "mean": (list, tuple),
-        "std": (list, tuple),
-    }
+    for key, check in DATA_CHECKS.items():
+        value = data_cfg.get(key)
+        if value is not None and not check.ok(value):
+            raise CheckpointError(
+                f"{source}: data.{key}: expected {check.expected}, got {reprlib.repr(value)}"
+            )
     out = {
-        "name": data_cfg.get("name"),
-        "root": data_cfg.get("root"),
-        "num_classes": data_cfg.get("num_classes"),
-        "img_size": data_cfg.get("eval_img_size") or data_cfg.get("img_size"),
-        "crop_pct": data_cfg.get("crop_pct"),
-        "interpolation": data_cfg.get("interpolation"),
-        "mean": data_cfg.get("mean"),
-        "std": data_cfg.get("std"),
+        key: data_cfg.get(key)
+        for key in ("name", "root", "num_classes", "crop_pct", "interpolation", "mean", "std")
     }
-    for key, value in out.items():
-        if value is not None and (isinstance(value, bool) or not isinstance(value, types[key])):
-            raise CheckpointError(
-                f"{source}: data.{key} is {type(value).__name__}, expected "
-                f"{' or '.join(t.__name__ for t in types[key])}"
-            )
-    for key in ("mean", "std"):  # the normalization: 3 finite numbers, std positive
-        value = out[key]
-        if value is None:
-            continue
-        ok = len(value) == 3 and all(
-            is_number(v) and (key == "mean" or v > 0) for v in value
-        )  # fmt: skip
-        if not ok:
-            raise CheckpointError(
-                f"{source}: data.{key} must be 3 finite numbers"
-                f"{' > 0' if key == 'std' else ''}, got {value!r}"
-            )
-        out[key] = [float(v) for v in value]
+    out["img_size"] = data_cfg.get("eval_img_size") or data_cfg.get("img_size")
+    for key in ("mean", "std"):
+        if out[key] is not None:
+            out[key] = [float(v) for v in out[key]]
     return out
 
 

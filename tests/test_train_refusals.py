@@ -267,6 +267,24 @@ def test_resume_into_renamed_classes_is_refused(out_dir: Path) -> None:
     assert not (out_dir / "classes_path" / "last.pt").exists()
 
 
+def test_resume_into_another_network_is_refused(out_dir: Path) -> None:
+    """Resume continues the network the run trained: other shifts keep every tensor's shape, so
+    the weights would load and train another operator; refused naming the key, nothing changed."""
+    xconv = ("model=xresnet18",)
+    first = _run("run_name=net", f"paths.output_dir={out_dir}", *xconv)
+    assert first.returncode == 0, first.output[-3000:]
+    run_dir = out_dir / "net"
+    before = _digests(run_dir)
+    proc = _run(
+        "run_name=net", f"paths.output_dir={out_dir}", "trainer.epochs=2", *xconv,
+        "model.xconv.shifts=[2]",
+    )  # fmt: skip
+    line = _error_line(proc)
+    assert line.startswith(f"error: {run_dir / 'last.pt'}: trained as another network")
+    assert "model.xconv.shifts ([1] -> [2])" in line and "trainer.init_from" in line
+    assert _digests(run_dir) == before
+
+
 def test_bad_value_is_one_line_naming_the_key(out_dir: Path) -> None:
     proc = _run("run_name=bad", f"paths.output_dir={out_dir}", "trainer.epochs=0")
     line = _error_line(proc)

@@ -95,7 +95,7 @@ _SPEC_KEYS = {
 }
 
 
-def _spec_differences(trained: Any, ours: Any, source: str) -> list[str]:
+def spec_differences(trained: Any, ours: Any, source: str) -> list[str]:
     """``key (theirs -> ours)`` for each network-defining field where two model configs
     differ, read as ModelSpecs (a config that is not a valid spec says so)."""
     from xvol.models.spec import ModelSpec, ModelSpecError
@@ -198,7 +198,7 @@ def init_weights_from(
     config = state.get("config")
     trained_model = config.get("model") if isinstance(config, Mapping) else None
     if model_config is not None and trained_model is not None:
-        differ = _spec_differences(trained_model, model_config, str(path))
+        differ = spec_differences(trained_model, model_config, str(path))
         if differ:
             log.warning(
                 "trainer.init_from=%s was trained as another network of the same tensor shapes, "

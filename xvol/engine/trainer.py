@@ -9,7 +9,7 @@ files.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from xvol.engine.checkpointing import (
     capture_rng_state,
     init_weights_from,
     restore_rng_state,
+    spec_differences,
 )
 from xvol.engine.dist import DistEnv, all_gather_objects, all_reduce_sum
 from xvol.engine.log import get_logger
@@ -197,6 +198,7 @@ class Trainer:
                     choice = (str(Path(resume)), None)
                 if loaded is not None:
                     self._check_class_names(loaded.get("class_names"), choice[0])
+                    self._check_same_network(loaded.get("config"), choice[0])
                 # under the run-directory lock, so no live writer owns them
                 self.manager.remove_stale_temp_files()
             except CheckpointError as err:
@@ -229,6 +231,24 @@ class Trainer:
             self.ema.set(self.raw)
         log.info("%s", note)
         return note
+
+    def _check_same_network(self, config: Any, source: str | None) -> None:
+        """A resumed run continues the network it trained. One whose model config now differs
+        in a network-defining key (model.xconv.shifts=[2] on a run trained with [1]: the same
+        tensor shapes, another operator) would load silently and train something else."""
+        trained = config.get("model") if isinstance(config, Mapping) else None
+        ours = self.config.get("model")
+        if trained is None or ours is None:  # not an xvol-train run: the state_dict decides
+            return
+        differ = spec_differences(trained, ours, str(source))
+        if differ:
+            raise CheckpointError(
+                f"{source}: trained as another network than this run's config describes: "
+                f"{', '.join(differ)} (checkpoint -> this run); resume continues the same "
+                "network: pick another run_name, or start from its weights with "
+                "trainer.init_from",
+                reason="model config differs",
+            )
 
     def _check_class_names(self, saved: Any, source: str | None) -> None:
         """Labels are indices into class_names: other names (a renamed or added folder) would

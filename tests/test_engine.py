@@ -604,3 +604,15 @@ def test_metrics_write_failure_names_the_file(tmp_path: Path) -> None:
     assert err.value.filename == str(tmp_path / "metrics.jsonl")
     assert err.value.strerror == "cannot append a metrics record: No space left on device"
     metrics.close()  # nothing left to fail
+
+
+def test_sync_bn_without_cuda_is_one_line_naming_the_key() -> None:
+    """trainer.sync_bn=true on a CPU run: a ConfigError naming the key (one line from
+    xvol-train), not SyncBatchNorm's traceback; auto leaves BN alone off CUDA."""
+    from xvol.engine import prepare_model
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    with pytest.raises(ConfigError, match=r"^trainer\.sync_bn: true needs CUDA"):
+        prepare_model(model, torch.device("cpu"), sync_bn=True, channels_last=False)
+    options = TrainerOptions(sync_bn="auto")
+    assert not options.use_sync_bn(torch.device("cpu"), distributed=True)

@@ -414,6 +414,8 @@ def test_eval_flags_come_from_the_options() -> None:
         eval_tool.EvalOptions(batch_size=0)
     with pytest.raises(ConfigError, match=r"^--precision: expected one of fp32, bf16, fp16"):
         eval_tool.EvalOptions(precision="fp8")
+    with pytest.raises(ConfigError, match=r"^--device: expected auto, cpu, cuda or cuda:N"):
+        eval_tool.EvalOptions(device="bogus")
     with pytest.raises(SystemExit):
         parser.parse_args(["x.pt", "--on-bad-image", "maybe"])
 
@@ -660,6 +662,8 @@ def test_reparam_flags_come_from_the_options() -> None:
     assert "max |logit difference| allowed (default: 0.001)" in shown
     with pytest.raises(ConfigError, match=r"^--atol: expected a positive number, got 0"):
         reparam_tool.ReparamOptions(atol=0)
+    with pytest.raises(ConfigError, match=r"^--device: expected cpu, cuda or cuda:N, got 'auto'"):
+        reparam_tool.ReparamOptions(device="auto")
     args = parser.parse_args(["x.pt", "--out", "d", "--verify-batch", "0"])
     with pytest.raises(ConfigError, match=r"^--verify-batch: expected a positive integer"):
         options_from_args(reparam_tool.ReparamOptions, args)

@@ -13,6 +13,7 @@ with it too.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
 from typing import Any, get_args, get_type_hints
@@ -25,6 +26,8 @@ __all__ = [
     "POSITIVE_INT",
     "POSITIVE_NUMBER",
     "AUTO_OR_BOOL",
+    "DEVICE",
+    "TORCH_DEVICE",
     "Check",
     "ConfigError",
     "check_fields",
@@ -119,6 +122,15 @@ POSITIVE_NUMBER = Check("a positive number", lambda v: is_number(v) and v > 0)
 NON_NEGATIVE_NUMBER = Check("a number >= 0", lambda v: is_number(v) and v >= 0)
 BOOL = Check("true or false", lambda v: isinstance(v, bool))
 AUTO_OR_BOOL = Check("auto, true or false", lambda v: v == "auto" or isinstance(v, bool))
+# where a command runs: the trainer and xvol-eval take auto (this rank's GPU, else the CPU)
+DEVICE = Check(
+    "auto, cpu, cuda or cuda:N",
+    lambda v: isinstance(v, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None,
+)
+TORCH_DEVICE = Check(
+    "cpu, cuda or cuda:N",
+    lambda v: isinstance(v, str) and re.fullmatch(r"cpu|cuda(:\d+)?", v) is not None,
+)
 
 
 def option(

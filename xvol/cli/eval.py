@@ -49,6 +49,7 @@ from torch import nn
 
 from xvol.checks import (
     BOOL,
+    DEVICE,
     NON_NEGATIVE_INT,
     POSITIVE_INT,
     POSITIVE_NUMBER,
@@ -206,7 +207,7 @@ class EvalOptions:
         None, one_of(*INTERPOLATIONS), help="default: the checkpoint's interpolation"
     )
     precision: str = option("fp32", one_of(*PRECISIONS), help="autocast precision of the eval")
-    device: str = option("auto", help="auto (GPU if present), cpu, cuda, cuda:N")
+    device: str = option("auto", DEVICE, help="auto (GPU if present), cpu, cuda, cuda:N")
     channels_last: bool = option(False, BOOL, help="channels_last memory format")
     bench: bool = option(
         False,

@@ -31,7 +31,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from xvol.checks import INT, NON_NEGATIVE_INT, POSITIVE_INT, POSITIVE_NUMBER, check_fields, option
+from xvol.checks import (
+    INT,
+    NON_NEGATIVE_INT,
+    POSITIVE_INT,
+    POSITIVE_NUMBER,
+    TORCH_DEVICE,
+    check_fields,
+    option,
+)
 from xvol.cli.common import (
     ToolError,
     add_options,
@@ -131,7 +139,7 @@ class ReparamOptions:
     img_size: int | None = option(None, POSITIVE_INT)
     workers: int = option(0, NON_NEGATIVE_INT)  # loader workers for --data (no flag)
     seed: int = option(0, INT)  # of the random verification batch (no flag)
-    device: str = option("cpu", help="where to verify: cpu, cuda, cuda:N")
+    device: str = option("cpu", TORCH_DEVICE, help="where to verify: cpu, cuda, cuda:N")
 
     def __post_init__(self) -> None:
         check_fields(self, None)

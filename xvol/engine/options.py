@@ -15,7 +15,6 @@ The training command runs the same checks over the composed config before buildi
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -26,6 +25,7 @@ from torch import nn
 from xvol.checks import (
     AUTO_OR_BOOL,
     BOOL,
+    DEVICE,
     NON_NEGATIVE_INT,
     NON_NEGATIVE_NUMBER,
     POSITIVE_INT,
@@ -54,10 +54,6 @@ __all__ = [
 # the vocabulary (Check, option, POSITIVE_INT, ...) is xvol.checks; these are the trainer's own
 
 PATH = Check("a checkpoint path", lambda v: isinstance(v, str) and v.strip() != "")
-DEVICE = Check(
-    "auto, cpu, cuda or cuda:N",
-    lambda v: isinstance(v, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None,
-)
 AMP = Check(
     "auto, bf16, fp16 or none",
     lambda v: (

@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
+from xvol.checks import ConfigError
 from xvol.data.base import DataBundle
 from xvol.engine.checkpointing import (
     CheckpointManager,
@@ -75,7 +76,9 @@ def prepare_model(
     model = model.to(device)
     if sync_bn:
         if device.type != "cuda":
-            raise ValueError("trainer.sync_bn needs CUDA (SyncBatchNorm refuses CPU modules)")
+            raise ConfigError(
+                "trainer.sync_bn: true needs CUDA (SyncBatchNorm refuses CPU modules); use auto"
+            )
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -175,6 +176,30 @@ def test_family_summary_rows_have_params_and_macs() -> None:
         on_meta(timm.create_model, "resnext50_32x4d", num_classes=10)) / 1e6)  # fmt: skip
     assert x["params_m_train"] > base["params_m_train"] and x["gmacs_train"] > base["gmacs_train"]
     assert x["gmuls_deploy"] > 0 == base["gmuls_deploy"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "line"),
+    [
+        (["--models", "nope"], "xvol-summary: error: --models: no model config ['nope']"),
+        (["--img-size", "0"], "xvol-summary: error: --img-size: expected a positive integer"),
+        (["--overrides", "model.bogus=1"], "xvol-summary: error: ConfigCompositionException"),
+        (["--out", "{out}"], "xvol-summary: error: output already exists: {out} (pass --force"),
+    ],
+)
+def test_summary_refuses_bad_input_in_one_line(
+    argv: list[str], line: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from xvol.cli.summary import main
+
+    out = tmp_path / "rows.json"
+    out.write_text("keep")
+    with pytest.raises(SystemExit) as exit_:
+        main(["--models", "resnet18", *[a.format(out=out) for a in argv]])
+    message = exit_.value.code  # tool_errors exits with the line: Python prints it, status 1
+    assert isinstance(message, str) and message.startswith(line.format(out=out))
+    assert "\n" not in message and "Traceback" not in capsys.readouterr().err
+    assert out.read_text() == "keep"
 
 
 # ---------------------------------------------------------------- xvol.convert

@@ -11,7 +11,8 @@ composed with Hydra's compose API, read as the validated xvol.models.ModelSpec a
 (as training and every tool build it), and measured with
 torch.utils.flop_counter.FlopCounterMode on one image (see xvol/models/summary.py for what is
 counted). The default device is "meta": shapes only, no compute, the same counts as on CPU.
-Prints a markdown table; --out also writes the rows as JSON.
+Prints a markdown table; --out also writes the rows as JSON (refused if it exists, unless
+--force). A bad option or override ends in one line naming it.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from xvol.checks import POSITIVE_INT, check_value
 from xvol.cli import config_dir
+from xvol.cli.common import ToolError, refuse_existing, tool_args, tool_errors
 from xvol.formats.files import write_json_atomic
 from xvol.models import ModelSpec, model_summary
 
@@ -69,34 +72,49 @@ def markdown(rows: list[dict[str, object]]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(prog="xvol-summary", description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="xvol-summary",
+        description=__doc__.split("\n")[0],
+        parents=[tool_args(force=True)],
+    )
     parser.add_argument("--models", nargs="+", default=None, help="options of configs/model/")
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--num-classes", type=int, default=1000, help="sets data.num_classes")
     parser.add_argument("--device", default="meta", help="meta (fast, shapes only) or cpu/cuda")
     parser.add_argument("--overrides", nargs="*", default=[], help="Hydra overrides for all")
     parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
-    names = args.models or model_options()
-    rows = [
-        summarize(n, args.img_size, args.num_classes, args.device, args.overrides) for n in names
-    ]
-    print(markdown(rows))
-    print(
-        f"\n{args.img_size} px, 1 image, {args.num_classes} classes. GMACs: convolutions + "
-        "matmuls from torch.utils.flop_counter.FlopCounterMode (FLOPs / 2); it does not count "
-        "elementwise ops (BN, ReLU, adds, pooling), so the PSSA products x * S_d(x) are in the "
-        "last column (aten.mul outputs, counted through the same mode; SE/ECA gates are muls "
-        "too). Deploy: "
-        "xvol.reparam.reparameterize_model (X-volution BNs folded; other BNs kept)."
-    )
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(args.out, rows)
+    with tool_errors("xvol-summary", args.debug):
+        options = model_options()
+        unknown = [n for n in args.models or [] if n not in options]
+        if unknown:
+            raise ToolError(f"--models: no model config {unknown} (options: {', '.join(options)})")
+        for flag, value in (("--img-size", args.img_size), ("--num-classes", args.num_classes)):
+            check_value(flag, POSITIVE_INT, value)
+        if args.out is not None:
+            refuse_existing([args.out], args.force)
+        names = args.models or options
+        rows = [
+            summarize(n, args.img_size, args.num_classes, args.device, args.overrides)
+            for n in names
+        ]
+        print(markdown(rows))
+        print(
+            f"\n{args.img_size} px, 1 image, {args.num_classes} classes. GMACs: convolutions + "
+            "matmuls from torch.utils.flop_counter.FlopCounterMode (FLOPs / 2); it does not "
+            "count elementwise ops (BN, ReLU, adds, pooling), so the PSSA products x * S_d(x) "
+            "are in the last column (aten.mul outputs, counted through the same mode; SE/ECA "
+            "gates are muls too). Deploy: xvol.reparam.reparameterize_model (X-volution BNs "
+            "folded; other BNs kept)."
+        )
+        if args.out is not None:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(args.out, rows)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

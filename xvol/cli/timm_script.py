@@ -1,7 +1,7 @@
 """Run one of timm's scripts (validate.py, benchmark.py, ...) with xvol's models registered.
 
 Usage:
-    python -m xvol.cli.timm_script validate.py --model xresnet18 --num-classes 3 \
+    python -m xvol.cli.timm_script validate.py --model xresnet18 --num-classes 10 \
         --checkpoint outputs/demo/best.pt --use-ema --data-dir ~/.cache/xvol/demo --img-size 32
     python -m xvol.cli.timm_script benchmark.py --model xresnet50 --reparam --bench inference
 
@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         epilog=(
             "example:\n"
-            "  python -m xvol.cli.timm_script validate.py --model xresnet18 --num-classes 3 "
+            "  python -m xvol.cli.timm_script validate.py --model xresnet18 --num-classes 10 "
             "--checkpoint run/best.pt --use-ema --data-dir /imagenet"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,

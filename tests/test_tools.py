@@ -592,8 +592,14 @@ def test_export_refuses_existing_file_and_old_opsets(tiny: dict[str, Path], tmp_
     with pytest.raises(ToolError, match="already exists"):
         export_tool.export_onnx(tiny["deploy"], out, exporter="torchscript", opset=17)
     assert out.read_text() == "keep me"
-    with pytest.raises(ToolError, match="opset 17 or newer"):
+    with pytest.raises(ConfigError, match=r"^--opset: expected opset 17 or newer, got 16"):
         export_tool.export_onnx(tiny["deploy"], tmp_path / "a.onnx", opset=16)
+    for flag, value in (("--img-size", 0), ("--batch-size", 0)):  # not a silent default
+        expected = rf"^{flag}: expected a positive integer( or null)?, got 0"
+        with pytest.raises(ConfigError, match=expected):
+            export_tool.export_onnx(
+                tiny["deploy"], tmp_path / "a.onnx", **{flag[2:].replace("-", "_"): value}
+            )
     with pytest.raises(ToolError, match="exporter torchscript for opset 17"):
         export_tool.export_onnx(tiny["deploy"], tmp_path / "a.onnx", opset=17)
     assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import sys
@@ -36,9 +37,22 @@ from typing import Any
 import torch
 from torch import nn
 
+from xvol.checks import (
+    BOOL,
+    INT,
+    POSITIVE_INT,
+    POSITIVE_NUMBER,
+    Check,
+    check_fields,
+    is_int,
+    one_of,
+    option,
+)
 from xvol.cli.common import (
     ToolError,
+    add_options,
     now_iso,
+    options_from_args,
     refuse_existing,
     setup_tool_logging,
     tool_args,
@@ -151,26 +165,44 @@ def check_parity(model: nn.Module, onnx_path: Path, inputs: list[torch.Tensor]) 
     }
 
 
+@dataclasses.dataclass
+class ExportOptions:
+    """xvol-export's options, each declared once here: the command's flags are derived from
+    these fields (xvol.cli.common.add_options), and making one checks every value, naming the
+    flag. ``ema``, ``img_size`` and ``force`` are the tools' shared flags (tool_args)."""
+
+    ema: bool | None = None
+    force: bool = False
+    img_size: int | None = option(None, POSITIVE_INT)
+    opset: int = option(
+        18,
+        Check(f"opset {MIN_OPSET} or newer", lambda v: is_int(v) and v >= MIN_OPSET),
+        help=f"ONNX opset (>= {MIN_OPSET})",
+    )
+    exporter: str = option("dynamo", one_of(*EXPORTERS), help="torch.export or TorchScript")
+    batch_size: int = option(2, POSITIVE_INT, help="example/check batch size")
+    static_batch: bool = option(False, BOOL, help="fixed batch axis")
+    atol: float = option(1e-4, POSITIVE_NUMBER, help="max |difference| allowed")
+    seed: int = option(0, INT)  # of the random check batches (no flag)
+
+    def __post_init__(self) -> None:
+        check_fields(self, None)
+
+
 def export_onnx(
     checkpoint: str | Path,
     out: str | Path,
-    *,
-    ema: bool | None = None,
-    opset: int = 18,
-    exporter: str = "dynamo",
-    img_size: int | None = None,
-    batch_size: int = 2,
-    dynamic_batch: bool = True,
-    atol: float = 1e-4,
-    force: bool = False,
-    seed: int = 0,
+    opts: ExportOptions | None = None,
+    **options: Any,
 ) -> dict[str, Any]:
-    """Write ``out`` (.onnx) for the deploy form of ``checkpoint`` after the parity check."""
+    """Write ``out`` (.onnx) for the deploy form of ``checkpoint`` after the parity check.
+
+    ``opts`` (or its fields as keywords: ``opset=17``, ``exporter="torchscript"``) say how."""
+    opts = opts if opts is not None else ExportOptions(**options)
+    ema, opset, exporter, img_size = opts.ema, opts.opset, opts.exporter, opts.img_size
+    batch_size, atol, seed, force = opts.batch_size, opts.atol, opts.seed, opts.force
+    dynamic_batch = not opts.static_batch
     out = Path(out)
-    if exporter not in EXPORTERS:
-        raise ToolError(f"--exporter must be one of {EXPORTERS}, got {exporter!r}")
-    if opset < MIN_OPSET:
-        raise ToolError(f"--opset {opset}: opset {MIN_OPSET} or newer is required")
     if exporter == "dynamo" and opset < 18:
         raise ToolError(
             f"--opset {opset}: torch's dynamo exporter implements opset 18 and newer (it would "
@@ -264,14 +296,11 @@ def build_parser() -> argparse.ArgumentParser:
             "Exporter: dynamo (torch.export, default; opset >= 18) or torchscript (opset 17+)."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        parents=[tool_args(ema=True, img_size=True, atol=1e-4, force=True)],
+        parents=[tool_args(ema=True, img_size=True, force=True)],
     )
     parser.add_argument("checkpoint", help="deploy dir/.safetensors/.json, or a training .pt")
     parser.add_argument("--out", required=True, help="the .onnx file to write")
-    parser.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 17; default 18)")
-    parser.add_argument("--exporter", choices=EXPORTERS, default="dynamo")
-    parser.add_argument("--batch-size", type=int, default=2, help="example/check batch size")
-    parser.add_argument("--static-batch", action="store_true", help="fixed batch axis")
+    add_options(parser, ExportOptions)
     return parser
 
 
@@ -279,18 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_tool_logging()
     with tool_errors("xvol-export", args.debug):
-        record = export_onnx(
-            args.checkpoint,
-            args.out,
-            ema=args.ema,
-            opset=args.opset,
-            exporter=args.exporter,
-            img_size=args.img_size,
-            batch_size=args.batch_size,
-            dynamic_batch=not args.static_batch,
-            atol=args.atol,
-            force=args.force,
-        )
+        record = export_onnx(args.checkpoint, args.out, options_from_args(ExportOptions, args))
     print(json.dumps(record, indent=2))
     return 0
 

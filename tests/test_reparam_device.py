@@ -35,4 +35,7 @@ def test_reparam_verifies_on_the_requested_device(tmp_path: Path) -> None:
         )
         assert "Traceback" not in proc.stderr and not (tmp_path / "gpu").exists()
     bad = _reparam(ckpt, tmp_path / "bad", "--device", "tpu9")
-    assert bad.returncode == 1 and "--device 'tpu9'" in bad.stderr.strip().splitlines()[-1]
+    assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1] == (
+        "xvol-reparam: error: --device: expected cpu, cuda or cuda:N, got 'tpu9'"
+    )
+    assert not (tmp_path / "bad").exists()

@@ -26,7 +26,7 @@ from xvol.cli import eval as eval_tool
 from xvol.cli import export as export_tool
 from xvol.cli import leaderboard as leaderboard_tool
 from xvol.cli import reparam as reparam_tool
-from xvol.cli.common import ToolError, options_from_args
+from xvol.cli.common import CheckpointOptions, ToolError, options_from_args
 from xvol.data import DataError
 from xvol.engine.loop import evaluate
 from xvol.formats.checkpoint import CheckpointError
@@ -654,6 +654,35 @@ def test_cli_errors_are_one_line_without_traceback(tiny: dict[str, Path], tmp_pa
     assert "Traceback" not in proc.stderr and not (tmp_path / "o").exists()
     debug = run_python([*cmd, "--debug"])
     assert debug.returncode == 1 and "Traceback" in debug.stderr
+
+
+@pytest.mark.parametrize(
+    ("tool", "options", "required"),
+    [
+        (eval_tool, eval_tool.EvalOptions, []),
+        (reparam_tool, reparam_tool.ReparamOptions, ["--out", "d"]),
+        (export_tool, export_tool.ExportOptions, ["--out", "m.onnx"]),
+    ],
+)
+def test_checkpoint_tools_share_one_declaration_of_their_common_flags(
+    tool: object, options: type, required: list[str]
+) -> None:
+    """--ema, --img-size and --force are CheckpointOptions' fields in every checkpoint tool: the
+    same help, the same parsing, the same refusal naming the flag."""
+    parser = tool.build_parser()
+    shown = " ".join(parser.format_help().split())
+    for f in dataclasses.fields(CheckpointOptions):
+        assert " ".join(f.metadata["help"].split()) in shown, (tool.__name__, f.name)
+
+    def parse(*flags: str) -> CheckpointOptions:
+        return options_from_args(options, parser.parse_args(["x.pt", *required, *flags]))
+
+    assert (parse().ema, parse().img_size, parse().force) == (None, None, False)
+    assert (parse("--ema").ema, parse("--no-ema").ema) == (True, False)
+    assert parse("--force").force is True
+    assert parse("--img-size", "96").img_size == 96
+    with pytest.raises(ConfigError, match=r"^--img-size: expected a positive integer.*, got 0$"):
+        parse("--img-size", "0")
 
 
 def test_reparam_flags_come_from_the_options() -> None:

@@ -1,6 +1,7 @@
 """The plumbing the commands share (xvol-reparam, -eval, -leaderboard, -export, timm_script):
-their common options (``tool_args``), the one-line error wrapper (``tool_errors``), logging,
-refusing to overwrite, and the environment a record names (``versions``, ``now_iso``).
+their common options (``tool_args``, ``OutputOptions``, ``CheckpointOptions``), the one-line
+error wrapper (``tool_errors``), logging, refusing to overwrite, and the environment a record
+names (``versions``, ``now_iso``).
 
 Argument parsing and printing only: loading a model is :mod:`xvol.formats.load`, the val loader
 :mod:`xvol.data.val`, the file formats :mod:`xvol.formats`.
@@ -20,7 +21,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, get_args, get_type_hints
 
-from xvol.checks import ConfigError, flag_name
+from xvol.checks import BOOL, POSITIVE_INT, ConfigError, flag_name, option
 from xvol.data.folder import DataError
 from xvol.extras import MissingExtra
 from xvol.formats.checkpoint import CheckpointError, checkpoint_versions
@@ -29,6 +30,8 @@ from xvol.models.spec import ModelSpecError
 
 __all__ = [
     "KNOWN_ERRORS",
+    "CheckpointOptions",
+    "OutputOptions",
     "ToolError",
     "add_options",
     "check_xvol_package",
@@ -49,27 +52,30 @@ class ToolError(RuntimeError):
 # ----------------------------------------------------------------------------- options
 
 
-def tool_args(
-    *, ema: bool = False, img_size: bool = False, atol: float | None = None, force: bool = False
-) -> argparse.ArgumentParser:
-    """The options the tools share, declared once: an argparse parent (``parents=[...]``).
-    ``--debug`` always; the others when asked (``atol``: that tool's default)."""
+@dataclasses.dataclass
+class OutputOptions:
+    """The option of a tool that writes files (xvol-summary and the checkpoint tools)."""
+
+    force: bool = option(False, BOOL, help="overwrite existing outputs")
+
+
+@dataclasses.dataclass
+class CheckpointOptions(OutputOptions):
+    """The options the checkpoint tools share (xvol-eval, -reparam, -export), declared once: each
+    tool's options class derives from this one, and add_options makes the flags."""
+
+    ema: bool | None = option(
+        None,
+        BOOL,
+        help="training checkpoint: EMA weights (default when present); --no-ema: raw weights",
+    )
+    img_size: int | None = option(None, POSITIVE_INT, help="default: the checkpoint's eval size")
+
+
+def tool_args() -> argparse.ArgumentParser:
+    """``--debug``, which every tool has: an argparse parent (``parents=[...]``). The other
+    shared options are fields of :class:`OutputOptions` and :class:`CheckpointOptions`."""
     parent = argparse.ArgumentParser(add_help=False)
-    if ema:
-        parent.add_argument(
-            "--ema",
-            action=argparse.BooleanOptionalAction,
-            default=None,
-            help="training checkpoint: EMA weights (default when present); --no-ema: raw weights",
-        )
-    if img_size:
-        parent.add_argument("--img-size", type=int, help="default: the checkpoint's eval size")
-    if atol is not None:
-        parent.add_argument(
-            "--atol", type=float, default=atol, help=f"max |difference| allowed (default {atol:g})"
-        )
-    if force:
-        parent.add_argument("--force", action="store_true", help="overwrite existing outputs")
     parent.add_argument("--debug", action="store_true", help="show tracebacks (or XVOL_DEBUG=1)")
     return parent
 

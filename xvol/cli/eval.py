@@ -58,6 +58,7 @@ from xvol.checks import (
     option,
 )
 from xvol.cli.common import (
+    CheckpointOptions,
     ToolError,
     add_options,
     now_iso,
@@ -182,24 +183,22 @@ def _write_predictions(path: Path, samples: list[tuple[str, int]], preds: torch.
 
 
 @dataclasses.dataclass
-class EvalOptions:
+class EvalOptions(CheckpointOptions):
     """What to evaluate and how: xvol-eval's options, each declared once here; the command's
     flags are derived from these fields (xvol.cli.common.add_options: default, type, choices,
     help), and making an EvalOptions checks every value, naming the flag.
 
-    ``ema``, ``img_size`` and ``force`` are the tools' shared flags (xvol.cli.common.tool_args);
-    ``results_dir`` None writes no record (--no-record); ``progress`` shows a bar on stderr
-    (rank 0 only; --no-progress turns off the command's).
+    ``ema``, ``img_size`` and ``force`` are the fields the checkpoint tools share
+    (xvol.cli.common.CheckpointOptions); ``results_dir`` None writes no record (--no-record);
+    ``progress`` shows a bar on stderr (rank 0 only; --no-progress turns off the command's).
     """
 
     data: str | Path | None = option(
         None, help="ROOT with val/, or the val folder (default: the checkpoint's data root)"
     )
-    ema: bool | None = None
     backend: str = option("torchvision", one_of(*EVAL_BACKENDS), help="data backend")
     batch_size: int = option(64, POSITIVE_INT, help="eval batch size per rank")
     workers: int = option(2, NON_NEGATIVE_INT, help="loader workers per rank")
-    img_size: int | None = option(None, POSITIVE_INT)
     crop_pct: float | None = option(
         None, POSITIVE_NUMBER, help="center crop fraction (default: the checkpoint's crop_pct)"
     )
@@ -228,7 +227,6 @@ class EvalOptions:
     predictions: str | Path | None = option(
         None, help="also write per-image predictions (CSV) here"
     )
-    force: bool = False
     validate: str = option(
         "auto",
         one_of(*VALIDATE_MODES),
@@ -485,7 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
             "/imagenet --device cpu"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        parents=[tool_args(ema=True, img_size=True, force=True)],
+        parents=[tool_args()],
     )
     parser.add_argument(
         "checkpoint", help="training .pt, run dir (its best.pt), deploy dir/.safetensors/.json"

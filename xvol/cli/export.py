@@ -49,6 +49,7 @@ from xvol.checks import (
     option,
 )
 from xvol.cli.common import (
+    CheckpointOptions,
     ToolError,
     add_options,
     now_iso,
@@ -166,14 +167,11 @@ def check_parity(model: nn.Module, onnx_path: Path, inputs: list[torch.Tensor]) 
 
 
 @dataclasses.dataclass
-class ExportOptions:
+class ExportOptions(CheckpointOptions):
     """xvol-export's options, each declared once here: the command's flags are derived from
     these fields (xvol.cli.common.add_options), and making one checks every value, naming the
-    flag. ``ema``, ``img_size`` and ``force`` are the tools' shared flags (tool_args)."""
+    flag. ``ema``, ``img_size`` and ``force`` come from CheckpointOptions, which the tools share."""
 
-    ema: bool | None = None
-    force: bool = False
-    img_size: int | None = option(None, POSITIVE_INT)
     opset: int = option(
         18,
         Check(f"opset {MIN_OPSET} or newer", lambda v: is_int(v) and v >= MIN_OPSET),
@@ -296,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
             "Exporter: dynamo (torch.export, default; opset >= 18) or torchscript (opset 17+)."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        parents=[tool_args(ema=True, img_size=True, force=True)],
+        parents=[tool_args()],
     )
     parser.add_argument("checkpoint", help="deploy dir/.safetensors/.json, or a training .pt")
     parser.add_argument("--out", required=True, help="the .onnx file to write")

@@ -41,6 +41,7 @@ from xvol.checks import (
     option,
 )
 from xvol.cli.common import (
+    CheckpointOptions,
     ToolError,
     add_options,
     now_iso,
@@ -123,20 +124,17 @@ def _val_images(loader: Iterable, limit: int) -> Iterator[torch.Tensor]:
 
 
 @dataclasses.dataclass
-class ReparamOptions:
+class ReparamOptions(CheckpointOptions):
     """xvol-reparam's options, each declared once here: the command's flags are derived from
     these fields (xvol.cli.common.add_options), and making one checks every value, naming the
-    flag. ``ema``, ``img_size`` and ``force`` are the tools' shared flags (tool_args)."""
+    flag. ``ema``, ``img_size`` and ``force`` come from CheckpointOptions, which the tools share."""
 
-    ema: bool | None = None
     data: str | Path | None = option(
         None, help="also verify on real val images: ROOT with val/, or the val folder itself"
     )
-    force: bool = False
     atol: float = option(1e-3, POSITIVE_NUMBER, help="max |logit difference| allowed")
     verify_batch: int = option(8, POSITIVE_INT, help="random verification batch")
     verify_images: int = option(256, POSITIVE_INT, help="val images for --data")
-    img_size: int | None = option(None, POSITIVE_INT)
     workers: int = option(0, NON_NEGATIVE_INT)  # loader workers for --data (no flag)
     seed: int = option(0, INT)  # of the random verification batch (no flag)
     device: str = option("cpu", TORCH_DEVICE, help="where to verify: cpu, cuda, cuda:N")
@@ -288,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
             "Prints one JSON record (the sidecar); exit status 1 with a one-line error otherwise."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        parents=[tool_args(ema=True, img_size=True, force=True)],
+        parents=[tool_args()],
     )
     parser.add_argument("checkpoint", help="training checkpoint (.pt) written by scripts/train.py")
     parser.add_argument("--out", required=True, help="output directory for the deploy checkpoint")

@@ -28,7 +28,14 @@ from omegaconf import OmegaConf
 
 from xvol.checks import POSITIVE_INT, check_value
 from xvol.cli import config_dir
-from xvol.cli.common import ToolError, refuse_existing, tool_args, tool_errors
+from xvol.cli.common import (
+    OutputOptions,
+    ToolError,
+    add_options,
+    refuse_existing,
+    tool_args,
+    tool_errors,
+)
 from xvol.formats.files import write_json_atomic
 from xvol.models import ModelSpec, model_summary
 
@@ -76,8 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="xvol-summary",
         description=__doc__.split("\n")[0],
-        parents=[tool_args(force=True)],
+        parents=[tool_args()],
     )
+    add_options(parser, OutputOptions)
     parser.add_argument("--models", nargs="+", default=None, help="options of configs/model/")
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--num-classes", type=int, default=1000, help="sets data.num_classes")

@@ -188,6 +188,9 @@ def test_bad_value_names_the_key(override: str, message: str) -> None:
         ("model.xconv.shifts=[80]", "model.xconv.shifts[0]: expected an integer in 1..64, got 80"),
         ("model.xconv.shifts=[1,2,3,4,5,6,7,8,9]", "model.xconv.shifts: at most 8 entries"),
         ("model.arch=nosuch", "model.arch: unknown arch 'nosuch'"),
+        ("model.xconv.bn_eps=0", "model.xconv.bn_eps: expected a number in (0, 1], got 0"),
+        ("model.xconv.bn_momentum=2", "model.xconv.bn_momentum: expected a number in [0, 1]"),
+        ("model.xconv.impl=fast", "model.xconv.impl: expected one of auto, "),
     ],
 )
 def test_train_refuses_what_the_tools_refuse(override: str, message: str) -> None:

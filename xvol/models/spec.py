@@ -97,27 +97,33 @@ def _checked(value: Any, source: str, key: str, check: Check) -> Any:
     return value
 
 
-def _int(value: Any, source: str, key: str, lo: int, hi: int) -> int:
-    return _checked(value, source, key, int_in(lo, hi))
+# The bounds of each scalar field, declared once: from_config checks a key where the config
+# holds it (so the message names model.xconv.bn_eps), _normalized every field of a spec.
+_FIELD_CHECKS: dict[str, Check] = {
+    "num_classes": int_in(1, MAX_CLASSES),
+    "center": BOOL,
+    "bn_eps": number_in(0.0, 1.0, open_lo=True),
+    "bn_momentum": number_in(0.0, 1.0),
+    "drop_path_rate": number_in(0.0, 1.0),
+    "drop_rate": number_in(0.0, 1.0),
+    "zero_init_last": BOOL,
+    "stem": one_of(*STEMS),
+    "require_bn": BOOL,
+}
+_FLOAT_FIELDS = ("bn_eps", "bn_momentum", "drop_path_rate", "drop_rate")
 
 
-def _float(value: Any, source: str, key: str, lo: float, hi: float, *, open_lo: bool) -> float:
-    return float(_checked(value, source, key, number_in(lo, hi, open_lo=open_lo)))
-
-
-def _bool(value: Any, source: str, key: str) -> bool:
-    return _checked(value, source, key, BOOL)
-
-
-def _str_choice(value: Any, source: str, key: str, choices: tuple[str, ...]) -> str:
-    return _checked(value, source, key, one_of(*choices))
+def _field(name: str, value: Any, source: str, key: str) -> Any:
+    """``value`` of the scalar field ``name`` once its check passes (floats as float)."""
+    value = _checked(value, source, key, _FIELD_CHECKS[name])
+    return float(value) if name in _FLOAT_FIELDS else value
 
 
 def _impl(value: Any, source: str, key: str) -> str:
     """One of XConv2d's PSSA backends (the dispatcher's list): a file picks among them only."""
     from xvol.ops.dispatch import IMPLS
 
-    return _str_choice(value, source, key, IMPLS)
+    return _checked(value, source, key, one_of(*IMPLS))
 
 
 def _int_list(
@@ -129,7 +135,18 @@ def _int_list(
         raise _fail(source, key, f"expected a list of integers in {lo}..{hi}, got {_short(value)}")
     if len(value) > max_len:
         raise _fail(source, key, f"at most {max_len} entries, got {len(value)}")
-    return tuple(_int(v, source, f"{key}[{i}]", lo, hi) for i, v in enumerate(value))
+    check = int_in(lo, hi)
+    return tuple(_checked(v, source, f"{key}[{i}]", check) for i, v in enumerate(value))
+
+
+def _stages(value: Any, source: str, key: str, *, allow_int: bool = False) -> tuple[int, ...]:
+    """ResNet stages 1..4, at most four of them."""
+    return _int_list(value, source, key, 1, 4, 4, allow_int=allow_int)
+
+
+def _shifts(value: Any, source: str, key: str, *, allow_int: bool = False) -> tuple[int, ...]:
+    """PSSA distances 1..MAX_SHIFT, at most MAX_SHIFTS of them."""
+    return _int_list(value, source, key, 1, MAX_SHIFT, MAX_SHIFTS, allow_int=allow_int)
 
 
 def _arch(value: Any, source: str, key: str) -> str:
@@ -207,14 +224,12 @@ def _normalized(fields: Mapping[str, Any], source: str, where: str) -> dict[str,
 
     out: dict[str, Any] = {
         "arch": _arch(value["arch"], source, key("arch")),
-        "num_classes": _int(value["num_classes"], source, key("num_classes"), 1, MAX_CLASSES),
+        "num_classes": _field("num_classes", value["num_classes"], source, key("num_classes")),
     }
-    stages = _int_list(value["stages"], source, key("stages"), 1, 4, 4, allow_int=False)
+    stages = _stages(value["stages"], source, key("stages"))
     if list(stages) != sorted(set(stages)):
         raise _fail(source, key("stages"), f"must be sorted and unique, got {list(stages)}")
-    shifts = _int_list(
-        value["shifts"], source, key("shifts"), 1, MAX_SHIFT, MAX_SHIFTS, allow_int=False
-    )
+    shifts = _shifts(value["shifts"], source, key("shifts"))
     if bool(stages) != bool(shifts):
         raise _fail(
             source,
@@ -223,13 +238,10 @@ def _normalized(fields: Mapping[str, Any], source: str, where: str) -> dict[str,
             "(a baseline has neither)",
         )
     out["stages"], out["shifts"] = stages, shifts
-    out["center"] = _bool(value["center"], source, key("center"))
+    out["center"] = _field("center", value["center"], source, key("center"))
     out["impl"] = _impl(value["impl"], source, key("impl"))
-    out["bn_eps"] = _float(value["bn_eps"], source, key("bn_eps"), 0.0, 1.0, open_lo=True)
-    for name in ("bn_momentum", "drop_path_rate", "drop_rate"):
-        out[name] = _float(value[name], source, key(name), 0.0, 1.0, open_lo=False)
-    out["zero_init_last"] = _bool(value["zero_init_last"], source, key("zero_init_last"))
-    out["stem"] = _str_choice(value["stem"], source, key("stem"), STEMS)
+    for name in ("bn_eps", "bn_momentum", "drop_path_rate", "drop_rate", "zero_init_last", "stem"):
+        out[name] = _field(name, value[name], source, key(name))
     if out["stem"] != "timm" and out["arch"] not in CIFAR_STEM_ARCHS:
         raise _fail(
             source,
@@ -239,7 +251,7 @@ def _normalized(fields: Mapping[str, Any], source: str, where: str) -> dict[str,
         )
     out["include"] = _patterns(value["include"], source, key("include"))
     out["exclude"] = _patterns(value["exclude"], source, key("exclude"))
-    out["require_bn"] = _bool(value["require_bn"], source, key("require_bn"))
+    out["require_bn"] = _field("require_bn", value["require_bn"], source, key("require_bn"))
     converted = out["include"] or out["exclude"] or not out["require_bn"]
     if converted and out["arch"] in SUPPORTED_ARCHS:
         raise _fail(
@@ -326,10 +338,10 @@ class ModelSpec:
                 if name in convert:
                     fields[name] = _patterns(convert[name], source, f"{node}.{name}")
             if "require_bn" in convert:
-                fields["require_bn"] = _bool(convert["require_bn"], source, f"{node}.require_bn")
-        stages = _int_list(
-            mapping.get("stages", []), source, f"{where}.stages", 1, 4, 4, allow_int=True
-        )
+                fields["require_bn"] = _field(
+                    "require_bn", convert["require_bn"], source, f"{node}.require_bn"
+                )
+        stages = _stages(mapping.get("stages", []), source, f"{where}.stages", allow_int=True)
         xconv = mapping.get("xconv")
         if xconv is None:  # the baseline: build_model ignores stages
             return cls(**_normalized(fields, source, where))
@@ -345,28 +357,17 @@ class ModelSpec:
                 "empty while xconv is set: nothing would be swapped (pick stages in 1..4)",
             )
         fields["stages"] = tuple(sorted(set(stages)))
-        fields["shifts"] = _int_list(
-            xconv.get("shifts", [1]),
-            source,
-            f"{node}.shifts",
-            1,
-            MAX_SHIFT,
-            MAX_SHIFTS,
-            allow_int=True,
+        fields["shifts"] = _shifts(
+            xconv.get("shifts", [1]), source, f"{node}.shifts", allow_int=True
         )
         if not fields["shifts"]:
             raise _fail(source, f"{node}.shifts", "empty: X-volution needs at least one shift")
         # Checked here so that a message names the key under xconv.
-        if "center" in xconv:
-            fields["center"] = _bool(xconv["center"], source, f"{node}.center")
+        for name in ("center", "bn_eps", "bn_momentum"):
+            if name in xconv:
+                fields[name] = _field(name, xconv[name], source, f"{node}.{name}")
         if "impl" in xconv:
             fields["impl"] = _impl(xconv["impl"], source, f"{node}.impl")
-        if "bn_eps" in xconv:
-            fields["bn_eps"] = _float(xconv["bn_eps"], source, f"{node}.bn_eps", 0, 1, open_lo=True)
-        if "bn_momentum" in xconv:
-            fields["bn_momentum"] = _float(
-                xconv["bn_momentum"], source, f"{node}.bn_momentum", 0, 1, open_lo=False
-            )
         return cls(**_normalized(fields, source, where))
 
     @classmethod

@@ -26,7 +26,7 @@ from xvol.cli import eval as eval_tool
 from xvol.cli import export as export_tool
 from xvol.cli import leaderboard as leaderboard_tool
 from xvol.cli import reparam as reparam_tool
-from xvol.cli.common import CheckpointOptions, ToolError, options_from_args
+from xvol.cli.common import CheckpointToolOptions, ToolError, options_from_args
 from xvol.data import DataError
 from xvol.engine.loop import evaluate
 from xvol.formats.checkpoint import CheckpointError
@@ -667,14 +667,14 @@ def test_cli_errors_are_one_line_without_traceback(tiny: dict[str, Path], tmp_pa
 def test_checkpoint_tools_share_one_declaration_of_their_common_flags(
     tool: object, options: type, required: list[str]
 ) -> None:
-    """--ema, --img-size and --force are CheckpointOptions' fields in every checkpoint tool: the
+    """--ema, --img-size and --force are CheckpointToolOptions' fields in every checkpoint tool: the
     same help, the same parsing, the same refusal naming the flag."""
     parser = tool.build_parser()
     shown = " ".join(parser.format_help().split())
-    for f in dataclasses.fields(CheckpointOptions):
+    for f in dataclasses.fields(CheckpointToolOptions):
         assert " ".join(f.metadata["help"].split()) in shown, (tool.__name__, f.name)
 
-    def parse(*flags: str) -> CheckpointOptions:
+    def parse(*flags: str) -> CheckpointToolOptions:
         return options_from_args(options, parser.parse_args(["x.pt", *required, *flags]))
 
     assert (parse().ema, parse().img_size, parse().force) == (None, None, False)

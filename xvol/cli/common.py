@@ -1,7 +1,7 @@
 """The plumbing the commands share (xvol-reparam, -eval, -leaderboard, -export, timm_script):
-their common options (``tool_args``, ``OutputOptions``, ``CheckpointOptions``), the one-line
-error wrapper (``tool_errors``), logging, refusing to overwrite, and the environment a record
-names (``versions``, ``now_iso``).
+their common options (``tool_args``, ``OutputOptions``, ``CheckpointToolOptions``), the
+one-line error wrapper (``tool_errors``), logging, refusing to overwrite, and the environment a
+record names (``versions``, ``now_iso``).
 
 Argument parsing and printing only: loading a model is :mod:`xvol.formats.load`, the val loader
 :mod:`xvol.data.val`, the file formats :mod:`xvol.formats`.
@@ -30,7 +30,7 @@ from xvol.models.spec import ModelSpecError
 
 __all__ = [
     "KNOWN_ERRORS",
-    "CheckpointOptions",
+    "CheckpointToolOptions",
     "OutputOptions",
     "ToolError",
     "add_options",
@@ -60,7 +60,7 @@ class OutputOptions:
 
 
 @dataclasses.dataclass
-class CheckpointOptions(OutputOptions):
+class CheckpointToolOptions(OutputOptions):
     """The options the checkpoint tools share (xvol-eval, -reparam, -export), declared once: each
     tool's options class derives from this one, and add_options makes the flags."""
 
@@ -74,7 +74,8 @@ class CheckpointOptions(OutputOptions):
 
 def tool_args() -> argparse.ArgumentParser:
     """``--debug``, which every tool has: an argparse parent (``parents=[...]``). The other
-    shared options are fields of :class:`OutputOptions` and :class:`CheckpointOptions`."""
+    shared options are fields of :class:`OutputOptions` and
+    :class:`CheckpointToolOptions`."""
     parent = argparse.ArgumentParser(add_help=False)
     parent.add_argument("--debug", action="store_true", help="show tracebacks (or XVOL_DEBUG=1)")
     return parent

@@ -58,7 +58,7 @@ from xvol.checks import (
     option,
 )
 from xvol.cli.common import (
-    CheckpointOptions,
+    CheckpointToolOptions,
     ToolError,
     add_options,
     now_iso,
@@ -183,14 +183,15 @@ def _write_predictions(path: Path, samples: list[tuple[str, int]], preds: torch.
 
 
 @dataclasses.dataclass
-class EvalOptions(CheckpointOptions):
+class EvalOptions(CheckpointToolOptions):
     """What to evaluate and how: xvol-eval's options, each declared once here; the command's
     flags are derived from these fields (xvol.cli.common.add_options: default, type, choices,
     help), and making an EvalOptions checks every value, naming the flag.
 
     ``ema``, ``img_size`` and ``force`` are the fields the checkpoint tools share
-    (xvol.cli.common.CheckpointOptions); ``results_dir`` None writes no record (--no-record);
-    ``progress`` shows a bar on stderr (rank 0 only; --no-progress turns off the command's).
+    (xvol.cli.common.CheckpointToolOptions); ``results_dir`` None writes no record
+    (--no-record); ``progress`` shows a bar on stderr (rank 0 only; --no-progress turns off
+    the command's).
     """
 
     data: str | Path | None = option(

@@ -49,7 +49,7 @@ from xvol.checks import (
     option,
 )
 from xvol.cli.common import (
-    CheckpointOptions,
+    CheckpointToolOptions,
     ToolError,
     add_options,
     now_iso,
@@ -167,10 +167,11 @@ def check_parity(model: nn.Module, onnx_path: Path, inputs: list[torch.Tensor]) 
 
 
 @dataclasses.dataclass
-class ExportOptions(CheckpointOptions):
+class ExportOptions(CheckpointToolOptions):
     """xvol-export's options, each declared once here: the command's flags are derived from
     these fields (xvol.cli.common.add_options), and making one checks every value, naming the
-    flag. ``ema``, ``img_size`` and ``force`` come from CheckpointOptions, which the tools share."""
+    flag. ``ema``, ``img_size`` and ``force`` come from CheckpointToolOptions, which the
+    checkpoint tools share."""
 
     opset: int = option(
         18,

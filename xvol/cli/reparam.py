@@ -41,7 +41,7 @@ from xvol.checks import (
     option,
 )
 from xvol.cli.common import (
-    CheckpointOptions,
+    CheckpointToolOptions,
     ToolError,
     add_options,
     now_iso,
@@ -124,10 +124,11 @@ def _val_images(loader: Iterable, limit: int) -> Iterator[torch.Tensor]:
 
 
 @dataclasses.dataclass
-class ReparamOptions(CheckpointOptions):
+class ReparamOptions(CheckpointToolOptions):
     """xvol-reparam's options, each declared once here: the command's flags are derived from
     these fields (xvol.cli.common.add_options), and making one checks every value, naming the
-    flag. ``ema``, ``img_size`` and ``force`` come from CheckpointOptions, which the tools share."""
+    flag. ``ema``, ``img_size`` and ``force`` come from CheckpointToolOptions, which the
+    checkpoint tools share."""
 
     data: str | Path | None = option(
         None, help="also verify on real val images: ROOT with val/, or the val folder itself"

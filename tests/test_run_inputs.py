@@ -112,6 +112,10 @@ def test_index_never_resumes_from_a_file_outside_the_run(tmp_path: Path) -> None
         ('{"epochs": [{"epoch": 1, "global_step": 10}]}', "no 'file'"),
         ('{"epochs": {"file": "epoch_0001.pt"}}', "'epochs' is not a list"),
         ('{"epochs": [{"file": "epoch_0001.pt", "epoch": "one", "global_step": 10}]}', "epoch"),
+        (
+            '{"epochs": [{"file": "epoch_0001.pt", "epoch": true, "global_step": 10}]}',
+            "'epoch' and 'global_step' must be integers",
+        ),
         ('{"metric": "val_top1", "best_metric": "high", "epochs": []}', "best_metric"),
         ("[" * 100_000 + "]" * 100_000, "nested"),
         ('{"epochs": [', "not valid JSON"),

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from xvol.checks import is_int
 from xvol.engine.log import get_logger
 from xvol.engine.metrics import better
 from xvol.formats.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -269,11 +270,9 @@ def _is_epoch_file(name: Any) -> bool:
 
 
 def _is_number(value: Any) -> bool:
+    """Any JSON number, NaN included: unlike xvol.checks.is_number, since the index stores a
+    diverged epoch's metric as it was measured, and that index is still the manager's."""
     return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _index_problems(index: Any) -> list[str]:
@@ -288,7 +287,7 @@ def _index_problems(index: Any) -> list[str]:
         problems.append("'mode' is not max or min")
     if not (index.get("best_metric") is None or _is_number(index["best_metric"])):
         problems.append("'best_metric' is not a number")
-    if not (index.get("best_epoch") is None or _is_int(index["best_epoch"])):
+    if not (index.get("best_epoch") is None or is_int(index["best_epoch"])):
         problems.append("'best_epoch' is not an integer")
     epochs = index.get("epochs", [])
     if not isinstance(epochs, list):
@@ -303,7 +302,7 @@ def _index_problems(index: Any) -> list[str]:
             problems.append(
                 f"{where} names {e['file']!r}, not an epoch_NNNN.pt file of this run: refused"
             )
-        elif not (_is_int(e.get("epoch")) and _is_int(e.get("global_step"))):
+        elif not (is_int(e.get("epoch")) and is_int(e.get("global_step"))):
             problems.append(f"{where} ({e['file']}): 'epoch' and 'global_step' must be integers")
         elif not (e.get("metric") is None or _is_number(e["metric"])):
             problems.append(f"{where} ({e['file']}): 'metric' is not a number")

@@ -28,6 +28,7 @@ from xvol.checks import (
     Check,
     ConfigError,
     check_value,
+    is_int,
     one_of,
     option_checks,
     optional,
@@ -74,7 +75,7 @@ def linear_lr(base_lr: float, base_batch: int, batch_per_rank: int) -> float:
 
 
 def _is_run_name(v: Any) -> bool:
-    if isinstance(v, int) and not isinstance(v, bool):
+    if is_int(v):
         return True
     return (
         isinstance(v, str)

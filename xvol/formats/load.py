@@ -25,7 +25,15 @@ from typing import Any
 
 from torch import nn
 
-from xvol.checks import POSITIVE_INT, POSITIVE_NUMBER, Check, is_number, one_of, optional
+from xvol.checks import (
+    POSITIVE_INT,
+    POSITIVE_NUMBER,
+    Check,
+    is_int,
+    is_number,
+    one_of,
+    optional,
+)
 from xvol.data.folder import INTERPOLATIONS
 from xvol.formats.checkpoint import CheckpointError, load_checkpoint, stored_class_names
 from xvol.formats.deploy import (
@@ -206,7 +214,7 @@ def _data_defaults(data_cfg: Any, source: str | Path) -> dict[str, Any]:
 
 
 def _seed(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    return value if is_int(value) else None
 
 
 def load_train_checkpoint(path: str | Path, ema: bool | None = None) -> LoadedModel:

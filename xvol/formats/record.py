@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from xvol.checks import is_number
+from xvol.checks import is_int, is_number
 from xvol.formats.checkpoint import WEIGHTS
 from xvol.formats.files import write_json_atomic
 
@@ -140,7 +140,7 @@ _PRE_SCHEMA_FLOATS = (
 
 
 def _as_float(value: Any) -> Any:
-    if isinstance(value, int) and not isinstance(value, bool):
+    if is_int(value):
         return float(value)
     if isinstance(value, list):
         return [_as_float(v) for v in value]

@@ -43,7 +43,7 @@ from typing import Any
 
 from torch import nn
 
-from xvol.checks import BOOL, Check, int_in, number_in, one_of
+from xvol.checks import BOOL, Check, int_in, is_int, number_in, one_of
 from xvol.models.resnet import (
     CIFAR_STEM_ARCHS,
     CONVERT_KEYS,
@@ -129,7 +129,7 @@ def _impl(value: Any, source: str, key: str) -> str:
 def _int_list(
     value: Any, source: str, key: str, lo: int, hi: int, max_len: int, *, allow_int: bool
 ) -> tuple[int, ...]:
-    if allow_int and isinstance(value, int) and not isinstance(value, bool):
+    if allow_int and is_int(value):
         value = [value]  # model.stages=3 means one stage
     if not isinstance(value, list | tuple):
         raise _fail(source, key, f"expected a list of integers in {lo}..{hi}, got {_short(value)}")

@@ -73,14 +73,15 @@ gpu-check:
 	XVOL_PYTHON=$$( [ -x $(PY) ] && echo $(PY) || echo python3 ) bash scripts/gpu_check.sh
 
 # Wheels a bare CUDA machine (Python 3.12, torch + timm + triton) lacks for gpu-check, into .whl/
-# (git-ignored), at the versions installed here. antlr4-python3-runtime 4.9.3, omegaconf's pin,
-# is published only as an sdist: its pure-Python wheel is built here.
+# (git-ignored), at the versions installed here; timm too, so the check runs the timm tested here
+# rather than the machine's own. antlr4-python3-runtime 4.9.3, omegaconf's pin, is published only
+# as an sdist: its pure-Python wheel is built here.
 GPU_WHEELS_PLATFORMS := $(foreach p,manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64,--platform $(p))
 gpu-wheels:
 	rm -rf .whl && mkdir -p .whl
 	$(PIP) download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 		$(GPU_WHEELS_PLATFORMS) -d .whl \
-		$$($(PY) -c "from importlib.metadata import version as v; print(*(f'{n}=={v(n)}' for n in ('hydra-core', 'omegaconf')))")
+		$$($(PY) -c "from importlib.metadata import version as v; print(*(f'{n}=={v(n)}' for n in ('hydra-core', 'omegaconf', 'timm')))")
 	$(PIP) wheel -q --no-deps -w .whl antlr4-python3-runtime==$$($(PY) -c "from importlib.metadata import version; print(version('antlr4-python3-runtime'))")
 	@ls .whl
 

@@ -3,6 +3,7 @@ the loader contract (shapes, exact resume, disjoint shards, every val image once
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from xvol.data import memory
+from xvol.data import folder, memory
 from xvol.data.folder import DataError
 
 COUNTS = {"train": {"cat": 9, "ant": 8}, "val": {"cat": 3, "ant": 4}}
@@ -119,6 +120,57 @@ def test_an_undecodable_file_is_named(tmp_path: Path, tree: Path) -> None:
     bad.write_bytes(bad.read_bytes()[:200])  # truncated: the fast scan can miss it
     with pytest.raises(DataError, match="000.jpg.*data.validate=full"):
         _build(root, validate="off")
+
+
+def _jpegs(tree: Path) -> list[str]:
+    return sorted(str(p) for p in tree.rglob("*.jpg"))
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_decoding_in_worker_processes_matches_decoding_here(tree: Path, monkeypatch, workers):
+    """map_chunks' worker-process path (forced on by min_items=0, small chunks) yields every
+    chunk in order: the pixels equal an in-process decode, image for image."""
+    paths = _jpegs(tree)
+    here = memory.decode_all(paths, 32, workers=1)
+    real = folder.map_chunks
+    monkeypatch.setattr(memory, "map_chunks",
+                        lambda fn, items, w: real(fn, items, w, chunk=3, min_items=0))  # fmt: skip
+    assert torch.equal(memory.decode_all(paths, 32, workers=workers), here)
+    assert here.shape == (len(paths), 3, 32, 32) and here.float().std() > 50  # noise, not zeros
+
+
+def test_an_undecodable_file_in_a_worker_is_one_line_naming_it(tmp_path: Path, tree: Path,
+                                                              monkeypatch) -> None:  # fmt: skip
+    import shutil
+
+    root = tmp_path / "bad"
+    shutil.copytree(tree, root)
+    bad = root / "val" / "cat" / "001.jpg"
+    bad.write_bytes(b"not a jpeg")
+    real = folder.map_chunks
+    monkeypatch.setattr(memory, "map_chunks",
+                        lambda fn, items, w: real(fn, items, w, chunk=3, min_items=0))  # fmt: skip
+    with pytest.raises(DataError) as err:
+        memory.decode_all(_jpegs(root), 32, workers=2)
+    message = str(err.value)
+    assert "001.jpg" in message and "\n" not in message and "Traceback" not in message
+
+
+def test_the_bad_file_scan_in_workers_finds_what_the_scan_here_finds(tmp_path, tree) -> None:
+    import shutil
+
+    root = tmp_path / "scan"
+    shutil.copytree(tree, root)
+    (root / "train" / "ant" / "002.jpg").write_bytes(b"not a jpeg")
+    truncated = root / "val" / "ant" / "000.jpg"
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    paths = _jpegs(root)
+    here = folder.find_bad_images(paths, "full", workers=1)
+    assert [Path(p).relative_to(root).as_posix() for p, _ in here] == [
+        "train/ant/002.jpg", "val/ant/000.jpg"]  # fmt: skip
+    workers = list(folder.map_chunks(functools.partial(folder._check_chunk, full=True), paths, 2,
+                                     chunk=4, min_items=0))  # fmt: skip
+    assert sorted(item for part in workers for item in part) == here
 
 
 # --- data=cifar10: one config, three backends ------------------------------------------------

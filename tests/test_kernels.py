@@ -707,7 +707,7 @@ def test_the_model_gradient_check_fails_on_a_broken_backend(monkeypatch, broken)
         check_model_gradients(ref, model, x, None, 1e-8)
         return
     with pytest.raises(AssertionError, match="parameter gradients disagree"):
-        check_model_gradients(ref, model, x, None, 1e-2)
+        check_model_gradients(ref, model, x, None, MODEL_REL)
 
 
 # --------------------------------------------------------------------------------------------
@@ -715,6 +715,7 @@ def test_the_model_gradient_check_fails_on_a_broken_backend(monkeypatch, broken)
 # XVOL_TRITON_AUTOTUNE=0 (the fixed configs: one compile per kernel and shape, no sweep).
 
 BF16_REL = 5e-2  # bf16 products and dots, summed in another order; a zeroed tensor is at 1.0
+MODEL_REL = 1e-2  # fp32 network gradients, two backends (the CPU proof's bound)
 
 
 @pytest.fixture
@@ -791,9 +792,16 @@ def test_gpu_auto_training_trial_agrees_and_decides(caplog, monkeypatch):
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("impl", ["lean", "gemm", "triton", "auto"])
-def test_gpu_xresnet50_training_step_per_backend(impl):
-    """One bf16 channels_last training step of xresnet50 per backend against the reference
-    backend: every parameter gradient agrees (relative to its magnitude, and in direction)."""
+def test_gpu_xresnet50_training_step_per_backend(no_tf32, impl):
+    """One fp32 channels_last training step of xresnet50 per backend against the reference
+    backend: every parameter gradient agrees (relative to its magnitude, and in direction), at
+    the tolerance the CPU proof above shows catches a zeroed dx or a 5% dW_A.
+
+    Why fp32 and not bf16: under bf16 autocast this network's gradients differ between two
+    correct backends by far more than any kernel bug the check must catch (measured on an H200
+    and on the CPU alike: every backend against the reference, conv1.weight's cosine 0.88-0.94,
+    max rel. error 0.3-0.6; in fp32 on the CPU, cosine 1.000000 and 1e-4), so a bf16 model-level
+    check cannot tell right from wrong. bf16 is checked slot by slot (the tests above)."""
     import timm
 
     import xvol.models  # noqa: F401  (registers xresnet*)
@@ -806,4 +814,4 @@ def test_gpu_xresnet50_training_step_per_backend(impl):
     dispatch.set_impl(model, impl)
     dispatch.set_impl(ref, "reference")
     x = torch.randn(8, 3, 64, 64, device="cuda").contiguous(memory_format=torch.channels_last)
-    check_model_gradients(ref, model, x, torch.bfloat16, BF16_REL)
+    check_model_gradients(ref, model, x, None, MODEL_REL)

@@ -421,7 +421,7 @@ def build(
         num_classes=num_classes,
         on_bad_image=on_bad_image,
         validate=validate,
-        threads=max(4, 2 * threads),
+        workers=max(4, 2 * threads),
         rank=rank,
         splits=(splits[0], splits[1]),
     )

@@ -309,7 +309,7 @@ def build(
         num_classes=num_classes,
         on_bad_image=on_bad_image,
         validate=validate,
-        threads=max(4, 2 * workers),  # scan threads: mostly I/O wait
+        workers=max(4, 2 * workers),  # scan processes: mostly I/O wait
         rank=rank,
         splits=(splits[0], splits[1]),
     )

@@ -24,9 +24,9 @@ folder backends.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +35,14 @@ from PIL import Image, ImageOps
 from torch import Tensor
 
 from xvol.data.base import DataBundle
-from xvol.data.folder import DataError, epoch_order, eval_bounds, load_folder, sample_seed
+from xvol.data.folder import (
+    DataError,
+    epoch_order,
+    eval_bounds,
+    load_folder,
+    map_chunks,
+    sample_seed,
+)
 from xvol.data.imagenet import ShardSampler
 
 __all__ = ["CIFAR10_MEAN", "CIFAR10_STD", "MemoryTrainLoader", "MemoryEvalLoader", "build"]
@@ -46,7 +53,8 @@ CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
 
-def _decode(path: str, size: int) -> np.ndarray:
+def _decode(path: str, size: int) -> np.ndarray | str:
+    """The image's uint8 H x W x 3 pixels, or why it cannot be decoded."""
     try:
         with Image.open(path) as im:
             im = ImageOps.exif_transpose(im).convert("RGB")
@@ -54,19 +62,32 @@ def _decode(path: str, size: int) -> np.ndarray:
                 im = im.resize((size, size), Image.BILINEAR)
             return np.asarray(im, dtype=np.uint8)
     except Exception as e:  # noqa: BLE001  (PIL raises many kinds; name the file once)
-        raise DataError(
-            f"cannot decode {path}: {type(e).__name__}: {e} (data.validate=full skips such "
-            "files up front)"
-        ) from None
+        return (f"cannot decode {path}: {type(e).__name__}: {e} (data.validate=full skips such "
+                "files up front)")  # fmt: skip
 
 
-def decode_all(paths: Sequence[str], size: int, threads: int) -> Tensor:
-    """uint8 N x 3 x size x size of the images at ``paths`` (PIL decodes outside the GIL)."""
+def _decode_chunk(paths: list[str], size: int) -> Tensor | str:
+    """uint8 n x size x size x 3 of ``paths``, or the first failure's message."""
     out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
-    with ThreadPoolExecutor(max(1, threads)) as pool:
-        for i, pixels in enumerate(pool.map(lambda p: _decode(p, size), paths, chunksize=256)):
-            out[i] = pixels
-    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+    for i, p in enumerate(paths):
+        pixels = _decode(p, size)
+        if isinstance(pixels, str):
+            return pixels
+        out[i] = pixels
+    return torch.from_numpy(out)
+
+
+def decode_all(paths: Sequence[str], size: int, workers: int) -> Tensor:
+    """uint8 N x 3 x size x size of the images at ``paths``, decoded in ``workers`` processes
+    (``folder.map_chunks``); an undecodable file is one DataError naming it."""
+    out = torch.empty((len(paths), size, size, 3), dtype=torch.uint8)
+    start = 0
+    for part in map_chunks(functools.partial(_decode_chunk, size=size), paths, workers):
+        if isinstance(part, str):
+            raise DataError(part)
+        out[start : start + len(part)] = part
+        start += len(part)
+    return out.permute(0, 3, 1, 2).contiguous()
 
 
 def _normalize(images: Tensor, mean: Tensor, std: Tensor) -> Tensor:
@@ -168,14 +189,14 @@ def build(
     name: str = "memory",
 ) -> DataBundle:
     """Scan the folder, decode train (all of it: every rank samples from the whole set) and this
-    rank's val slice onto ``device``; ``workers`` is the number of decode threads."""
+    rank's val slice onto ``device``; ``workers`` is the number of decode processes."""
     del name
     device = torch.device(device)
     if pad < 0 or not 0.0 <= hflip <= 1.0:
         raise ValueError(f"data.pad must be >= 0 and data.hflip in [0, 1], got {pad}, {hflip}")
     train, val = load_folder(
         Path(root), num_classes=num_classes, on_bad_image=on_bad_image, validate=validate,
-        threads=max(4, workers), rank=rank, splits=(splits[0], splits[1]),
+        workers=max(4, workers), rank=rank, splits=(splits[0], splits[1]),
     )  # fmt: skip
     lo, hi = eval_bounds(len(val.samples), rank, world_size)
     gib = (len(train.samples) + hi - lo) * 3 * img_size**2 / 2**30

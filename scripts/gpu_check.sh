@@ -5,8 +5,8 @@
 # --help). Prints one table, writes gpu_check.json after every step.
 #
 # Usage:
-#   bash scripts/gpu_check.sh                     # one H100/H200: 9 minutes at most (caps 505 s;
-#                                                 # the steps before the science run 325 s)
+#   bash scripts/gpu_check.sh                     # one H100/H200: 9 minutes at most (caps 510 s;
+#                                                 # the steps before the science run 295 s)
 #   make gpu-check                                # the same
 #   bash scripts/gpu_check.sh --steps bench       # rerun only the steps that failed
 #   bash scripts/gpu_check.sh --dry-run           # CPU rehearsal at tiny sizes (tests/test_gpu_check.py)

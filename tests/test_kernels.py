@@ -734,7 +734,7 @@ def test_the_model_gradient_check_fails_on_a_broken_backend(monkeypatch, broken)
         bad = pssa_lean.Backend("gemm", real.forward, backward, save_bn_input=True)
         monkeypatch.setattr(dispatch, "GEMM", bad)
     if broken is None:
-        check_model_gradients(ref, model, x, None, MODEL_REL / 100)
+        check_model_gradients(ref, model, x, None, MODEL_REL / 10)
         return
     with pytest.raises(AssertionError, match="parameter gradients disagree"):
         check_model_gradients(ref, model, x, None, MODEL_REL)
@@ -745,7 +745,7 @@ def test_the_model_gradient_check_fails_on_a_broken_backend(monkeypatch, broken)
 # XVOL_TRITON_AUTOTUNE=0 (the fixed configs: one compile per kernel and shape, no sweep).
 
 BF16_REL = 5e-2  # bf16 products and dots, summed in another order; a zeroed tensor is at 1.0
-MODEL_REL = 1e-2  # fp32 network gradients, two backends (the CPU proof's bound)
+MODEL_REL = 1e-3  # fp32 network gradients, two backends: 40x what correct ones differ by on CPU
 
 
 @pytest.fixture

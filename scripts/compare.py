@@ -102,7 +102,9 @@ def evaluate(args: argparse.Namespace, cuda: bool, data_root: Path) -> Path:
     device = ["--device", "cuda", "--precision", "bf16"] if cuda else ["--device", "cpu"]
     # loader processes: up to 8, as many as this process may use (with 2, each CIFAR-10
     # evaluation took ~5 s on a 16-core H200 machine)
-    workers = str(max(1, min(8, len(os.sched_getaffinity(0)))))
+    from xvol.data.folder import usable_cores
+
+    workers = str(min(8, usable_cores()))
     for model in args.model_list:
         for seed in args.seed_list:
             best = args.out / "runs" / f"{model}_seed{seed}" / "best.pt"

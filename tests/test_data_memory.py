@@ -3,7 +3,6 @@ the loader contract (shapes, exact resume, disjoint shards, every val image once
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import numpy as np
@@ -126,37 +125,44 @@ def _jpegs(tree: Path) -> list[str]:
     return sorted(str(p) for p in tree.rglob("*.jpg"))
 
 
+@pytest.fixture
+def in_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """folder.map_chunks takes its worker-process path on these small trees (min_items=0,
+    3-item chunks), for the decode and for the bad-file scan."""
+    real = folder.map_chunks
+
+    def forced(fn, items, workers):
+        return real(fn, items, workers, chunk=3, min_items=0)
+
+    monkeypatch.setattr(folder, "map_chunks", forced)
+    monkeypatch.setattr(memory, "map_chunks", forced)
+
+
 @pytest.mark.parametrize("workers", [1, 2])
-def test_decoding_in_worker_processes_matches_decoding_here(tree: Path, monkeypatch, workers):
-    """map_chunks' worker-process path (forced on by min_items=0, small chunks) yields every
-    chunk in order: the pixels equal an in-process decode, image for image."""
+def test_decoding_in_worker_processes_matches_decoding_here(tree: Path, request, workers):
+    """The worker-process path yields every chunk in order: the pixels equal an in-process
+    decode, image for image."""
     paths = _jpegs(tree)
     here = memory.decode_all(paths, 32, workers=1)
-    real = folder.map_chunks
-    monkeypatch.setattr(memory, "map_chunks",
-                        lambda fn, items, w: real(fn, items, w, chunk=3, min_items=0))  # fmt: skip
+    request.getfixturevalue("in_workers")
     assert torch.equal(memory.decode_all(paths, 32, workers=workers), here)
     assert here.shape == (len(paths), 3, 32, 32) and here.float().std() > 50  # noise, not zeros
 
 
-def test_an_undecodable_file_in_a_worker_is_one_line_naming_it(tmp_path: Path, tree: Path,
-                                                              monkeypatch) -> None:  # fmt: skip
+def test_an_undecodable_file_in_a_worker_is_one_line_naming_it(tmp_path, tree, in_workers):
     import shutil
 
     root = tmp_path / "bad"
     shutil.copytree(tree, root)
     bad = root / "val" / "cat" / "001.jpg"
     bad.write_bytes(b"not a jpeg")
-    real = folder.map_chunks
-    monkeypatch.setattr(memory, "map_chunks",
-                        lambda fn, items, w: real(fn, items, w, chunk=3, min_items=0))  # fmt: skip
     with pytest.raises(DataError) as err:
         memory.decode_all(_jpegs(root), 32, workers=2)
     message = str(err.value)
     assert "001.jpg" in message and "\n" not in message and "Traceback" not in message
 
 
-def test_the_bad_file_scan_in_workers_finds_what_the_scan_here_finds(tmp_path, tree) -> None:
+def test_the_bad_file_scan_in_workers_finds_what_the_scan_here_finds(tmp_path, tree, request):
     import shutil
 
     root = tmp_path / "scan"
@@ -168,9 +174,8 @@ def test_the_bad_file_scan_in_workers_finds_what_the_scan_here_finds(tmp_path, t
     here = folder.find_bad_images(paths, "full", workers=1)
     assert [Path(p).relative_to(root).as_posix() for p, _ in here] == [
         "train/ant/002.jpg", "val/ant/000.jpg"]  # fmt: skip
-    workers = list(folder.map_chunks(functools.partial(folder._check_chunk, full=True), paths, 2,
-                                     chunk=4, min_items=0))  # fmt: skip
-    assert sorted(item for part in workers for item in part) == here
+    request.getfixturevalue("in_workers")
+    assert folder.find_bad_images(paths, "full", workers=2) == here
 
 
 # --- data=cifar10: one config, three backends ------------------------------------------------

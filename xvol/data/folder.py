@@ -302,6 +302,13 @@ def _as_is(chunk_result):
     return chunk_result
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
 def map_chunks(
     fn: Callable, items: Sequence, workers: int, chunk: int = 256, min_items: int = 4096
 ) -> Iterator:
@@ -314,8 +321,7 @@ def map_chunks(
     this process's cores are not started. ``fn`` should return its failures rather than raise
     them, so the caller's error stays one line.
     """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    workers = min(workers, cores or 1, -(-len(items) // chunk))
+    workers = min(workers, usable_cores(), -(-len(items) // chunk))
     if workers <= 1 or len(items) < min_items:
         for i in range(0, len(items), chunk):
             yield fn(list(items[i : i + chunk]))
